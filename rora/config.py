@@ -1,0 +1,287 @@
+"""One dataclass per stage, with validation in __post_init__ and a YAML round trip.
+
+Precedence is defaults < YAML < flags: the CLI loads YAML with `from_dict`, then applies flags with `replace`.
+Every problem of a config is collected before raising, so a user fixes them in one go.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ALL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+
+
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or ''."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_check_type(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+class StageConfig:
+    """Mixin for the stage dataclasses: type checks, problem collection, dict and YAML round trip."""
+
+    def problems(self) -> list[str]:
+        """Stage-specific checks; subclasses extend. Each entry names the key."""
+        return []
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        found = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):  # YAML gives lists; keep one representation
+                value = list(value)
+                object.__setattr__(self, f.name, value)
+            if not _check_type(value, hints[f.name]):
+                found.append(f"{self.section}.{f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
+        if not found:
+            found = self.problems()
+        if found:
+            raise ConfigError("invalid config: " + "; ".join(found))
+
+    @property
+    def section(self) -> str:
+        return getattr(type(self), "SECTION", type(self).__name__)
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        """Build from a plain dict (YAML section); unknown keys are errors with a did-you-mean."""
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            section = getattr(cls, "SECTION", cls.__name__)
+            raise ConfigError(
+                "; ".join(f"unknown key {section}.{k}{did_you_mean(k, names)}" for k in unknown)
+                + f" (known keys: {', '.join(names)})"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for k, v in data.items():
+            hint = hints[k]
+            sub = _dataclass_in(hint)
+            kwargs[k] = sub.from_dict(v) if sub is not None and isinstance(v, dict) else v
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes):
+        """A copy with the non-None `changes` applied (how CLI flags override YAML)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _dataclass_in(hint: Any):
+    for h in (hint, *typing.get_args(hint)):
+        if isinstance(h, type) and dataclasses.is_dataclass(h):
+            return h
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+@dataclass
+class PruneConfig(StageConfig):
+    """Structured pruning (LLM-Pruner's method): whole attention heads and MLP channels."""
+
+    SECTION = "prune"
+    ratio: float = 0.2  # fraction of prunable units to remove in each pruned layer
+    importance: str = "taylor"  # l1 | l2 | random | taylor
+    taylor: str = "vectorwise"  # vectorwise | element1 | element2 (LLM-Pruner's Taylor variants)
+    layers: str = "uniform"  # "uniform" (every layer alike) or "START:END" (LLM-Pruner's 4:30 style)
+    attention: bool = True  # prune attention heads
+    mlp: bool = True  # prune MLP intermediate channels
+    gqa: str = "within-group"  # within-group: query heads evenly per KV group | whole-group: whole KV groups
+    calibration: str = "builtin"  # builtin text, or a path to training data (recovery format)
+    num_samples: int = 10  # calibration samples for importance
+    seq_len: int = 128  # calibration sequence length in tokens
+    holdout_samples: int = 8  # held-out samples (disjoint from calibration) for loss before/after
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.ratio < 1.0:
+            out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
+        for key, value, allowed in (
+            ("importance", self.importance, ("l1", "l2", "random", "taylor")),
+            ("taylor", self.taylor, ("vectorwise", "element1", "element2")),
+            ("gqa", self.gqa, ("within-group", "whole-group")),
+        ):
+            if value not in allowed:
+                out.append(f"prune.{key} must be one of {', '.join(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
+        if self.layers != "uniform":
+            start, sep, end = self.layers.partition(":")
+            if not (sep and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
+                out.append(f"prune.layers must be 'uniform' or 'START:END' with START < END, got {self.layers!r}")
+        for key in ("num_samples", "seq_len"):
+            if getattr(self, key) <= 0:
+                out.append(f"prune.{key} must be > 0, got {getattr(self, key)}")
+        if self.holdout_samples < 0:
+            out.append(f"prune.holdout_samples must be >= 0, got {self.holdout_samples}")
+        return out
+
+
+@dataclass
+class RecoverConfig(StageConfig):
+    """Adapter training; defaults follow the DoRA commonsense recipe (../shared/PROTOCOL.md)."""
+
+    SECTION = "recover"
+    method: str = "rora"  # rora | lora | dora (registry in rora.recovery.methods)
+    rank: int = 32
+    alpha: float | None = None  # None: 2 * rank
+    scaling_exponent: float | None = None  # scale = alpha / rank**b; None: the method's own b
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    dropout: float = 0.05
+    lr: float = 2e-4
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16  # examples per optimizer step
+    micro_batch_size: int = 16  # examples per forward pass; batch_size / micro_batch_size accumulation steps
+    cutoff_len: int = 256
+    val_set_size: int = 120  # carved from the training data, never from a test set
+    max_train_examples: int | None = None  # first N after the seeded shuffle; None: all
+    eval_steps: int = 80
+    save_steps: int = 80
+    warmup_steps: int = 100
+    scheduler: str = "linear"  # linear | cosine
+    weight_decay: float = 0.0
+    train_on_inputs: bool = False  # True: loss on the prompt too, as LLM-Adapters does
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rank <= 0:
+            out.append(f"recover.rank must be > 0, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            out.append(f"recover.alpha must be > 0, got {self.alpha}")
+        if self.batch_size <= 0 or self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size:
+            out.append(
+                f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
+                f"recover.micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.scheduler not in ("linear", "cosine"):
+            out.append(f"recover.scheduler must be linear or cosine, got {self.scheduler!r}")
+        for key in ("lr", "epochs", "cutoff_len", "save_steps", "eval_steps"):
+            if getattr(self, key) <= 0:
+                out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            out.append(f"recover.max_steps must be > 0, got {self.max_steps}")
+        if not self.target_modules:
+            out.append("recover.target_modules must name at least one module")
+        return out
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """Commonsense-suite evaluation."""
+
+    SECTION = "eval"
+    tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
+    protocol: str = "score"  # generate | score | lm-eval
+    limit: int | None = None  # first N examples per task; None: all
+    batch_size: int = 16
+    num_beams: int = 4
+    max_new_tokens: int = 32
+
+    def problems(self) -> list[str]:
+        out = []
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if unknown:
+            out.append(
+                f"eval.tasks: unknown task(s) {', '.join(unknown)}{did_you_mean(unknown[0], ALL_TASKS)}; "
+                f"known: {', '.join(ALL_TASKS)}"
+            )
+        if self.protocol not in ("generate", "score", "lm-eval"):
+            out.append(f"eval.protocol must be generate, score or lm-eval, got {self.protocol!r}")
+        if self.limit is not None and self.limit <= 0:
+            out.append(f"eval.limit must be > 0, got {self.limit}")
+        if self.batch_size <= 0:
+            out.append(f"eval.batch_size must be > 0, got {self.batch_size}")
+        return out
+
+
+@dataclass
+class MergeConfig(StageConfig):
+    """Merging adapters into dense weights (always in fp32, then cast)."""
+
+    SECTION = "merge"
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    tolerance: float = 1e-4  # max |logit difference| merged vs adapter model, fp32
+
+    def problems(self) -> list[str]:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            return [f"merge.dtype must be float32, float16 or bfloat16, got {self.dtype!r}"]
+        return []
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    """Deployment export."""
+
+    SECTION = "export"
+    format: str = "hf"  # hf | gguf
+    layout: str = "compact"  # compact | padded (non-uniform models only)
+    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.format not in ("hf", "gguf"):
+            out.append(f"export.format must be hf or gguf, got {self.format!r}{did_you_mean(self.format, ('hf', 'gguf'))}")
+        if self.layout not in ("compact", "padded"):
+            out.append(f"export.layout must be compact or padded, got {self.layout!r}")
+        return out

@@ -1,0 +1,42 @@
+"""Typed exceptions. Library code raises these with a message a user can act on; only the CLI turns them
+into exit codes (2 for every RoraError)."""
+
+
+class RoraError(Exception):
+    """Base class: the message says what was wrong and what to do."""
+
+
+class ConfigError(RoraError, ValueError):
+    """A configuration value, flag or config file is invalid."""
+
+
+class ModelLoadError(RoraError):
+    """A model spec cannot be resolved or loaded."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model's architecture is not one this project knows how to prune or rebuild."""
+
+
+class DataError(RoraError):
+    """Training or evaluation data is missing or malformed."""
+
+
+class OutputExistsError(RoraError):
+    """An output path exists and neither --overwrite nor --resume was given."""
+
+
+class PruningError(RoraError):
+    """A pruning request cannot be satisfied by the model (e.g. it would remove every head of a layer)."""
+
+
+class TrainingError(RoraError):
+    """Recovery training failed (non-finite loss, resume mismatch, ...)."""
+
+
+class MergeError(RoraError):
+    """Adapter and model do not fit, or the merged model does not reproduce the adapter model."""
+
+
+class ExportError(RoraError):
+    """An export format or layout cannot represent the model."""

@@ -1,0 +1,1 @@
+"""Evaluation stage: the commonsense task table, generate/score protocols, the lm-eval bridge."""

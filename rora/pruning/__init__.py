@@ -1,0 +1,1 @@
+"""Pruning stage: importance scores, the Llama-family structure, and prune()."""

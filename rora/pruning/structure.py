@@ -1,0 +1,186 @@
+"""The Llama-family layout, in one place: attention heads and KV groups, MLP channels, biases, config sync.
+
+Supported: Llama (multi-head and grouped-query), Mistral, Qwen2 (biases on q/k/v). Every decoder layer has
+`self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`; the hidden size, embeddings, norms and lm_head are never
+touched, so RoPE stays valid as long as whole heads (head_dim rows each) are removed.
+
+Per-layer shapes may differ after non-uniform pruning. A uniform model gets a standard config that plain
+transformers loads; a non-uniform one keeps the shared fields at their maximum and lists every layer's shape under
+`rora_layer_shapes`, which `rora.load_model` uses to rebuild the modules before loading the weights strictly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PruningError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+LAYER_SHAPES_KEY = "rora_layer_shapes"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The prunable sizes of one decoder layer."""
+
+    q_heads: int
+    kv_heads: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def check_supported(config) -> None:
+    """Raise UnsupportedModelError unless `config.model_type` is a Llama-family type we can rebuild."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a causal LM (or of a PEFT-wrapped one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def layer_shapes(model) -> list[LayerShape]:
+    """Each layer's shape as its weights say (not as the config claims)."""
+    hd = head_dim(model.config)
+    shapes = []
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        shapes.append(
+            LayerShape(
+                q_heads=_weight(attn.q_proj).shape[0] // hd,
+                kv_heads=_weight(attn.k_proj).shape[0] // hd,
+                intermediate=_weight(mlp.up_proj).shape[0],
+            )
+        )
+    return shapes
+
+
+def config_layer_shapes(config) -> list[LayerShape]:
+    """Each layer's shape as the config says: `rora_layer_shapes` when present, else the uniform fields."""
+    listed = getattr(config, LAYER_SHAPES_KEY, None)
+    if listed:
+        if len(listed) != config.num_hidden_layers:
+            raise UnsupportedModelError(
+                f"config lists {len(listed)} layer shapes for {config.num_hidden_layers} layers; the config is corrupt"
+            )
+        return [LayerShape(**s) for s in listed]
+    uniform = LayerShape(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+    return [uniform] * config.num_hidden_layers
+
+
+def is_uniform(shapes: list[LayerShape]) -> bool:
+    return len(set(shapes)) <= 1
+
+
+def sync_config(config, shapes: list[LayerShape]) -> None:
+    """Make the config describe `shapes`: standard fields when uniform, else their maxima plus the per-layer list."""
+    config.head_dim = head_dim(config)  # explicit: hidden_size // heads no longer holds after pruning
+    config.num_attention_heads = max(s.q_heads for s in shapes)
+    config.num_key_value_heads = max(s.kv_heads for s in shapes)
+    config.intermediate_size = max(s.intermediate for s in shapes)
+    if is_uniform(shapes):
+        if hasattr(config, LAYER_SHAPES_KEY):
+            delattr(config, LAYER_SHAPES_KEY)
+    else:
+        setattr(config, LAYER_SHAPES_KEY, [asdict(s) for s in shapes])
+
+
+def rebuild_layer(layer: nn.Module, shape: LayerShape, config) -> None:
+    """Replace the layer's projections by freshly allocated ones of `shape` (contents are to be loaded)."""
+    if shape.q_heads <= 0 or shape.kv_heads <= 0 or shape.q_heads % shape.kv_heads or shape.intermediate <= 0:
+        raise PruningError(f"invalid layer shape {shape}: need q_heads a positive multiple of kv_heads, intermediate > 0")
+    hd, hidden = head_dim(config), config.hidden_size
+    attn, mlp = layer.self_attn, layer.mlp
+    rows = {"q_proj": shape.q_heads * hd, "k_proj": shape.kv_heads * hd, "v_proj": shape.kv_heads * hd}
+    for name, out_features in rows.items():
+        setattr(attn, name, _like(getattr(attn, name), hidden, out_features))
+    attn.o_proj = _like(attn.o_proj, shape.q_heads * hd, hidden)
+    attn.num_key_value_groups = shape.group_size
+    mlp.gate_proj = _like(mlp.gate_proj, hidden, shape.intermediate)
+    mlp.up_proj = _like(mlp.up_proj, hidden, shape.intermediate)
+    mlp.down_proj = _like(mlp.down_proj, shape.intermediate, hidden)
+
+
+def apply_shapes(model, shapes: list[LayerShape]) -> None:
+    """Rebuild every layer whose modules differ from `shapes`, then sync the config."""
+    layers = decoder_layers(model)
+    if len(shapes) != len(layers):
+        raise PruningError(f"{len(shapes)} shapes given for {len(layers)} layers")
+    current = layer_shapes(model)
+    for layer, want, have in zip(layers, shapes, current):
+        if want != have:
+            rebuild_layer(layer, want, model.config)
+    sync_config(model.config, shapes)
+
+
+def keep_units(layer: nn.Module, config, keep_q: list[int], keep_kv: list[int], keep_channels: list[int]) -> LayerShape:
+    """Physically keep only the listed query heads, KV heads and MLP channels of one layer (in place).
+
+    Every kept query head must belong to a kept KV head's group and every kept group must keep the same number
+    of query heads, so grouped-query attention stays valid (q_heads a multiple of kv_heads, heads in group order).
+    """
+    hd = head_dim(config)
+    attn, mlp = layer.self_attn, layer.mlp
+    old = LayerShape(_weight(attn.q_proj).shape[0] // hd, _weight(attn.k_proj).shape[0] // hd, _weight(mlp.up_proj).shape[0])
+    keep_q, keep_kv, keep_channels = sorted(keep_q), sorted(keep_kv), sorted(keep_channels)
+    per_group = {g: [h for h in keep_q if h // old.group_size == g] for g in keep_kv}
+    counts = {len(v) for v in per_group.values()}
+    if not keep_kv or not keep_channels or len(counts) != 1 or 0 in counts or sum(map(len, per_group.values())) != len(keep_q):
+        raise PruningError(
+            f"cannot keep query heads {keep_q} with KV heads {keep_kv} and {len(keep_channels)} channels: every kept "
+            "KV group needs the same, non-zero number of its own query heads, and at least one channel must stay"
+        )
+    q_rows = _head_rows(keep_q, hd)
+    kv_rows = _head_rows(keep_kv, hd)
+    _select(attn.q_proj, q_rows, dim=0)
+    _select(attn.k_proj, kv_rows, dim=0)
+    _select(attn.v_proj, kv_rows, dim=0)
+    _select(attn.o_proj, q_rows, dim=1)
+    channels = torch.tensor(keep_channels, dtype=torch.long)
+    _select(mlp.gate_proj, channels, dim=0)
+    _select(mlp.up_proj, channels, dim=0)
+    _select(mlp.down_proj, channels, dim=1)
+    new = LayerShape(len(keep_q), len(keep_kv), len(keep_channels))
+    attn.num_key_value_groups = new.group_size
+    return new
+
+
+def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if heads else torch.empty(0, dtype=torch.long)
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:
+    # A PEFT-wrapped Linear keeps the frozen layer as base_layer.
+    return getattr(linear, "base_layer", linear).weight
+
+
+def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    index = index.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(dim, index).contiguous(), requires_grad=linear.weight.requires_grad)
+    if dim == 0 and linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).contiguous(), requires_grad=linear.bias.requires_grad)
+    if dim == 0:
+        linear.out_features = linear.weight.shape[0]
+    else:
+        linear.in_features = linear.weight.shape[1]
+
+
+def _like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    w = old.weight
+    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)

@@ -1,0 +1,1 @@
+"""Recovery stage: adapter methods (lora/rora/dora), data and prompts, the trainer, merge."""
