@@ -2,6 +2,12 @@
 
 The public API (imports are lazy, so `import rora` and `rora --help` stay fast):
     load_model(spec) -> (model, tokenizer)
+    prune(model, tokenizer, PruneConfig) -> PruneReport            (model pruned in place)
+    recover(model, tokenizer, data, RecoverConfig, out) -> RecoverResult
+    evaluate(model, tokenizer, EvalConfig) -> EvalResults
+    merge(model, adapter, MergeConfig) -> (merged model, MergeReport)
+    export(model, tokenizer, ExportConfig, out) -> Path
+    run_pipeline(PipelineConfig) -> PipelineResult
 """
 from __future__ import annotations
 
@@ -12,6 +18,18 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "rora.models",
     "describe": "rora.models",
+    "prune": "rora.pruning.prune",
+    "recover": "rora.recovery.trainer",
+    "evaluate": "rora.evaluation.evaluate",
+    "merge": "rora.recovery.merge",
+    "export": "rora.pipelines.export",
+    "run_pipeline": "rora.pipelines.run",
+    "PruneConfig": "rora.config",
+    "RecoverConfig": "rora.config",
+    "EvalConfig": "rora.config",
+    "MergeConfig": "rora.config",
+    "ExportConfig": "rora.config",
+    "PipelineConfig": "rora.config",
 }
 
 __all__ = sorted(_API)
