@@ -92,3 +92,60 @@ def format_info(s: dict) -> str:
         span = f"{start}" if start == end else f"{start}-{end}"
         lines.append(f"  {span:>12}: {q}/{kv} {mlp}")
     return "\n".join(lines)
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@main.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--preset", help="A shipped preset: quickstart (the demo, CPU) or paper (Sheared-LLaMA-1.3B, GPU).")
+@click.option("--model", help="Model spec to start from (overrides the config).")
+@click.option("--out", help="Output directory; one subdirectory per stage.")
+@click.option("--data", help="Recovery training data (file, directory of <task>/train.json, or hub id).")
+@click.option("--data-dir", help="Evaluation data directory (default: $RORA_DATA_DIR, else the hub).")
+@click.option("--ratio", type=float, help="Pruning ratio in [0, 1).")
+@click.option("--method", help="Adapter method: rora, lora or dora.")
+@click.option("--rank", type=int, help="Adapter rank.")
+@click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
+@click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
+@click.option("--tasks", help="Comma-separated tasks (default: all eight).")
+@click.option("--limit", type=int, help="Evaluate the first N examples per task.")
+@click.option("--format", "export_format", help="Export format: hf or gguf.")
+@click.option("--skip", help="Comma-separated stages to skip: eval_base, prune, eval_pruned, recover, merge, eval_recovered, export.")
+@click.option("--allow-pickle", is_flag=True, default=None, help="Allow a pickled (LLM-Pruner) checkpoint as the model.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@handles_errors
+def run(config_file, preset, export_format, print_config, **flags):
+    """Prune -> evaluate -> recover -> merge -> evaluate -> export, in one resumable run.
+
+    Settings come from CONFIG_FILE or --preset (defaults < YAML < flags). Each stage writes its own directory
+    under --out; rerunning skips stages already done with the same settings and resumes an interrupted recovery.
+    """
+    from .config import PipelineConfig, load_preset
+
+    if config_file and preset:
+        raise click.UsageError("give a CONFIG_FILE or --preset, not both")
+    cfg = load_preset(preset) if preset else PipelineConfig.from_yaml(config_file) if config_file else PipelineConfig()
+    cfg = cfg.replace(
+        model=flags["model"], out=flags["out"], data=flags["data"], data_dir=flags["data_dir"],
+        allow_pickle=flags["allow_pickle"], skip=_csv(flags["skip"]),
+        prune=cfg.prune.replace(ratio=flags["ratio"]),
+        recover=cfg.recover.replace(method=flags["method"], rank=flags["rank"], alpha=flags["alpha"], lr=flags["lr"],
+                                    max_steps=flags["max_steps"]),
+        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=_csv(flags["tasks"]), limit=flags["limit"]),
+        export=cfg.export.replace(format=export_format),
+    )
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return
+    from .pipelines.run import run_pipeline, summary_table
+
+    result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True))
+    click.echo(summary_table(result))
+    click.echo(f"\nsummary: {result.out / 'summary.md'}  chart: {result.out / 'summary.png'}")

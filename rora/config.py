@@ -285,3 +285,49 @@ class ExportConfig(StageConfig):
         if self.layout not in ("compact", "padded"):
             out.append(f"export.layout must be compact or padded, got {self.layout!r}")
         return out
+
+
+PIPELINE_STAGES = ("eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered", "export")
+
+
+@dataclass
+class PipelineConfig(StageConfig):
+    """prune -> evaluate -> recover -> merge -> evaluate -> export, as one resumable run (rora run)."""
+
+    SECTION = "pipeline"
+    model: str = "smollm2-135m"  # any load_model spec
+    out: str = "runs/quickstart"  # one directory per stage below it
+    data: str | None = None  # recovery training data; None: RORA_DATA_DIR (the four offline train sets)
+    data_dir: str | None = None  # evaluation data; None: RORA_DATA_DIR, else the hub
+    allow_pickle: bool = False
+    skip: list[str] = field(default_factory=list)  # stages not to run, e.g. [eval_base] or [prune]
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def problems(self) -> list[str]:
+        return [
+            f"pipeline.skip: unknown stage {s!r}{did_you_mean(s, PIPELINE_STAGES)}; stages: {', '.join(PIPELINE_STAGES)}"
+            for s in self.skip
+            if s not in PIPELINE_STAGES
+        ]
+
+    def runs(self, stage: str) -> bool:
+        return stage not in self.skip
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> PipelineConfig:
+    """A shipped pipeline preset by name (rora/presets/NAME.yaml)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, preset_names())}; presets: {', '.join(preset_names())}")
+    return PipelineConfig.from_yaml(path)

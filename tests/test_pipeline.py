@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rora.artifacts import save_model_dir
+from rora.cli import main
+from rora.config import PipelineConfig, load_preset, preset_names
+from rora.errors import ConfigError
+
+QUESTIONS = ["is the sky blue", "is fire cold", "do cats bark", "is water wet", "can fish swim", "is ice hot"]
+
+
+def _records(n):
+    out = []
+    for i in range(n):
+        answer = "true" if i % 2 == 0 else "false"
+        out.append({
+            "instruction": f"Please answer the following question with true or false, question: {QUESTIONS[i % 6]}?"
+                           "\n\nAnswer format: true/false",
+            "input": "",
+            "output": f"the correct answer is {answer}",
+            "answer": answer,
+        })
+    return out
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tiny_gqa, tokenizer):
+    save_model_dir(tiny_gqa, tokenizer, tmp_path / "base")
+    data = tmp_path / "data" / "boolq"
+    data.mkdir(parents=True)
+    (data / "train.json").write_text(json.dumps(_records(24)))
+    (data / "test.json").write_text(json.dumps(_records(6)))
+    return tmp_path
+
+
+def _config(root, **changes):
+    return PipelineConfig.from_dict({
+        "model": str(root / "base"),
+        "out": str(root / "run"),
+        "data": str(root / "data"),
+        "data_dir": str(root / "data"),
+        "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "recover": {"rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
+                    "cutoff_len": 512, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2},
+        "eval": {"tasks": ["boolq"], "limit": 6, "batch_size": 3},
+        **changes,
+    })
+
+
+def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
+    from rora.pipelines import run as run_mod
+
+    cfg = _config(tiny_setup)
+    calls = []
+    real_export = None
+
+    import rora.pipelines.export as export_mod
+
+    real_export = export_mod.export
+
+    def crash(*args, **kwargs):
+        calls.append("export")
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(export_mod, "export", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_mod.run_pipeline(cfg, progress=False)
+    assert calls == ["export"]
+    assert not (tiny_setup / "run" / "export").exists()
+    monkeypatch.setattr(export_mod, "export", real_export)
+
+    result = run_mod.run_pipeline(cfg, progress=False)
+    skipped = {s for s, t in result.stages.items() if t["skipped"]}
+    assert skipped == {"eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered"}
+    assert result.stages["export"]["skipped"] is False
+    assert set(result.evals) == {"base", "pruned", "recovered"}
+    assert 0.0 <= result.evals["recovered"]["average"] <= 1.0
+    assert result.parameters["pruned"] < result.parameters["base"]
+    summary = json.loads((tiny_setup / "run" / "summary.json").read_text())
+    assert summary["evals"] == result.evals
+    assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
+
+    # The exported model computes what the in-memory final model computes.
+    from rora.models import load_model
+
+    exported, _ = load_model(tiny_setup / "run" / "export")
+    ids = torch.randint(3, 384, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_changed_rank_reruns_recovery_but_keeps_pruning(tiny_setup):
+    from rora.pipelines.run import run_pipeline
+
+    run_pipeline(_config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"]), progress=False)
+    cfg = _config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"])
+    cfg.recover.rank = 2
+    result = run_pipeline(cfg, progress=False)
+    assert result.stages["prune"]["skipped"] is True
+    assert result.stages["recover"]["skipped"] is False
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(name):
+    cfg = load_preset(name)
+    assert cfg.recover.method == "rora"
+    assert cfg.out.startswith("runs/")
+
+
+def test_quickstart_preset_is_the_documented_demo():
+    cfg = load_preset("quickstart")
+    assert cfg.model == "smollm2-135m" and cfg.eval.protocol == "score"
+    assert cfg.prune.layers == "uniform" and 0 < cfg.prune.ratio < 0.5
+
+
+def test_run_cli_rejects_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recover:\n  rnak: 8\n")
+    result = CliRunner().invoke(main, ["run", str(bad)])
+    assert result.exit_code == 2
+    assert "unknown key recover.rnak (did you mean 'rank'?)" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_cli_flags_override_preset():
+    result = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--rank", "8", "--tasks", "boolq,piqa", "--print-config"])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    cfg = PipelineConfig.from_dict(yaml.safe_load(result.output))
+    assert cfg.recover.rank == 8 and cfg.recover.resolved_alpha == 16 and cfg.eval.tasks == ["boolq", "piqa"]
