@@ -12,7 +12,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job on the embedded model: prune SmolLM2-135M by 30%, recover with RoRA, evaluate, merge, export.
+# Rerunning skips the stages already done; the summary lands in runs/quickstart/summary.{md,json,png}.
 demo: install
 	$(VENV)/bin/rora info smollm2-135m
+	$(VENV)/bin/rora run --preset quickstart
 
 test: install
 	$(PY) -m pytest -q tests
