@@ -1,0 +1,447 @@
+"""recover(): train a LoRA/RoRA/DoRA adapter on a (pruned) causal LM with a plain PyTorch loop on accelerate.
+
+Why a custom loop rather than HF Trainer: the loss runs the LM head only on positions that carry a label (the
+response tokens), which on a 49k-token vocabulary is a large share of the compute, and micro-batches are
+length-grouped so little work goes to padding. Everything else is standard: AdamW, warmup + linear/cosine decay,
+gradient accumulation, bf16 autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
+
+Output directory (only the main process writes):
+    adapter/                 the best (lowest validation loss) adapter, standard PEFT format
+    checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
+    checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
+    metrics.jsonl, loss.png  per-step training metrics and evaluations, the loss curve
+    rora_recovery.json       manifest: resolved config, method, scales per module, results, provenance
+
+Determinism: the data order is a pure function of (seed, epoch) and the dropout RNG is reseeded from
+(seed, step, process) at every step, so a run resumed from a checkpoint replays exactly what the uninterrupted
+run would have done (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..artifacts import atomic_dir, check_output, write_json, write_manifest
+from ..config import RecoverConfig
+from ..errors import ConfigError, TrainingError
+from .data import IGNORE_INDEX, Example, collate, count_steps, prepare, step_plan
+from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
+
+MANIFEST = "rora_recovery.json"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class RecoverResult:
+    """What recover() returns; `model` is the PeftModel with the best adapter loaded."""
+
+    model: Any
+    adapter_dir: Path | None
+    best_val_loss: float | None
+    best_step: int | None
+    effective_scale: float
+    steps: int
+    train_tokens: int
+    tokens_per_second: float
+    dropped_too_long: int
+    metrics_path: Path | None
+    module_scales: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "effective_scale": self.effective_scale,
+            "steps": self.steps,
+            "train_tokens": self.train_tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "dropped_too_long": self.dropped_too_long,
+            "metrics_path": str(self.metrics_path) if self.metrics_path else None,
+        }
+
+
+class LabelledTokenLoss(nn.Module):
+    """Summed cross-entropy over labelled positions of a PEFT-wrapped causal LM, and their count.
+
+    The decoder runs on every position, but the LM head (hidden x vocab) only on positions whose next-token label
+    is not IGNORE_INDEX. Wrapping this in a module keeps DDP/FSDP hooks intact under `accelerate launch`.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        causal_lm = self.peft_model.get_base_model()
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+
+def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=None, *, resume: bool = False,
+            overwrite: bool = False, progress: bool = True, source: str | None = None) -> RecoverResult:
+    """Train an adapter on `model` with `data` as `config` says; write the run to `out` (optional).
+
+    `data`: a JSON/JSONL file (LLM-Adapters or Alpaca format), a directory of <task>/train.json, a hub dataset
+    id, or a list of records. `resume=True` continues from the latest checkpoint in `out` (same config and data
+    required); without `resume` or `overwrite` an existing `out` is refused before any work. `source` (e.g. the
+    model spec) is recorded in the manifest. The model is wrapped in place by PEFT.
+    """
+    from peft import get_peft_model
+
+    config = config or RecoverConfig()
+    out = Path(out) if out is not None else None
+    get_method(config.method)
+    if out is not None and not resume:
+        check_output(out, overwrite)
+    lora_config = peft_config(config, model)
+    tokenized = prepare(data, tokenizer, config)
+    accelerator = _accelerator()
+    accumulation = config.batch_size // config.micro_batch_size
+    if accumulation % accelerator.num_processes:
+        raise ConfigError(
+            f"batch_size/micro_batch_size = {accumulation} micro-batches per step cannot be split over "
+            f"{accelerator.num_processes} processes; make it a multiple of the process count"
+        )
+    total_steps = count_steps(len(tokenized.train), config)
+    identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint}
+    state = _load_state(out, identity) if resume and out is not None else None
+    if out is not None and state is None and accelerator.is_main_process:
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite (or --resume without a checkpoint): start clean
+        (out / "checkpoints").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+    if config.gradient_checkpointing:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    loss_module = LabelledTokenLoss(peft_model)
+    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
+    run = _Run(config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
+               tokenizer, identity, total_steps, progress)
+    if state is not None:
+        run.restore(state)
+    run.train()
+    return run.finish(source)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+
+
+def _scheduler(optimizer, config: RecoverConfig, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    make = get_linear_schedule_with_warmup if config.scheduler == "linear" else get_cosine_schedule_with_warmup
+    return make(optimizer, config.warmup_steps, total_steps)
+
+
+def _step_seed(seed: int, step: int, process: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + process) % (2**63)
+
+
+def _n_targets(e: Example) -> int:
+    return sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
+
+
+class _Run:
+    """The state of one training run: the loop, evaluation, checkpoints, metrics and final outputs."""
+
+    def __init__(self, config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
+                 tokenizer, identity, total_steps, progress):
+        self.config, self.out, self.acc = config, out, accelerator
+        self.peft_model, self.loss_module, self.wrapped = peft_model, loss_module, wrapped
+        self.optimizer, self.scheduler, self.data = optimizer, scheduler, tokenized
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.identity, self.total_steps, self.progress = identity, total_steps, progress
+        lengths = [len(e) for e in tokenized.train]
+        self.plan = step_plan(lengths, config.micro_batch_size, config.batch_size // config.micro_batch_size,
+                              total_steps, config.seed, config.group_by_length)
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.best_weights: dict | None = None  # in memory when there is no output directory
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.acc, self.config
+        self.peft_model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="recover", unit="step",
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            loss, tokens = self.train_step(self.plan[self.step])
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            self.train_tokens += tokens
+            tps = self.train_tokens / max(self.train_seconds, 1e-9)
+            self.log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
+                      "tokens_per_second": round(tps, 2)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+            if self.data.val and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
+                self.evaluate()
+            if self.out is not None and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
+        """One optimizer step over this process's share of the step's micro-batches; returns (loss, tokens)."""
+        acc, train = self.acc, self.data.train
+        torch.manual_seed(_step_seed(self.config.seed, self.step, acc.process_index))
+        n_targets = max(1, sum(_n_targets(train[i]) for mb in micro_batches for i in mb))
+        mine = micro_batches[acc.process_index :: acc.num_processes]
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = 0
+        for k, mb in enumerate(mine):
+            ids, labels = (t.to(acc.device) for t in collate([train[i] for i in mb], self.pad_id))
+            last = k == len(mine) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
+                summed, _ = self.wrapped(ids, labels)
+                # DDP averages gradients over processes; scale so the result is the mean over the whole step's tokens.
+                acc.backward(summed * (acc.num_processes / n_targets))
+            loss_sum += summed.detach().float()
+            tokens += sum(len(train[i]) for i in mb)
+        totals = acc.reduce(torch.stack([loss_sum, torch.tensor(float(tokens), device=acc.device)]), "sum")
+        loss = float(totals[0]) / n_targets
+        if not math.isfinite(loss):
+            last_ckpt = self.latest_checkpoint()
+            raise TrainingError(
+                f"loss became {loss} at step {self.step + 1}; the update was not applied. "
+                + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "")
+                + "Lower --lr (or raise --warmup) and start again with --overwrite."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, int(totals[1])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per labelled token on the validation split; keeps the best adapter."""
+        acc, val = self.acc, self.data.val
+        self.peft_model.eval()
+        order = sorted(range(len(val)), key=lambda i: len(val[i]))
+        mb = self.config.micro_batch_size
+        batches = [order[s : s + mb] for s in range(0, len(order), mb)][acc.process_index :: acc.num_processes]
+        sums = torch.zeros(2, device=acc.device)
+        for batch in batches:
+            ids, labels = (t.to(acc.device) for t in collate([val[i] for i in batch], self.pad_id))
+            with acc.autocast():
+                summed, count = self.loss_module(ids, labels)
+            sums += torch.stack([summed.float(), count.float()])
+        sums = acc.reduce(sums, "sum")
+        val_loss = float(sums[0] / sums[1].clamp(min=1))
+        self.peft_model.train()
+        self.log({"step": self.step, "val_loss": val_loss})
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, self.step
+            self.save_best()
+        return val_loss
+
+    # ---- outputs ----------------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.out is not None and self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+
+    def save_best(self) -> None:
+        if self.out is None:
+            self.best_weights = self.adapter_state()
+            return
+        if self.acc.is_main_process:
+            with atomic_dir(self.out / "checkpoints" / "best", overwrite=True) as tmp:
+                self.peft_model.save_pretrained(tmp / "adapter")
+                write_json(tmp / "best.json", {"step": self.best_step, "val_loss": self.best_val_loss})
+        self.acc.wait_for_everyone()
+
+    def latest_checkpoint(self) -> Path | None:
+        return _latest_checkpoint(self.out) if self.out is not None else None
+
+    def save_checkpoint(self) -> None:
+        """checkpoints/step-N, atomically; then the older step checkpoint is removed."""
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            previous = self.latest_checkpoint()
+            opt = self.optimizer.state_dict()
+            tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+            with atomic_dir(self.out / "checkpoints" / f"step-{self.step}") as tmp:
+                self.peft_model.save_pretrained(tmp / "adapter")
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
+                rng = {"torch": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+                save_file(rng, tmp / "rng.safetensors")
+                write_json(tmp / STATE_FILE, {
+                    **self.identity,
+                    "step": self.step,
+                    "total_steps": self.total_steps,
+                    "data_position": {"next_step": self.step, "plan": "data.step_plan(seed, epoch)"},
+                    "optimizer_param_groups": opt["param_groups"],
+                    "scheduler": self.scheduler.state_dict(),
+                    "best_val_loss": self.best_val_loss,
+                    "best_step": self.best_step,
+                    "train_tokens": self.train_tokens,
+                    "train_seconds": self.train_seconds,
+                    "history": self.history,
+                })
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def restore(self, ckpt: Path) -> None:
+        """Load a checkpoint's adapter, optimizer, scheduler and counters (all processes)."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+        from safetensors.torch import load_file
+
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        set_peft_model_state_dict(self.peft_model, load_peft_weights(str(ckpt / "adapter"), device="cpu"))
+        tensors = load_file(ckpt / "optimizer.safetensors")
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            opt_state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+        self.step = state["step"]
+        self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
+        self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
+        self.history = state["history"]
+        if self.acc.is_main_process:  # drop metrics logged after the checkpoint by the killed run
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.acc.wait_for_everyone()
+
+    def load_best(self) -> None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        if self.best_step is None:
+            return  # no validation split: the final weights are the result
+        if self.out is None:
+            set_peft_model_state_dict(self.peft_model, self.best_weights)
+        else:
+            weights = load_peft_weights(str(self.out / "checkpoints" / "best" / "adapter"), device="cpu")
+            set_peft_model_state_dict(self.peft_model, weights)
+
+    def finish(self, source: str | None) -> RecoverResult:
+        """Load the best adapter; write adapter/, loss.png and the manifest; return the result."""
+        self.load_best()
+        self.peft_model.eval()
+        cfg, acc = self.config, self.acc
+        scales = module_scales(self.peft_model)
+        tps = self.train_tokens / max(self.train_seconds, 1e-9)
+        adapter_dir = metrics_path = None
+        if self.out is not None:
+            adapter_dir, metrics_path = self.out / "adapter", self.out / "metrics.jsonl"
+            if acc.is_main_process:
+                with atomic_dir(adapter_dir, overwrite=True) as tmp:
+                    self.peft_model.save_pretrained(tmp)
+                plot_losses(self.history, self.out / "loss.png")
+                lora = self.peft_model.peft_config[ADAPTER_NAME]
+                write_manifest(self.out, MANIFEST, {
+                    "stage": "recover",
+                    "source": source,
+                    "config": cfg.to_dict(),
+                    "method": cfg.method,
+                    "rank": cfg.rank,
+                    "alpha": cfg.resolved_alpha,
+                    "scaling_exponent": scaling_exponent(cfg),
+                    "effective_scale": effective_scale(cfg),
+                    "peft": {"lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora},
+                    "module_scales": scales,
+                    "best_val_loss": self.best_val_loss,
+                    "best_step": self.best_step,
+                    "steps": self.step,
+                    "train_examples": len(self.data.train),
+                    "val_examples": len(self.data.val),
+                    "dropped_too_long": self.data.dropped_too_long,
+                    "train_tokens": self.train_tokens,
+                    "train_seconds": round(self.train_seconds, 3),
+                    "tokens_per_second": round(tps, 2),
+                    "num_processes": acc.num_processes,
+                    "data_fingerprint": self.data.fingerprint,
+                })
+            acc.wait_for_everyone()
+        return RecoverResult(
+            model=self.peft_model, adapter_dir=adapter_dir, best_val_loss=self.best_val_loss, best_step=self.best_step,
+            effective_scale=effective_scale(cfg), steps=self.step, train_tokens=self.train_tokens,
+            tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
+            module_scales=scales,
+        )
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _load_state(out: Path, identity: dict) -> Path | None:
+    """The checkpoint to resume from, after checking it was made with the same config and data."""
+    ckpt = _latest_checkpoint(out) if out.is_dir() else None
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    old, new = state["config"], identity["config"]
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if state["data_fingerprint"] != identity["data_fingerprint"]:
+        changed.append("training data differs")
+    if changed:
+        raise TrainingError(
+            f"cannot resume from {ckpt}: it was made with a different config ({'; '.join(changed)}); "
+            "use the original settings, or --overwrite to start again"
+        )
+    return ckpt
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Training and validation loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per labelled token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
