@@ -1,0 +1,46 @@
+"""Convert an LLM-Pruner checkpoint into this project's format.
+
+LLM-Pruner saves `torch.save({'model': module, 'tokenizer': tokenizer})`: a pickle of the pruned module whose
+config still carries the ORIGINAL head counts and MLP width. Loading it runs code from the file, so
+`rora.models.load_model` only calls this with `allow_pickle=True`. Here the per-layer shapes are read from the
+weights, the config is synced to them, and the model is rebuilt from a plain state dict with
+`models.build_from_state_dict` — the result saves as safetensors with a truthful config and flows into the later
+stages like any other model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .structure import check_supported, decoder_layers, layer_shapes, sync_config
+
+
+def load_llm_pruner_checkpoint(path: str | Path, dtype=None):
+    """(model, tokenizer) from an LLM-Pruner `torch.save` checkpoint at `path` (trusted input only)."""
+    from ..models import build_from_state_dict
+
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling can fail in many ways (missing classes, truncated file, ...)
+        raise ModelLoadError(f"cannot read {path} as an LLM-Pruner checkpoint: {str(exc).splitlines()[0]}") from None
+    module = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "config"):
+        raise ModelLoadError(
+            f"{path} is not an LLM-Pruner checkpoint: expected a dict with 'model' (a transformers model) and 'tokenizer'"
+        )
+    config = module.config
+    check_supported(config)
+    # The attention modules know their head_dim; the stale config's hidden_size // num_attention_heads may not.
+    config.head_dim = getattr(decoder_layers(module)[0].self_attn, "head_dim", None) or _config_head_dim(config)
+    sync_config(config, layer_shapes(module))
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    # Keep parameters only: old checkpoints also hold buffers (rotary inv_freq) that the rebuilt model computes.
+    state = {k: v for k, v in module.state_dict().items() if k in params}
+    model = build_from_state_dict(config, state, dtype)
+    return model, payload.get("tokenizer")
+
+
+def _config_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
