@@ -94,6 +94,56 @@ def format_info(s: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@model_argument
+@click.option("--ratio", type=float, help="Fraction of heads/channels to remove in each pruned layer, in [0, 1).")
+@click.option("--out", required=True, help="Output directory for the pruned model.")
+@click.option("--layers", help="'uniform' (every layer alike, default) or START:END (e.g. 4:30, LLM-Pruner's default).")
+@click.option("--importance", help="l1, l2, taylor (default) or random.")
+@click.option("--taylor", help="Taylor variant: vectorwise (default), element1 or element2.")
+@click.option("--gqa", help="within-group (query heads evenly per KV group, default) or whole-group.")
+@click.option("--num-samples", type=int, help="Calibration samples for importance (default 10).")
+@click.option("--calibration", help="'builtin' text, or training data: a JSON file or a dir of <task>/train.json.")
+@click.option("--seed", type=int, help="Seed for sample order and random importance.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")
+@handles_errors
+def prune(model, allow_pickle, ratio, out, overwrite, config_file, **flags):
+    """Prune whole attention heads and MLP channels of MODEL and save it to --out."""
+    from .artifacts import check_output
+    from .config import PruneConfig
+
+    cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
+    cfg = cfg.replace(ratio=ratio, **flags)
+    check_output(out, overwrite)  # before any work: bad input writes nothing
+    from .models import load_model
+    from .pruning.prune import prune as prune_model, save_pruned
+
+    m, tok = load_model(model, allow_pickle=allow_pickle)
+    report = prune_model(m, tok, cfg)
+    path = save_pruned(m, tok, report, out, overwrite=overwrite, source=model)
+    click.echo(format_prune(report.to_dict(), path))
+
+
+def format_prune(r: dict, path) -> str:
+    a = r["actual"]
+    lines = [
+        f"pruned         {r['importance']} importance, ratio {r['requested_ratio']}, layers "
+        f"{r['pruned_layers'][0]}-{r['pruned_layers'][-1]}" if r["pruned_layers"] else "pruned         nothing",
+        f"parameters     {r['params_before']:,} -> {r['params_after']:,} ({a['parameters']:.1%} removed)",
+        f"removed        {a['q_heads']:.1%} query heads, {a['kv_heads']:.1%} KV heads, {a['channels']:.1%} MLP channels"
+        " (of the pruned layers)",
+    ]
+    if r["loss_before"] is not None:
+        lines.append(
+            f"held-out loss  {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
+            f"(perplexity {r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f})"
+        )
+    how = "standard (plain transformers loads it)" if r["standard_config"] else "per-layer shapes (load with rora)"
+    lines.append(f"saved          {path}, config {how}")
+    return "\n".join(lines)
+
+
 def _csv(value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 

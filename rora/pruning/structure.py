@@ -7,6 +7,8 @@ touched, so RoPE stays valid as long as whole heads (head_dim rows each) are rem
 Per-layer shapes may differ after non-uniform pruning. A uniform model gets a standard config that plain
 transformers loads; a non-uniform one keeps the shared fields at their maximum and lists every layer's shape under
 `rora_layer_shapes`, which `rora.load_model` uses to rebuild the modules before loading the weights strictly.
+A uniform Llama whose head count does not divide hidden_size is listed the same way: transformers 5's LlamaConfig
+refuses such a config, so no standard config can describe it.
 """
 from __future__ import annotations
 
@@ -94,11 +96,33 @@ def sync_config(config, shapes: list[LayerShape]) -> None:
     config.num_attention_heads = max(s.q_heads for s in shapes)
     config.num_key_value_heads = max(s.kv_heads for s in shapes)
     config.intermediate_size = max(s.intermediate for s in shapes)
-    if is_uniform(shapes):
+    standard = is_uniform(shapes) and _config_valid(config)
+    if not _config_valid(config):
+        # transformers 5 LlamaConfig rejects (on save and on load) a head count that does not divide hidden_size,
+        # e.g. 26 of Llama-7B's 32 heads. Such a model keeps a valid stand-in count and lists its real shapes.
+        config.num_attention_heads = next(n for n in range(config.num_attention_heads, config.hidden_size + 1)
+                                          if config.hidden_size % n == 0)
+    if standard:
         if hasattr(config, LAYER_SHAPES_KEY):
             delattr(config, LAYER_SHAPES_KEY)
     else:
         setattr(config, LAYER_SHAPES_KEY, [asdict(s) for s in shapes])
+
+
+def is_standard_config(config) -> bool:
+    """Whether plain transformers builds the right shapes from this config (no per-layer list needed)."""
+    return not getattr(config, LAYER_SHAPES_KEY, None)
+
+
+def _config_valid(config) -> bool:
+    validate = getattr(config, "validate", None)  # transformers 5 configs are strict dataclasses
+    if validate is None:
+        return True
+    try:
+        validate()
+    except Exception:  # huggingface_hub's StrictDataclassClassValidationError (a ValueError subclass)
+        return False
+    return True
 
 
 def rebuild_layer(layer: nn.Module, shape: LayerShape, config) -> None:
