@@ -125,6 +125,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         (out / "checkpoints").mkdir(parents=True)
     accelerator.wait_for_everyone()
 
+    torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
     peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
     if config.gradient_checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -144,7 +145,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
 def _accelerator():
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    gpu = torch.cuda.is_available()
+    # cpu=True on CPU-only machines: accelerate then sets up gloo data parallel under torchrun/accelerate launch.
+    return Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
 
 
 def _scheduler(optimizer, config: RecoverConfig, total_steps: int):

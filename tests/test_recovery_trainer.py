@@ -1,0 +1,247 @@
+"""The trainer: the labelled-position loss equals the HF loss, loss decreases, outputs and manifest, bad input,
+NaN handling, a SIGKILLed run resumed bit-identically, 2-process data parallel, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_model, make_tokenizer
+from safetensors.torch import load_file
+
+from rora.config import RecoverConfig
+from rora.errors import ConfigError, DataError, OutputExistsError, TrainingError
+from rora.recovery import trainer as trainer_mod
+from rora.recovery.data import collate, tokenize_record
+from rora.recovery.trainer import LabelledTokenLoss, recover
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared CPU are far faster on one thread (no spin-waiting on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+PY = sys.executable
+
+
+def records(n=60):
+    """A learnable task: the answer is 'true' for even numbers, 'false' for odd."""
+    return [{"instruction": f"Is {i} even? Answer true or false.", "input": "",
+             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}"} for i in range(n)]
+
+
+def tiny_config(**kw):
+    base = dict(rank=4, max_steps=8, batch_size=4, micro_batch_size=2, val_set_size=8, eval_steps=2, save_steps=2,
+                warmup_steps=0, lr=5e-3, seed=7)
+    return RecoverConfig(**{**base, **kw})
+
+
+def test_labelled_position_loss_equals_hf_loss(tokenizer):
+    from peft import get_peft_model
+
+    from rora.recovery.methods import peft_config
+
+    model = make_model()
+    pm = get_peft_model(model, peft_config(RecoverConfig(rank=4, dropout=0.0), model)).eval()
+    exs = [tokenize_record(r, tokenizer, 256, False) for r in records(3)]
+    ids, labels = collate(exs, pad_id=tokenizer.pad_token_id)
+    summed, count = LabelledTokenLoss(pm)(ids, labels)
+    ref = pm(input_ids=ids, labels=labels).loss  # HF: full logits, mean over labelled positions
+    assert int(count) == sum((labels[:, 1:] != -100).sum(1).tolist()) > 0
+    torch.testing.assert_close(summed / count, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_decreases_and_outputs_are_complete(tokenizer, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    result = recover(make_model(), tokenizer, records(), tiny_config(max_steps=12, lr=2e-2), out, progress=False, source="tiny")
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in evals if "val_loss" in r]
+    train = [r["loss"] for r in evals if "loss" in r]
+    assert len(val) == 6 and len(train) == 12
+    assert min(val) < 0.7 * val[0] and result.best_val_loss == min(val)
+    assert sum(train[-3:]) < 0.7 * sum(train[:3])
+    assert result.steps == 12 and result.train_tokens > 0 and result.tokens_per_second > 0
+    assert result.effective_scale == pytest.approx(8 / 4**0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora_recovery.json"]
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")] == ["step-10"]
+    manifest = json.loads((out / "rora_recovery.json").read_text())
+    assert manifest["source"] == "tiny" and manifest["method"] == "rora" and manifest["scaling_exponent"] == 0.5
+    assert manifest["best_step"] == result.best_step and manifest["peft"]["use_rslora"] is True
+    assert set(manifest["module_scales"].values()) == {4.0} and len(manifest["module_scales"]) == 10
+    # The saved adapter is the best one and reloads with plain PEFT to the returned model's logits.
+    reloaded = PeftModel.from_pretrained(make_model(), out / "adapter").eval()
+    ids = torch.tensor([tokenize_record(records(1)[0], tokenizer, 256, False).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_in_memory_run_and_dropped_examples_are_reported(tokenizer):
+    recs = records(30) + [{"instruction": "x " * 400, "input": "", "output": "y"}] * 3
+    result = recover(make_model(), tokenizer, recs, tiny_config(max_steps=2, method="dora"), progress=False)
+    assert result.adapter_dir is None and result.metrics_path is None
+    assert result.dropped_too_long == 3 and result.best_step == 2
+
+
+def test_bad_input_writes_nothing_and_keeps_existing_output(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        recover(make_model(), tokenizer, records(), tiny_config(), out, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match="it has:"):
+        recover(make_model(), tokenizer, records(), tiny_config(target_modules=["c_attn"]), fresh, progress=False)
+    with pytest.raises(DataError, match="empty"):
+        recover(make_model(), tokenizer, [], tiny_config(), fresh, progress=False)
+    with pytest.raises(DataError, match="record 2 has no 'instruction'"):
+        recover(make_model(), tokenizer, records(2) + [{"output": "x"}], tiny_config(), fresh, progress=False)
+    assert not fresh.exists()
+
+
+def test_resume_with_a_different_config_is_refused(tokenizer, tmp_path):
+    out = tmp_path / "run"
+    recover(make_model(), tokenizer, records(), tiny_config(max_steps=4), out, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(TrainingError, match=r"different config \(rank: 4 -> 8\)"):
+        recover(make_model(), tokenizer, records(), tiny_config(max_steps=4, rank=8), out, resume=True, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(tokenizer, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = LabelledTokenLoss.forward
+
+    def poisoned(self, input_ids, labels):
+        summed, count = real(self, input_ids, labels)
+        calls["n"] += 1
+        return (summed * float("nan") if calls["n"] > 4 * 2 else summed), count  # 2 micro-batches per step
+
+    monkeypatch.setattr(LabelledTokenLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    cfg = tiny_config(eval_steps=100, val_set_size=0)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoints/step-4"):
+        recover(make_model(), tokenizer, records(), cfg, out, progress=False)
+    ckpt = out / "checkpoints" / "step-4"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert all(torch.isfinite(t).all() for t in load_file(ckpt / "optimizer.safetensors").values())
+
+
+WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rora.config import RecoverConfig
+    from rora.recovery.trainer import recover
+    model_dir, data, out, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    if os.environ.get("SLOW_STEPS"):  # make steps slow enough that the test can SIGKILL mid-run
+        step = torch.optim.AdamW.step
+        def slow(self, *a, **k):
+            time.sleep(float(os.environ["SLOW_STEPS"]))
+            return step(self, *a, **k)
+        torch.optim.AdamW.step = slow
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    r = recover(model, tok, data, RecoverConfig(**cfg), out, resume=os.environ.get("RESUME") == "1", progress=False)
+    print("RESULT", json.dumps(r.to_dict()))
+''')
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker")
+    make_model().save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    (root / "worker.py").write_text(WORKER)
+    (root / "data.json").write_text(json.dumps(records(40)))
+    return root
+
+
+def _env(**extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    env.update(extra)
+    return env
+
+
+def _worker(root, out, cfg, **env):
+    return [PY, str(root / "worker.py"), str(root / "model"), str(root / "data.json"), str(out), json.dumps(cfg)], _env(**env)
+
+
+def test_sigkilled_run_resumes_bit_identically(saved_model, tmp_path):
+    cfg = tiny_config(max_steps=8).to_dict()
+    cmd, env = _worker(saved_model, tmp_path / "full", cfg)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+
+    killed = tmp_path / "killed"
+    cmd, env = _worker(saved_model, killed, cfg, SLOW_STEPS="0.4")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
+
+    cmd, env = _worker(saved_model, killed, cfg, RESUME="1")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "full" / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    full = json.loads((tmp_path / "full" / "rora_recovery.json").read_text())
+    resumed = json.loads((killed / "rora_recovery.json").read_text())
+    assert (resumed["best_val_loss"], resumed["best_step"], resumed["steps"]) == (full["best_val_loss"], full["best_step"], 8)
+    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == list(range(1, 9))  # metrics logged by the killed run after its checkpoint were replaced
+
+
+def test_two_process_data_parallel_writes_one_adapter(saved_model, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "ddp"
+    cmd, env = _worker(saved_model, out, tiny_config(max_steps=3, eval_steps=3, save_steps=2).to_dict())
+    launch = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *cmd[1:]]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    for r in results:
+        r.pop("tokens_per_second")  # each process's own clock
+    assert len(results) == 2 and results[0] == results[1]  # both processes agree on loss, steps, tokens
+    manifest = json.loads((out / "rora_recovery.json").read_text())
+    assert manifest["num_processes"] == 2 and manifest["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora_recovery.json"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".ddp")] == []  # no stray temp dirs
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"loss"' in line]) == 3  # written once, by the main process
+    model = PeftModel.from_pretrained(make_model(), out / "adapter")
+    assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B" in n)  # it trained
+
+
+def test_cli_recover_summary_and_errors(saved_model, tmp_path):
+    out = tmp_path / "cli"
+    base = [str(Path(PY).parent / "rora"), "recover", str(saved_model / "model"), "--data", str(saved_model / "data.json"),
+            "--out", str(out), "--rank", "4", "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+            "--val-set-size", "4", "--eval-steps", "1", "--save-steps", "1"]
+    done = subprocess.run(base + ["--method", "lora"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "method         lora rank 4 alpha 8 (scale 2)" in done.stdout and "best val loss" in done.stdout
+    again = subprocess.run(base, env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    bad = subprocess.run(base + ["--method", "lorra", "--overwrite"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "did you mean 'lora'" in bad.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the failed runs lost nothing
