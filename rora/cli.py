@@ -149,6 +149,98 @@ def _csv(value):
 
 
 @main.command()
+@model_argument
+@click.option("--data", required=True, help="Training data: JSON/JSONL file, directory of <task>/train.json, or hub id.")
+@click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
+@click.option("--method", help="Adapter method: rora (alpha/sqrt(r), default), lora (alpha/r) or dora.")
+@click.option("--rank", type=int, help="Adapter rank (default 32).")
+@click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
+@click.option("--scaling-exponent", type=float, help="b in scale = alpha / rank**b (default: the method's; 1 lora, 0.5 rora).")
+@click.option("--target-modules", help="Comma-separated modules (default q_proj,k_proj,v_proj,up_proj,down_proj).")
+@click.option("--lr", type=float, help="Learning rate (default 2e-4).")
+@click.option("--epochs", type=float, help="Epochs (default 3).")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=int, help="Examples per optimizer step (default 16).")
+@click.option("--micro-batch-size", type=int, help="Examples per forward pass (default 16).")
+@click.option("--cutoff-len", type=int, help="Max tokens per example; longer ones are dropped and counted (default 256).")
+@click.option("--val-set-size", type=int, help="Validation examples carved from the training data (default 120).")
+@click.option("--max-train-examples", type=int, help="Use only the first N training examples (after the seeded shuffle).")
+@click.option("--eval-steps", type=int, help="Evaluate every N steps (default 80).")
+@click.option("--save-steps", type=int, help="Checkpoint every N steps (default 80).")
+@click.option("--seed", type=int, help="Seed for the split, data order and dropout (default 42).")
+@click.option("--train-on-inputs", is_flag=True, default=None, help="Loss on the prompt tokens too (LLM-Adapters' default).")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
+@handles_errors
+def recover(model, allow_pickle, data, out, target_modules, resume, overwrite, config_file, **flags):
+    """Train a RoRA/LoRA/DoRA adapter on MODEL with --data; the best adapter lands in --out/adapter."""
+    from .artifacts import check_output
+    from .config import RecoverConfig
+
+    cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
+    cfg = cfg.replace(target_modules=_csv(target_modules), **flags)
+    if not resume:
+        check_output(out, overwrite)  # before loading the model: bad input writes nothing
+    from .models import load_model
+    from .recovery.trainer import recover as recover_adapter
+
+    m, tok = load_model(model, allow_pickle=allow_pickle)
+    result = recover_adapter(m, tok, data, cfg, out, resume=resume, overwrite=overwrite, source=model)
+    click.echo(format_recover(result.to_dict(), cfg))
+
+
+def format_recover(r: dict, cfg) -> str:
+    best = "n/a (no validation split)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
+    return "\n".join([
+        f"method         {cfg.method} rank {cfg.rank} alpha {cfg.resolved_alpha:g} (scale {r['effective_scale']:.4g})",
+        f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
+        f"best val loss  {best}",
+        f"dropped        {r['dropped_too_long']} examples longer than cutoff_len={cfg.cutoff_len}",
+        f"adapter        {r['adapter_dir']}",
+        f"metrics        {r['metrics_path']}",
+    ])
+
+
+@main.command("eval")
+@model_argument
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory to load onto MODEL.")
+@click.option("--tasks", help="'all' (default) or a comma list: boolq,piqa,social_i_qa,hellaswag,winogrande,"
+                              "ARC-Easy,ARC-Challenge,openbookqa.")
+@click.option("--protocol", help="generate (LLM-Adapters beam search + match), score (constrained log-likelihood, "
+                                 "default) or lm-eval (lm-eval-harness zero-shot).")
+@click.option("--limit", type=int, help="Evaluate the first N examples of each task (file order).")
+@click.option("--batch-size", type=int, help="Prompts (generate) or scored rows (score, lm-eval) per forward pass.")
+@click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
+@click.option("--overwrite", is_flag=True, help="Replace existing result files.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
+@handles_errors
+def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data_dir, out, overwrite, config_file):
+    """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
+    from .config import EvalConfig
+    from .evaluation.evaluate import check_outputs
+    from .evaluation.tasks import parse_tasks
+
+    cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit,
+                      batch_size=batch_size)
+    check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
+    from .evaluation.data import resolve_data_dir
+    from .evaluation.evaluate import evaluate, load_adapter
+    from .models import load_model
+
+    resolve_data_dir(data_dir)  # a missing --data-dir fails before the model loads
+    m, tok = load_model(model, allow_pickle=allow_pickle)
+    if adapter:
+        m = load_adapter(m, adapter)
+    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=model, adapter=adapter)
+    click.echo(results.to_markdown())
+
+
+@main.command()
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", help="A shipped preset: quickstart (the demo, CPU) or paper (Sheared-LLaMA-1.3B, GPU).")
 @click.option("--model", help="Model spec to start from (overrides the config).")
