@@ -276,14 +276,23 @@ class ExportConfig(StageConfig):
     SECTION = "export"
     format: str = "hf"  # hf | gguf
     layout: str = "compact"  # compact | padded (non-uniform models only)
-    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0
+    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0 (float32/float16 also accepted)
+    tolerance: float = 1e-4  # max |logit difference| exported (loaded back) vs source, enforced for fp32 exports
+
+    DTYPES = {"hf": ("float32", "float16", "bfloat16"), "gguf": ("f32", "f16", "q8_0", "float32", "float16")}
 
     def problems(self) -> list[str]:
         out = []
         if self.format not in ("hf", "gguf"):
             out.append(f"export.format must be hf or gguf, got {self.format!r}{did_you_mean(self.format, ('hf', 'gguf'))}")
+        elif self.dtype not in self.DTYPES[self.format]:
+            allowed = self.DTYPES[self.format]
+            out.append(f"export.dtype for {self.format} must be one of {', '.join(allowed[:3])}, got {self.dtype!r}"
+                       f"{did_you_mean(self.dtype, allowed)}")
         if self.layout not in ("compact", "padded"):
-            out.append(f"export.layout must be compact or padded, got {self.layout!r}")
+            out.append(f"export.layout must be compact or padded, got {self.layout!r}{did_you_mean(self.layout, ('compact', 'padded'))}")
+        if self.tolerance < 0:
+            out.append(f"export.tolerance must be >= 0, got {self.tolerance}")
         return out
 
 

@@ -185,6 +185,55 @@ def keep_units(layer: nn.Module, config, keep_q: list[int], keep_kv: list[int], 
     return new
 
 
+def padded_shape(shapes: list[LayerShape]) -> LayerShape:
+    """The smallest uniform shape every layer pads into: most KV groups, largest group, widest MLP."""
+    kv = max(s.kv_heads for s in shapes)
+    return LayerShape(kv * max(s.group_size for s in shapes), kv, max(s.intermediate for s in shapes))
+
+
+def pad_layer(layer: nn.Module, config, target: LayerShape) -> None:
+    """Zero-pad one layer up to `target` in place, so that it computes exactly what it computed before.
+
+    KV group g stays group g and its query heads take the first slots of the group's `target.group_size`. A
+    padded query head has a zero q row, which gives uniform attention over the values, not zero output, so
+    its o_proj columns are zero too; a padded KV head (zero k/v rows) only serves padded query heads. MLP
+    channels get zero gate/up rows and zero down_proj columns (silu(0) * 0 = 0).
+    """
+    hd = head_dim(config)
+    attn, mlp = layer.self_attn, layer.mlp
+    old = LayerShape(_weight(attn.q_proj).shape[0] // hd, _weight(attn.k_proj).shape[0] // hd, _weight(mlp.up_proj).shape[0])
+    if old.kv_heads > target.kv_heads or old.group_size > target.group_size or old.intermediate > target.intermediate:
+        raise PruningError(f"cannot pad layer shape {old} into {target}: the target must be at least as large everywhere")
+    q_slots = [(h // old.group_size) * target.group_size + h % old.group_size for h in range(old.q_heads)]
+    q_rows = _head_rows(q_slots, hd)
+    kv_rows = torch.arange(old.kv_heads * hd)
+    _scatter(attn.q_proj, q_rows, target.q_heads * hd, dim=0)
+    _scatter(attn.k_proj, kv_rows, target.kv_heads * hd, dim=0)
+    _scatter(attn.v_proj, kv_rows, target.kv_heads * hd, dim=0)
+    _scatter(attn.o_proj, q_rows, target.q_heads * hd, dim=1)
+    channels = torch.arange(old.intermediate)
+    _scatter(mlp.gate_proj, channels, target.intermediate, dim=0)
+    _scatter(mlp.up_proj, channels, target.intermediate, dim=0)
+    _scatter(mlp.down_proj, channels, target.intermediate, dim=1)
+    attn.num_key_value_groups = target.group_size
+
+
+def _scatter(linear: nn.Linear, index: torch.Tensor, size: int, dim: int) -> None:
+    """Grow `linear` to `size` along `dim`: its current rows/columns go to `index`, the rest are zero."""
+    def grow(t: torch.Tensor, d: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[d] = size
+        return t.new_zeros(shape).index_copy_(d, index.to(t.device), t)
+
+    linear.weight = nn.Parameter(grow(linear.weight.data, dim), requires_grad=linear.weight.requires_grad)
+    if dim == 0 and linear.bias is not None:
+        linear.bias = nn.Parameter(grow(linear.bias.data, 0), requires_grad=linear.bias.requires_grad)
+    if dim == 0:
+        linear.out_features = size
+    else:
+        linear.in_features = size
+
+
 def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if heads else torch.empty(0, dtype=torch.long)
 

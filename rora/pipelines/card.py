@@ -1,0 +1,104 @@
+"""Model cards: a Markdown README for every export, saying what the model is and how it was made.
+
+The card is rendered from a plain dict; every section is optional and only what is present is rendered:
+    base_model   str                         the model that was pruned
+    export       dict                        filled by export(): format, layout, dtype, parameters, size, loader
+    shapes       list of {q_heads, kv_heads, intermediate} per layer
+    prune        dict                        PruneConfig (or any pruning statistics: ratio, parameters, ...)
+    pruning      dict                        a pruning report (statistics), rendered like `prune`
+    merge        dict                        MergeReport.to_dict(): method, rank, alpha, effective scale, max diff
+    recover      dict                        RecoverConfig.to_dict(): method, rank, alpha, ...
+    parameters   {label: count}              e.g. {"base": 134515008, "pruned": 110000000}
+    evaluation   {label: {task: accuracy}}   e.g. {"base": {"boolq": 0.61, "average": 0.5}, "recovered": {...}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MANIFESTS = {"merge": ("rora_merge.json", "merge"), "pruning": ("rora_pruning.json", "report")}
+_RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "target_modules", "max_abs_diff")
+
+
+def card_from_dir(path: str | Path) -> dict:
+    """What a model directory's own manifests say (merge report, pruning report), as card sections."""
+    path = Path(path)
+    card = {}
+    for section, (name, key) in MANIFESTS.items():
+        manifest = path / name
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            card[section] = data.get(key) or {k: v for k, v in data.items() if k != "provenance"}
+            if data.get("source") and section == "pruning":
+                card.setdefault("base_model", data["source"])
+    return card
+
+
+def render_card(card: dict) -> str:
+    """The Markdown card for `card` (see the module docstring for the keys)."""
+    export = card.get("export") or {}
+    base = card.get("base_model")
+    lines = ["---", "library_name: transformers", "tags: [rora, pruned, lora, llama]"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {export.get('name') or 'rora model'}", ""]
+    made = [what for what, keys in (("structurally pruned", ("prune", "pruning")), ("recovered with a low-rank adapter "
+            "merged into dense weights", ("merge", "recover"))) if any(card.get(k) for k in keys)]
+    lines.append(
+        f"{base or 'This model'}{', ' + ', then '.join(made) if made else ''}; exported by rora as {export.get('format', 'hf')}"
+        + (f" ({export['layout']} layout, {export['dtype']})" if export.get("layout") else "") + "."
+    )
+    if export.get("loader"):
+        lines += ["", "## How to load", "", export["loader"]]
+    lines += _table_section("Export", {k: v for k, v in export.items() if k not in ("loader", "name")})
+    if card.get("shapes"):
+        lines += ["", "## Per-layer shapes", "", "| layers | query heads | KV heads | MLP width |", "|---|---|---|---|"]
+        lines += [f"| {span} | {q} | {kv} | {mlp} |" for span, (q, kv, mlp) in _runs(card["shapes"])]
+    lines += _table_section("Pruning", card.get("pruning") or card.get("prune"))
+    recovery = {**(card.get("recover") or {}), **(card.get("merge") or {})}  # the merge report is the authority
+    lines += _table_section("Recovery", {k: recovery[k] for k in _RECOVERY_KEYS if recovery.get(k) is not None})
+    if card.get("parameters"):
+        lines += _table_section("Parameters", {k: f"{v:,}" for k, v in card["parameters"].items() if v is not None})
+    if card.get("evaluation"):
+        lines += ["", "## Evaluation (accuracy, %)", ""] + _eval_table(card["evaluation"])
+    return "\n".join(lines) + "\n"
+
+
+def _table_section(title: str, data: dict | None) -> list[str]:
+    rows = [(k, v) for k, v in (data or {}).items() if isinstance(v, (str, int, float, bool, list)) and v is not None]
+    if not rows:
+        return []
+    out = ["", f"## {title}", "", "| | |", "|---|---|"]
+    for key, value in rows:
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) if len(value) <= 12 else f"{len(value)} values"
+        out.append(f"| {key} | {value} |")
+    return out
+
+
+def _eval_table(evaluation: dict) -> list[str]:
+    labels = list(evaluation)
+    tasks = []
+    for scores in evaluation.values():
+        tasks += [t for t in scores if t not in tasks and t != "average"]
+    if any("average" in s for s in evaluation.values()):
+        tasks.append("average")
+    out = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for task in tasks:
+        cells = [evaluation[label].get(task) for label in labels]
+        out.append(f"| {task} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    return out
+
+
+def _runs(shapes: list[dict]):
+    """Run-length encode identical consecutive layers so 30 layers stay readable."""
+    runs = []
+    for i, s in enumerate(shapes):
+        key = (s["q_heads"], s["kv_heads"], s["intermediate"])
+        if runs and runs[-1][2] == key:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, key])
+    return [(f"{a}" if a == b else f"{a}-{b}", key) for a, b, key in runs]

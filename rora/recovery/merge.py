@@ -1,0 +1,183 @@
+"""Merge a LoRA / RoRA / DoRA adapter into dense weights, and prove the merge reproduces the adapter model.
+
+PEFT owns the scaling (alpha/r, alpha/sqrt(r) for RoRA, DoRA's magnitude): we call its `merge_and_unload` and
+never re-derive a scale by hand, so any scaling rule PEFT applies is merged the way it was trained. Merging
+happens in fp32 (merging into a bf16 base loses ~1e-2 relative accuracy), then the result is cast. Before
+anything is returned, the merged model's logits on fixed probe inputs must equal the adapter model's within
+`MergeConfig.tolerance`; otherwise MergeError, and nothing is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_dir, check_output, save_model_dir, write_manifest
+from ..config import MergeConfig
+from ..errors import MergeError
+from ..models import resolve_dtype
+
+MANIFEST = "rora_merge.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Saved adapter keys look like base_model.model.<module path>.lora_A.weight (the adapter name is stripped).
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(\.weight)?$")
+
+
+@dataclass
+class MergeReport:
+    """What was merged and how faithfully (saved as the `merge` section of rora_merge.json)."""
+
+    method: str  # lora | rora | dora, from the adapter config (use_dora, use_rslora)
+    rank: int
+    alpha: float
+    effective_scale: float | list[float]  # PEFT's own `scaling` (one value, or the distinct per-module values)
+    merged_modules: int
+    target_modules: list[str]
+    max_abs_diff: float  # max |logit(merged) - logit(adapter)| on the probe inputs, fp32
+    tolerance: float
+    dtype: str  # dtype of the returned model
+    probe_shape: list[int]
+    adapter: str | None = None  # adapter directory, when merged from disk
+    use_rslora: bool = False
+    use_dora: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def probe_inputs(vocab_size: int, *, batch: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """Fixed, deterministic token ids (same on every machine) used to compare two models' logits."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def logits_on(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of `model` on `ids` (eval mode, on the model's device)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+
+def cast_parameters(model, dtype: torch.dtype):
+    """Cast the weights only: `model.to(bf16)` would also round RoPE's fp32 inv_freq buffer, which a model
+    loaded from disk in bf16 keeps in fp32, so the in-memory model would differ from the saved one."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: torch.Tensor | None = None):
+    """Merge an adapter into `model`; return `(merged model, MergeReport)`.
+
+    `model` is a PeftModel (adapter attached), or a base model plus `adapter`, a PEFT adapter directory.
+    The adapter model is consumed: PEFT merges in place. The merged model's logits on `probe_ids` (default:
+    `probe_inputs`) must match the adapter model's within `config.tolerance` in fp32, else MergeError.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    config = config or MergeConfig()
+    peft_model = _attach(model, adapter)
+    peft_model.float()  # merge in fp32, whatever the adapter model was trained in
+    name = peft_model.active_adapter
+    peft_config = peft_model.peft_config[name]
+    wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.scaling]
+    if not wrapped:
+        raise MergeError(f"adapter {name!r} wraps no module of the model; nothing to merge")
+    scales = sorted({float(m.scaling[name]) for m in wrapped})
+    ids = probe_ids if probe_ids is not None else probe_inputs(peft_model.config.vocab_size)
+    reference = logits_on(peft_model, ids)
+    merged = peft_model.merge_and_unload()
+    diff = float((logits_on(merged, ids) - reference).abs().max())
+    if not diff <= config.tolerance:  # `not <=` also catches NaN
+        raise MergeError(
+            f"the merged model differs from the adapter model by {diff:.3g} (max |logit difference|), above the "
+            f"tolerance {config.tolerance:g}; nothing was written. Check the adapter for non-finite weights, or raise "
+            "merge.tolerance if the difference is expected"
+        )
+    cast_parameters(merged, resolve_dtype(config.dtype))
+    targets = peft_config.target_modules
+    report = MergeReport(
+        method="dora" if peft_config.use_dora else "rora" if peft_config.use_rslora else "lora",
+        rank=int(peft_config.r),
+        alpha=float(peft_config.lora_alpha),
+        effective_scale=scales[0] if len(scales) == 1 else scales,
+        merged_modules=len(wrapped),
+        target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)],
+        max_abs_diff=diff,
+        tolerance=config.tolerance,
+        dtype=config.dtype,
+        probe_shape=list(ids.shape),
+        adapter=str(adapter) if adapter is not None else None,
+        use_rslora=bool(peft_config.use_rslora),
+        use_dora=bool(peft_config.use_dora),
+    )
+    return merged, report
+
+
+def _attach(model, adapter):
+    """The PeftModel to merge: `model` itself, or `model` with the adapter directory loaded onto it."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if adapter is not None:
+            raise MergeError("the model already carries an adapter; pass either a PeftModel or a base model plus adapter")
+        return model
+    if adapter is None:
+        raise MergeError("no adapter to merge: pass a PeftModel or an adapter directory (--adapter DIR)")
+    adapter = Path(adapter)
+    check_fit(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (ValueError, RuntimeError, KeyError) as exc:  # PEFT's own checks, beyond what check_fit covers
+        raise MergeError(f"cannot attach the adapter {adapter} to the model: {str(exc).splitlines()[0]}") from None
+
+
+def check_fit(model, adapter: str | Path) -> None:
+    """Raise MergeError naming the first module the adapter expects but the model lacks, or whose shape differs."""
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    weights = adapter / ADAPTER_WEIGHTS
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights.is_file():
+        raise MergeError(f"{adapter} has no {ADAPTER_WEIGHTS}; only safetensors adapters are merged (no pickles)")
+    adapter_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    if adapter_type != "LORA":
+        raise MergeError(f"{adapter} is a {adapter_type} adapter; rora merges LoRA-family adapters (lora, rora, dora)")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            match = _ADAPTER_KEY.match(key)
+            if not match:
+                continue
+            path, part = match["module"], match["part"]
+            module = modules.get(path)
+            if module is None or not hasattr(module, "weight") or module.weight.dim() != 2:
+                raise MergeError(f"adapter {adapter} does not fit the model: it adapts {path}, which the model lacks")
+            out_features, in_features = module.weight.shape
+            shape = tuple(f.get_slice(key).get_shape())
+            fits = {"lora_A": shape[1:] == (in_features,), "lora_B": shape[:1] == (out_features,),
+                    "lora_magnitude_vector": shape == (out_features,)}[part]
+            if not fits:
+                raise MergeError(
+                    f"adapter {adapter} does not fit the model: {path} is {out_features}x{in_features} but the "
+                    f"adapter's {part} has shape {list(shape)} (was it trained on a differently pruned model?)"
+                )
+
+
+def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None) -> Path:
+    """Write the merged model as an atomic directory: safetensors, config, tokenizer, rora_merge.json."""
+    out = check_output(out, overwrite)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_model_dir(model, tokenizer, tmp)
+        write_manifest(tmp, MANIFEST, {"stage": "merge", "source": str(source) if source else None,
+                                       "adapter": report.adapter, "merge": report.to_dict()})
+    return out
