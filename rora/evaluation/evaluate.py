@@ -1,0 +1,223 @@
+"""evaluate(): the commonsense suite under one of three protocols, on an in-memory model (a PeftModel too).
+
+    generate  LLM-Adapters: its prompt, 4-beam search, 32 new tokens, first pattern match == answer (the papers' way)
+    score     the same prompt + "the correct answer is ", argmax log-likelihood over the record's allowed labels
+    lm-eval   zero-shot lm-eval-harness multiple choice (LLM-Pruner's way), acc or acc_norm per task
+
+With `out` (a JSON path) it writes the JSON, a Markdown table beside it (.md) and every example as JSONL
+(`<stem>.examples.jsonl`: task, index, response, prediction, answer, correct) for error analysis.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..artifacts import atomic_file, check_output, provenance, write_json
+from ..config import EvalConfig
+from ..errors import MergeError, ModelLoadError
+from .data import load_examples, resolve_data_dir
+from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
+
+PROTOCOLS = {
+    "generate": "LLM-Adapters generation: eval prompt, {num_beams}-beam search, {max_new_tokens} new tokens, "
+                "first match of the task pattern == answer",
+    "score": "constrained log-likelihood: eval prompt + 'the correct answer is ', argmax over the allowed labels",
+    "lm-eval": "lm-eval-harness zero-shot multiple choice; accuracy = LLM-Pruner's metric per task "
+               "(acc or acc_norm)",
+}
+
+
+@dataclass
+class EvalResults:
+    """What an evaluation found. `per_task[task]` holds accuracy, n, protocol, seconds, examples_per_s (lm-eval adds
+    acc, acc_norm, metric, source); `average` is the plain mean of the task accuracies; `records` one dict per
+    example."""
+
+    per_task: dict[str, dict]
+    average: float
+    protocol: str
+    records: list[dict] = field(default_factory=list, repr=False)
+    model: str | None = None
+    adapter: str | None = None
+    config: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON summary (records excluded: they go to the .examples.jsonl file)."""
+        return {
+            "protocol": self.protocol,
+            "protocol_description": PROTOCOLS[self.protocol].format(**self.config) if self.config else "",
+            "model": self.model,
+            "adapter": self.adapter,
+            "average": self.average,
+            "per_task": {t: {**r, "model": self.model, "adapter": self.adapter} for t, r in self.per_task.items()},
+            "config": self.config,
+            "provenance": self.provenance,
+        }
+
+    def to_markdown(self) -> str:
+        """A table: one row per task, then the average."""
+        lmeval = self.protocol == "lm-eval"
+        head = ["task", "n", "accuracy (%)"] + (["metric", "acc (%)", "acc_norm (%)"] if lmeval else []) + \
+            ["seconds", "examples/s"]
+        lines = [
+            f"protocol: {self.protocol}; model: {self.model or '-'}; adapter: {self.adapter or '-'}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
+        for task, r in self.per_task.items():
+            cells = [task, str(r["n"]), _pct(r["accuracy"])]
+            if lmeval:
+                cells += [r["metric"], _pct(r.get("acc")), _pct(r.get("acc_norm"))]
+            cells += [f"{r['seconds']:.1f}", f"{r['examples_per_s']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        blank = [""] * (3 if lmeval else 0)
+        lines.append("| " + " | ".join(["**average**", "", f"**{_pct(self.average)}**", *blank, "", ""]) + " |")
+        return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """(JSON, Markdown, per-example JSONL) for an --out path."""
+    out = Path(out)
+    return out, out.with_suffix(".md"), out.with_name(out.stem + ".examples.jsonl")
+
+
+def check_outputs(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse existing outputs before any work, unless `overwrite`."""
+    for path in output_paths(out):
+        check_output(path, overwrite)
+
+
+def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
+             adapter=None, progress: bool = True, overwrite: bool = True) -> EvalResults:
+    """Evaluate `model` on `config.tasks` under `config.protocol`; write the outputs when `out` is given.
+
+    data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
+    else the data is downloaded. `limit` keeps the first N examples of each task. Existing outputs are replaced
+    unless `overwrite=False` (the CLI's default, checked before the model is loaded).
+    """
+    config = config or EvalConfig()
+    tasks = [get_task(name) for name in config.tasks]
+    if out is not None:
+        check_outputs(out, overwrite)
+    data_dir = resolve_data_dir(data_dir)
+    model.eval()
+    if config.protocol == "lm-eval":
+        per_task, records = _run_lmeval(model, tokenizer, tasks, data_dir, config)
+    else:
+        # Load (and check) every task's data before spending any compute.
+        examples = {t.name: load_examples(t, data_dir, config.limit) for t in tasks}
+        per_task, records = {}, []
+        for task in tasks:
+            start = time.perf_counter()
+            recs = _RUNNERS[config.protocol](model, tokenizer, task, examples[task.name], config, progress)
+            per_task[task.name] = _summary(recs, config.protocol, time.perf_counter() - start)
+            records += recs
+    average = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
+    results = EvalResults(
+        per_task=per_task, average=average, protocol=config.protocol, records=records,
+        model=model_name or getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        adapter=str(adapter) if adapter is not None else None,
+        config={**config.to_dict(), "data_dir": str(data_dir) if data_dir else None}, provenance=provenance(),
+    )
+    if out is not None:
+        write_results(results, out)
+    return results
+
+
+def _summary(records: list[dict], protocol: str, seconds: float) -> dict:
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / n, "n": n, "correct": correct, "protocol": protocol, "seconds": seconds,
+            "examples_per_s": n / seconds if seconds > 0 else float("inf")}
+
+
+def run_generate(model, tokenizer, task: Task, examples: list[dict], config: EvalConfig, progress: bool) -> list[dict]:
+    """Per-example records under the generate protocol."""
+    from .generate import generate_responses
+
+    prompts = [eval_prompt(r["instruction"]) for r in examples]
+    responses = generate_responses(model, tokenizer, prompts, num_beams=config.num_beams,
+                                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                   progress=progress)
+    out = []
+    for i, (rec, response) in enumerate(zip(examples, responses)):
+        pred = extract_answer(task, response)
+        out.append({"task": task.name, "index": i, "response": response, "prediction": pred,
+                    "answer": rec["answer"], "correct": pred == rec["answer"]})
+    return out
+
+
+def run_score(model, tokenizer, task: Task, examples: list[dict], config: EvalConfig, progress: bool) -> list[dict]:
+    """Per-example records under the score protocol (argmax label; all label log-likelihoods kept)."""
+    from .score import argmax, loglikelihoods
+
+    labels = [record_labels(task, r["instruction"]) for r in examples]
+    requests = [(eval_prompt(r["instruction"]) + ANSWER_PREFIX, labs) for r, labs in zip(examples, labels)]
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=config.batch_size, progress=progress)
+    out = []
+    for i, (rec, labs, lls) in enumerate(zip(examples, labels, scores)):
+        pred = labs[argmax(lls)]
+        out.append({"task": task.name, "index": i, "response": ANSWER_PREFIX + pred, "prediction": pred,
+                    "answer": rec["answer"], "correct": pred == rec["answer"],
+                    "loglikelihoods": dict(zip(labs, lls))})
+    return out
+
+
+_RUNNERS = {"generate": run_generate, "score": run_score}
+
+
+def _run_lmeval(model, tokenizer, tasks, data_dir, config):
+    from .lmeval_bridge import run_lmeval
+
+    found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, batch_size=config.batch_size)
+    per_task, records = {}, []
+    for name, r in found.items():
+        records += r.pop("records")
+        per_task[name] = {**r, "protocol": "lm-eval",
+                          "examples_per_s": r["n"] / r["seconds"] if r["seconds"] > 0 else float("inf")}
+    return per_task, records
+
+
+def write_results(results: EvalResults, out: str | Path) -> None:
+    """The JSON summary, the Markdown table and the per-example JSONL, each written atomically."""
+    import json
+
+    json_path, md_path, jsonl_path = output_paths(out)
+    write_json(json_path, results.to_dict())
+    with atomic_file(md_path) as tmp:
+        tmp.write_text(results.to_markdown() + "\n")
+    with atomic_file(jsonl_path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.records))
+
+
+_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
+                       r"the shape in current model is (\S+ ?\S*)\.")
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except RuntimeError as exc:
+        found = _MISMATCH.search(str(exc))
+        if not found:
+            raise
+        name, theirs, ours = found.groups()
+        module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
+        raise MergeError(
+            f"adapter {adapter_dir} does not fit the model: {module} has shape {ours.rstrip('.')} in the model but "
+            f"{theirs} in the adapter ({name}); load the model the adapter was trained on (e.g. the pruned one)"
+        ) from None

@@ -1,0 +1,108 @@
+"""The `lm-eval` protocol: zero-shot multiple-choice log-likelihood through lm-eval-harness, on the in-memory model.
+
+A task runs offline on the YAMLs shipped in lmeval_tasks/ (rora_<task>, over `<data_dir>/<task>/lmeval_<split>.jsonl`)
+when that file exists, else on lm-eval's own hub task. The shipped YAMLs work from the command line too:
+
+    RORA_DATA_DIR=DIR lm_eval --model hf --model_args pretrained=... \\
+        --include_path $(python -c 'import rora.evaluation.lmeval_bridge as b; print(b.LMEVAL_DIR)') \\
+        --tasks rora_commonsense
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..errors import DataError
+from .tasks import Task
+
+LMEVAL_DIR = Path(__file__).parent / "lmeval_tasks"
+
+
+def task_source(task: Task, data_dir: Path | None) -> tuple[str, str]:
+    """(lm-eval task name, 'offline' | 'hub') for one rora task."""
+    if data_dir is not None and (data_dir / task.name / task.lmeval_file).is_file():
+        return task.lmeval_task, "offline"
+    return task.lmeval_hub_task, "hub"
+
+
+def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, limit: int | None = None,
+               batch_size: int = 16) -> dict[str, dict]:
+    """Per task: acc, acc_norm, the LLM-Pruner metric's value as `accuracy`, n, seconds, and per-example records."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    sources = {t.name: task_source(t, data_dir) for t in tasks}
+    need_hub = any(kind == "hub" for _, kind in sources.values())
+    with _quiet_lmeval():
+        manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=need_hub,
+                              metadata={"data_dir": str(data_dir)} if data_dir else None)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    out = {}
+    for task in tasks:
+        name, kind = sources[task.name]
+        start = time.perf_counter()
+        try:
+            with _quiet_lmeval():
+                res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, log_samples=True,
+                                      bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        except Exception as exc:  # lm-eval raises plain errors for missing data (offline hub, bad files)
+            hint = "" if kind == "offline" else (
+                f" (no {task.name}/{task.lmeval_file} in the data directory, so the hub task was tried)")
+            raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        seconds = time.perf_counter() - start
+        metrics = res["results"][name]
+        samples = res["samples"][name]
+        acc, acc_norm = metrics.get("acc,none"), metrics.get("acc_norm,none")
+        out[task.name] = {
+            "accuracy": metrics[f"{task.lmeval_metric},none"],
+            "metric": task.lmeval_metric,
+            "acc": acc,
+            "acc_norm": acc_norm,
+            "n": len(samples),
+            "seconds": seconds,
+            "lmeval_task": name,
+            "source": kind,
+            "records": [_record(task, s) for s in sorted(samples, key=lambda s: s["doc_id"])],
+        }
+    return out
+
+
+def _record(task: Task, sample: dict) -> dict:
+    """One example: the chosen choice under the task's metric, the gold choice, both metrics."""
+    lls = [r[0] for r in sample["filtered_resps"]]
+    choices = [a[1][1:] if a[1].startswith(" ") else a[1] for a in sample["arguments"]]  # drop the " " delimiter
+    if len(set(choices)) == 1:  # partial evaluation (winogrande): the choices are the contexts
+        choices = [a[0] for a in sample["arguments"]]
+    if task.lmeval_metric == "acc_norm":  # lm-eval normalizes by the choice's length in characters
+        keyed = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+    else:
+        keyed = lls
+    pred = max(range(len(keyed)), key=lambda i: (keyed[i], -i))
+    gold = sample["target"]
+    return {
+        "task": task.name,
+        "index": sample["doc_id"],
+        "response": choices[pred],
+        "prediction": pred,
+        "answer": gold,
+        "correct": bool(sample[task.lmeval_metric]),
+        "acc": sample.get("acc"),
+        "acc_norm": sample.get("acc_norm"),
+        "loglikelihoods": lls,
+    }
+
+
+class _quiet_lmeval:
+    """lm-eval logs every task build at INFO/WARNING; keep rora's output to the results table."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)

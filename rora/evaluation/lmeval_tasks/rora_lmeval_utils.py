@@ -1,0 +1,65 @@
+"""Data loading for rora's offline lm-eval tasks: `<data_dir>/<task>/lmeval_<split>.jsonl` (the original dataset
+schema, as lm-eval's own hub tasks read it). data_dir comes from lm-eval metadata (`--metadata
+'{"data_dir": "..."}'` or TaskManager(metadata=...)) or from $RORA_DATA_DIR.
+
+The doc-processing functions are lm-eval's own (hellaswag's preprocess, winogrande's partial evaluation), imported
+rather than copied so the offline tasks cannot drift from the hub tasks.
+"""
+import json
+import os
+from pathlib import Path
+
+import datasets
+from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
+from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
+    doc_to_choice as winogrande_doc_to_choice,
+    doc_to_target as winogrande_doc_to_target,
+    doc_to_text as winogrande_doc_to_text,
+)
+
+
+def _load(task, split, data_dir=None, **_):
+    root = data_dir or os.environ.get("RORA_DATA_DIR")
+    if not root:
+        raise ValueError(
+            f"rora lm-eval task {task}: set RORA_DATA_DIR or pass --metadata '{{\"data_dir\": DIR}}' "
+            f"(expected DIR/{task}/lmeval_{split}.jsonl)"
+        )
+    path = Path(root).expanduser() / task / f"lmeval_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected <data_dir>/{task}/lmeval_{split}.jsonl)")
+    with path.open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
+
+
+def load_boolq(**kw):
+    return _load("boolq", "validation", **kw)
+
+
+def load_piqa(**kw):
+    return _load("piqa", "validation", **kw)
+
+
+def load_social_i_qa(**kw):
+    return _load("social_i_qa", "validation", **kw)
+
+
+def load_hellaswag(**kw):
+    return _load("hellaswag", "validation", **kw)
+
+
+def load_winogrande(**kw):
+    return _load("winogrande", "validation", **kw)
+
+
+def load_arc_easy(**kw):
+    return _load("ARC-Easy", "test", **kw)
+
+
+def load_arc_challenge(**kw):
+    return _load("ARC-Challenge", "test", **kw)
+
+
+def load_openbookqa(**kw):
+    return _load("openbookqa", "test", **kw)
