@@ -36,8 +36,9 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
     sources = {t.name: task_source(t, data_dir) for t in tasks}
     need_hub = any(kind == "hub" for _, kind in sources.values())
     with _quiet_lmeval():
+        meta = {"data_dir": str(data_dir) if data_dir else None, "rora_limit": limit}
         manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=need_hub,
-                              metadata={"data_dir": str(data_dir)} if data_dir else None)
+                              metadata={k: v for k, v in meta.items() if v is not None} or None)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = {}
     for task in tasks:

@@ -18,7 +18,7 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
 )
 
 
-def _load(task, split, data_dir=None, **_):
+def _load(task, split, data_dir=None, rora_limit=None, **_):
     root = data_dir or os.environ.get("RORA_DATA_DIR")
     if not root:
         raise ValueError(
@@ -30,6 +30,8 @@ def _load(task, split, data_dir=None, **_):
         raise FileNotFoundError(f"{path} not found (expected <data_dir>/{task}/lmeval_{split}.jsonl)")
     with path.open(encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
+    if rora_limit:  # lm-eval's --limit takes the first N docs anyway; building only those is faster
+        records = records[: int(rora_limit)]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
 
 
