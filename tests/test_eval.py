@@ -15,7 +15,7 @@ from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
 from rora.evaluation.generate import generate_reference, generate_responses
-from rora.evaluation.score import _plan, argmax, encode_pair, loglikelihoods
+from rora.evaluation.score import _plan, _shared_prefix, argmax, encode_pair, loglikelihoods
 from rora.evaluation.tasks import (TASKS, eval_prompt, extract_answer, get_task, parse_tasks, record_labels,
                                    response_of)
 
@@ -150,6 +150,11 @@ def test_score_equals_naive_full_forward(tokenizer):
     naive = [[_naive_loglikelihood(model, tokenizer, c, k) for k in cands] for c, cands in SCORE_REQUESTS]
     assert torch.allclose(torch.tensor(sum(fast, [])), torch.tensor(sum(naive, [])), atol=1e-4)
     assert argmax([1.0, 3.0, 3.0]) == 1
+    # Prompts that open with the same instruction header start from one shared KV cache: same numbers.
+    rows, gathers = _plan(tokenizer, SCORE_REQUESTS[:2])
+    assert _shared_prefix(model.model, rows, min(g.pos for g in gathers), "cpu")[0] >= 20
+    shared = loglikelihoods(model, tokenizer, SCORE_REQUESTS[:2], batch_size=2)
+    assert torch.allclose(torch.tensor(sum(shared, [])), torch.tensor(sum(naive[:2], [])), atol=1e-4)
 
 
 def test_score_through_peft_model(tokenizer):

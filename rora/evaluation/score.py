@@ -7,11 +7,13 @@ lm-eval's HF backend on the same (context, continuation) pairs.
 Why it is fast: the suite's candidates share their leading tokens (" answer" + "1".."5"), so each example needs ONE
 forward pass over context + shared tokens, whose last position scores every candidate's final token. Only when
 candidates differ before their last token does an example take one row per candidate. Rows are sorted by length and
-batched across examples with right padding (causal attention: padding after a token cannot change it), and the
-vocabulary projection runs only at the positions that are scored, not at every position of every row.
+batched across examples with right padding (causal attention: padding after a token cannot change it), the
+instruction header that opens every prompt is encoded once per batch and reused through its KV cache, and the vocabulary
+projection runs only at the positions that are scored, not at every position of every row.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,31 +86,61 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]
     out = [[0.0] * len(c) for _, c in requests]
     decoder, head = _decoder_and_head(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Longest first: similar lengths share a batch, so little padding. Each batch encodes its rows' common opening
+    # (the instruction header, and the task's question template when one task fills the batch) once.
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     from .generate import _progress
 
     bar = _progress(len(rows), progress, "score")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(rows[r]) for r in chunk)
+        first_scored = min(g.pos for r in chunk for g in by_row[r])
+        shared, prefix_cache = _shared_prefix(decoder, [rows[r] for r in chunk], first_scored, model.device)
+        tails = [rows[r][shared:] for r in chunk]
+        width = max(len(t) for t in tails)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, r in enumerate(chunk):
-            ids[j, :len(rows[r])] = torch.tensor(rows[r])
-            mask[j, :len(rows[r])] = 1
-        hidden = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state
+        mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for j, tail in enumerate(tails):
+            ids[j, :len(tail)] = torch.tensor(tail)
+            mask[j, shared:shared + len(tail)] = 1
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            kwargs = {"past_key_values": cache, "use_cache": True,
+                      "position_ids": (shared + torch.arange(width)).expand(len(chunk), -1).to(model.device)}
+        hidden = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         **kwargs).last_hidden_state
         wanted = [(j, g) for j, r in enumerate(chunk) for g in by_row[r]]
         # The vocabulary projection only where a log-prob is read (each distinct position once).
-        positions = sorted({(j, g.pos) for j, g in wanted})
+        positions = sorted({(j, g.pos - shared) for j, g in wanted})
         index = {p: i for i, p in enumerate(positions)}
         sel = hidden[[p[0] for p in positions], [p[1] for p in positions]]
         logprobs = torch.log_softmax(head(sel).float(), dim=-1)
-        picked = logprobs[[index[(j, g.pos)] for j, g in wanted], [g.token for _, g in wanted]].tolist()
+        picked = logprobs[[index[(j, g.pos - shared)] for j, g in wanted], [g.token for _, g in wanted]].tolist()
         for (_, g), lp in zip(wanted, picked):
             out[g.example][g.cand] += lp
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+MIN_SHARED = 8  # below this a shared cache saves less than it costs to copy
+
+
+def _shared_prefix(decoder, rows: list[list[int]], first_scored: int, device):
+    """The suite's prompts all open with the same instruction header (~25 tokens): encode the rows' common prefix
+    once and start every row from its KV cache. Returns (length, cache), or (0, None) when rows share too little."""
+    from transformers import DynamicCache
+
+    # Keep >= 1 token per row to run, and never cache a position whose output is scored.
+    shared = _common_prefix(rows, limit=min(min(len(r) for r in rows) - 1, first_scored))
+    if shared < MIN_SHARED:
+        return 0, None
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True)
+    return shared, cache
 
 
 def _decoder_and_head(model):
