@@ -83,6 +83,9 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     assert summary["evals"] == result.evals
     assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
 
+    card = (tiny_setup / "run" / "export" / "README.md").read_text()
+    assert "effective_scale" in card and "recovered" in card and "Pruning" in card
+
     # The exported model computes what the in-memory final model computes.
     from rora.models import load_model
 

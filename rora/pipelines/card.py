@@ -28,7 +28,8 @@ def card_from_dir(path: str | Path) -> dict:
         manifest = path / name
         if manifest.is_file():
             data = json.loads(manifest.read_text())
-            card[section] = data.get(key) or {k: v for k, v in data.items() if k != "provenance"}
+            # Per-layer lists and nested configs have their own sections; keep the card's tables to scalars.
+            card[section] = data.get(key) or {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
             if data.get("source") and section == "pruning":
                 card.setdefault("base_model", data["source"])
     return card

@@ -72,8 +72,14 @@ class _Stages:
                 return data
         return None
 
+    def interrupted(self, stage: str, fp: str) -> bool:
+        """An earlier run started this very stage (same fingerprint) and did not finish it."""
+        started = self.out / "stages" / f"{stage}.started.json"
+        return started.is_file() and read_json(started).get("fingerprint") == fp
+
     def run(self, stage: str, fp: str, fn: Callable[[], dict | None]) -> dict:
         self.say(f"[{stage}] running")
+        write_json(self.out / "stages" / f"{stage}.started.json", {"fingerprint": fp})
         start = time.perf_counter()
         extra = fn() or {}
         seconds = time.perf_counter() - start
@@ -148,9 +154,11 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         efp = st.fingerprint("export", fp, config.export.to_dict())
         export_path = out / ("export" if config.export.format == "hf" else "model.gguf")
         if not st.done("export", efp):
+            from .card import card_from_dir
+
             card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,
-                    "prune": config.prune.to_dict() if config.runs("prune") else None,
-                    "recover": config.recover.to_dict() if config.runs("recover") else None}
+                    "recover": config.recover.to_dict() if config.runs("recover") else None,
+                    **card_from_dir(out / "pruned"), **card_from_dir(out / "merged")}
             st.run("export", efp, lambda: {"path": str(export(model, tok, config.export, export_path, overwrite=True, card=card))})
         result.sizes["export"] = dir_size(export_path)
 
@@ -169,8 +177,8 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
     rec_dir = st.out / "recovery"
     if st.done("recover", fp):
         return PeftModel.from_pretrained(model, rec_dir / "adapter"), fp
-    # A crashed earlier run left checkpoints: continue from them instead of starting over.
-    resume = any((rec_dir / "checkpoints").glob("step-*")) if rec_dir.is_dir() else False
+    # An earlier run of these very settings crashed mid-way: continue from its checkpoints instead of starting over.
+    resume = st.interrupted("recover", fp) and any((rec_dir / "checkpoints").glob("step-*"))
     holder = {}
 
     def work():
