@@ -257,16 +257,20 @@ class EvalConfig(StageConfig):
 
 @dataclass
 class MergeConfig(StageConfig):
-    """Merging adapters into dense weights (always in fp32, then cast)."""
+    """Merging adapters into dense weights (computed in float64 by default, then cast; see recovery/merge.py)."""
 
     SECTION = "merge"
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-    tolerance: float = 1e-4  # max |logit difference| merged vs adapter model, fp32
+    dtype: str = "float32"  # float32 | float16 | bfloat16: the merged model's weights
+    compute_dtype: str = "float64"  # float64 | float32: the merge and its verification
+    tolerance: float = 1e-4  # max |logit difference| merged vs adapter model, in compute_dtype
 
     def problems(self) -> list[str]:
+        out = []
         if self.dtype not in ("float32", "float16", "bfloat16"):
-            return [f"merge.dtype must be float32, float16 or bfloat16, got {self.dtype!r}"]
-        return []
+            out.append(f"merge.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.compute_dtype not in ("float64", "float32"):
+            out.append(f"merge.compute_dtype must be float64 or float32, got {self.compute_dtype!r}")
+        return out
 
 
 @dataclass

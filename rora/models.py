@@ -29,7 +29,7 @@ ALIASES = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CACHE_MANIFEST = "rora_cache.json"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
 

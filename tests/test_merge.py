@@ -50,6 +50,8 @@ def test_merged_equals_adapter_model(method):
     assert not isinstance(merged, PeftModel) and not any("lora" in n for n, _ in merged.named_parameters())
     assert (logits_on(merged, probe_inputs(384)) - adapter_logits).abs().max() <= 1e-4
     assert report.max_abs_diff <= 1e-4 and report.tolerance == 1e-4
+    assert report.compute_dtype == "float64" and report.max_abs_diff < 1e-9  # a right merge is exact in float64
+    assert report.max_abs_diff_after_cast <= 1e-4  # the float32 result's own rounding, reported
     _, expected_method, expected_scale = METHODS[method]
     assert report.method == expected_method
     assert report.effective_scale == pytest.approx(expected_scale)
@@ -160,3 +162,15 @@ def test_cli_merge_bad_inputs_exit_2_write_nothing(tmp_path, model_and_adapter, 
     result = run("merge", base, "--adapter", adapter, "--out", tmp_path / "o4")
     assert result.exit_code == 2 and "nothing was written" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_wrong_scale_is_caught_in_float64(monkeypatch):
+    """A merge that applies the scale slightly wrong (1e-3 relative) is refused, not written."""
+    from peft.tuners.lora.layer import Linear
+
+    peft_model = with_adapter(make_model("llama", heads=4, kv_heads=2), "rora")
+
+    original = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: original(self, adapter) * 1.001)
+    with pytest.raises(MergeError, match="differs from the adapter model"):
+        merge(peft_model)

@@ -81,7 +81,9 @@ def export_model(model, tokenizer, config: ExportConfig | None = None, out=None,
     _check_request(config, model, out, uniform, overwrite)
     source_params = count_parameters(model)
     ids = probe_inputs(model.config.vocab_size)
-    reference = logits_on(model, ids)
+    # Compared in float64: padding changes the summation order, and fp32 rounding of SmolLM2's ~1e4 activations
+    # alone moves logits by ~1e-3 (see recovery/merge.py); in float64 an exact export differs by ~1e-12.
+    reference = logits_on(model, ids, torch.float64)
     target = pad_model(model) if layout == "padded" else model
     card = {**(card or {}), "shapes": [dataclasses.asdict(s) for s in shapes]}  # the real (unpadded) architecture
     writer = _write_hf if config.format == "hf" else _write_gguf
@@ -126,7 +128,7 @@ def _cast(model, dtype: torch.dtype):
 
 
 def _verify(loaded, ids, reference, config: ExportConfig, exact: bool, what: str) -> float:
-    diff = float((logits_on(loaded, ids) - reference).abs().max())
+    diff = float((logits_on(loaded, ids, torch.float64) - reference).abs().max())
     if exact and not diff <= config.tolerance:  # `not <=` also catches NaN
         raise ExportError(
             f"the exported {what} differs from the source model by {diff:.3g} (max |logit difference|), above "

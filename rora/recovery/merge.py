@@ -2,9 +2,15 @@
 
 PEFT owns the scaling (alpha/r, alpha/sqrt(r) for RoRA, DoRA's magnitude): we call its `merge_and_unload` and
 never re-derive a scale by hand, so any scaling rule PEFT applies is merged the way it was trained. Merging
-happens in fp32 (merging into a bf16 base loses ~1e-2 relative accuracy), then the result is cast. Before
-anything is returned, the merged model's logits on fixed probe inputs must equal the adapter model's within
-`MergeConfig.tolerance`; otherwise MergeError, and nothing is written.
+happens in float64 by default (`MergeConfig.compute_dtype`; merging into a bf16 base loses ~1e-2 relative
+accuracy), then the result is cast. Before anything is returned, the merged model's logits on fixed probe inputs
+must equal the adapter model's within `MergeConfig.tolerance`, both computed in the compute dtype; otherwise
+MergeError, and nothing is written.
+
+Why float64: SmolLM2's residual stream carries activations of ~1.8e4, so merely rounding correctly merged
+weights to fp32 moves its logits by ~2e-3, twenty times the 1e-4 tolerance. In float64 a right merge differs by
+~1e-12 and any wrong scaling rule by far more than 1e-4, so the check separates the two. The difference of the
+final (cast) model is reported too, as `max_abs_diff_after_cast`: that is the precision floor of the output dtype.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ class MergeReport:
     effective_scale: float | list[float]  # PEFT's own `scaling` (one value, or the distinct per-module values)
     merged_modules: int
     target_modules: list[str]
-    max_abs_diff: float  # max |logit(merged) - logit(adapter)| on the probe inputs, fp32
+    max_abs_diff: float  # max |logit(merged) - logit(adapter)| on the probe inputs, in compute_dtype
     tolerance: float
+    compute_dtype: str
+    max_abs_diff_after_cast: float  # the same after casting to `dtype` (that dtype's precision floor; not checked)
     dtype: str  # dtype of the returned model
     probe_shape: list[int]
     adapter: str | None = None  # adapter directory, when merged from disk
@@ -57,11 +65,22 @@ def probe_inputs(vocab_size: int, *, batch: int = 4, length: int = 32, seed: int
 
 
 @torch.no_grad()
-def logits_on(model, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of `model` on `ids` (eval mode, on the model's device)."""
+def logits_on(model, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float64 copy of the logits of `model` on `ids` (eval mode, on the model's device).
+
+    With `dtype`, the parameters are cast to it for this forward pass and cast back afterwards (exact when
+    `dtype` is wider), so a comparison can run in float64 without keeping a second copy of the model.
+    """
     model.eval()
     device = next(model.parameters()).device
-    return model(input_ids=ids.to(device)).logits.float().cpu()
+    original = {p: p.dtype for p in model.parameters()} if dtype is not None else {}
+    try:
+        for p in original:
+            p.data = p.data.to(dtype)
+        return model(input_ids=ids.to(device)).logits.double().cpu()
+    finally:
+        for p, dt in original.items():
+            p.data = p.data.to(dt)
 
 
 
@@ -78,13 +97,13 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
 
     `model` is a PeftModel (adapter attached), or a base model plus `adapter`, a PEFT adapter directory.
     The adapter model is consumed: PEFT merges in place. The merged model's logits on `probe_ids` (default:
-    `probe_inputs`) must match the adapter model's within `config.tolerance` in fp32, else MergeError.
+    `probe_inputs`) must match the adapter model's within `config.tolerance` (both in `config.compute_dtype`), else MergeError.
     """
     from peft.tuners.lora import LoraLayer
 
     config = config or MergeConfig()
     peft_model = _attach(model, adapter)
-    peft_model.float()  # merge in fp32, whatever the adapter model was trained in
+    cast_parameters(peft_model, resolve_dtype(config.compute_dtype))  # whatever the adapter was trained in
     name = peft_model.active_adapter
     peft_config = peft_model.peft_config[name]
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.scaling]
@@ -102,6 +121,7 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
             "merge.tolerance if the difference is expected"
         )
     cast_parameters(merged, resolve_dtype(config.dtype))
+    after_cast = float((logits_on(merged, ids) - reference).abs().max())
     targets = peft_config.target_modules
     report = MergeReport(
         method="dora" if peft_config.use_dora else "rora" if peft_config.use_rslora else "lora",
@@ -112,6 +132,8 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
         target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)],
         max_abs_diff=diff,
         tolerance=config.tolerance,
+        compute_dtype=config.compute_dtype,
+        max_abs_diff_after_cast=after_cast,
         dtype=config.dtype,
         probe_shape=list(ids.shape),
         adapter=str(adapter) if adapter is not None else None,
