@@ -302,7 +302,7 @@ def run(config_file, preset, export_format, print_config, **flags):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with MergeConfig keys (flags win).")
 @handles_errors
 def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
-    """Merge a LoRA/RoRA/DoRA adapter into MODEL; verified (logits within 1e-4 in fp32) before anything is written."""
+    """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in float64 (logits within 1e-4), then cast; nothing is written unless it matches."""
     from .artifacts import check_output
     from .config import MergeConfig
 

@@ -71,6 +71,15 @@ def make_model(arch: str = "llama", *, layers: int = 2, hidden: int = 64, heads:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared CPU are far faster on one thread (no spin-waiting on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

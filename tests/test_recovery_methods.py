@@ -13,13 +13,7 @@ from rora.recovery import methods
 from rora.recovery.prompts import TRAIN_TEMPLATE, TRAIN_TEMPLATE_WITH_INPUT, split_prompt, training_prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared CPU are far faster on one thread (no spin-waiting on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (method, rank, scaling_exponent override, alpha)
 CASES = [

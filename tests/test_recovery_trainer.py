@@ -23,13 +23,7 @@ from rora.recovery.data import collate, tokenize_record
 from rora.recovery.trainer import LabelledTokenLoss, recover
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared CPU are far faster on one thread (no spin-waiting on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PY = sys.executable
 
