@@ -81,3 +81,24 @@ def test_smollm2_alias_knows_paris(smollm2):
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_gguf_of_unsupported_architecture_is_refused(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "gpt2.gguf"
+    writer = GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2' is not supported"):
+        load_model(path)
+
+
+def test_garbage_gguf_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model(tmp_path / "bad.gguf")
