@@ -24,7 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ("lora", "dora", "rora")
 SETTINGS = {
     # Small: a few hundred examples and a fixed 16-example subset of each test set (the first 16).
-    "small": {"ranks": [8, 16, 32, 64, 128], "train": 128, "val": 32, "limit": 16, "lrs": [2e-4, 1e-3, 5e-3],
+    "small": {"ranks": [8, 16, 32, 64, 128], "train": 128, "val": 32, "limit": 16, "lrs": [2e-4, 2e-3],
               "paper_lr": 2e-4, "micro": 8, "cutoff": 192},
     "full": {"ranks": [8, 16, 32, 64, 128], "train": None, "val": 120, "limit": None, "lrs": [5e-5, 1e-4, 2e-4, 5e-4],
              "paper_lr": 2e-4, "micro": 16, "cutoff": 256},
