@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--score-n", type=int, default=16, help="examples per task for score vs lm-eval's HFLM")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="model spec; a recovered model (e.g. runs/quickstart/merged) is what the protocol is used on")
     args = ap.parse_args()
     if args.small:
         args.gen_n, args.ref_n, args.score_n = 1, 1, 1
@@ -45,7 +47,7 @@ def main() -> None:
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
         sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     n_max = max(args.gen_n, args.ref_n, args.score_n)
     examples = {t: load_examples(TASKS[t], data_dir, n_max) for t in ALL_TASKS}
 
@@ -141,17 +143,18 @@ def main() -> None:
         f"**{score_speedup:.1f}x** | >= 1.5x | accuracy {acc_ours:.3f} vs {acc_theirs:.3f}, "
         f"max loglik diff {max_diff:.1e} |",
         "",
-        f"score agrees with generate on {agree:.0%} of {len(pairs)} examples (base smollm2-135m, not fine-tuned: "
-        f"generate accuracy {gen_acc:.1%}, score accuracy {acc_ours:.1%}; the untuned model rarely writes a label, "
-        f"so generate mostly predicts \"\")." if pairs else "",
+        f"score agrees with generate on {agree:.0%} of {len(pairs)} examples ({args.model}: generate accuracy "
+        f"{gen_acc:.1%}, score accuracy {acc_ours:.1%}; a model not tuned to the format rarely writes a label, so "
+        f"generate then mostly predicts \"\")." if pairs else "",
         "",
         _verdict(gen_speedup, score_speedup, same_pred, len(ref_set)),
     ]
-    setting = (f"smollm2-135m fp32 on CPU (shared with other jobs: fast engines timed before and after their "
+    setting = (f"{args.model} fp32 on CPU (fast engines timed before and after their "
                f"baseline, averaged); first {args.gen_n} test records per task for batched generate "
                f"(batch {args.batch_size}), first {args.ref_n} per task for the reference loop (a prefix of those), "
                f"first {args.score_n} per task for score vs HFLM; all eight tasks")
-    cmd = "python benchmarks/bench_eval.py" + (" --small" if args.small else "")
+    cmd = "python benchmarks/bench_eval.py" + (" --small" if args.small else "") + (
+        f" --model {args.model}" if args.model != "smollm2-135m" else "")
     write_outputs("eval", title="Evaluation: batched generate and fast scoring", command=cmd, setting=setting,
                   table="\n".join(rows), data=data, images=[png.name])
     print("\n".join(rows))
