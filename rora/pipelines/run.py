@@ -37,6 +37,7 @@ class PipelineResult:
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
+    evaluation: str = ""  # how the accuracies were measured, e.g. "lm-eval, first 40 examples per task"
     model: object = None  # the final (merged) model, in memory
     tokenizer: object = None
 
@@ -47,6 +48,7 @@ class PipelineResult:
             "parameters": self.parameters,
             "sizes": self.sizes,
             "stages": self.stages,
+            "evaluation": self.evaluation,
         }
 
 
@@ -99,7 +101,8 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
     st = _Stages(out, say)
-    result = PipelineResult(out=out)
+    result = PipelineResult(out=out, evaluation=f"{config.eval.protocol}, " + (
+        f"first {config.eval.limit} examples per task" if config.eval.limit else "all examples"))
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
     result.parameters["base"] = count_parameters(model)
@@ -216,6 +219,7 @@ def summary_table(result: PipelineResult) -> str:
     labels = [k for k in ("base", "pruned", "recovered") if k in result.evals]
     lines = []
     if labels:
+        lines += [f"Accuracy (%), {result.evaluation}:", ""]
         tasks = [t for t in next(iter(result.evals.values())) if t != "average"]
         lines += ["| task | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         for t in [*tasks, "average"]:
@@ -236,10 +240,10 @@ def write_summary(result: PipelineResult) -> None:
     write_json(result.out / "summary.json", result.to_dict())
     (result.out / "summary.md").write_text(summary_table(result) + "\n")
     if result.evals:
-        plot_summary(result.evals, result.out / "summary.png")
+        plot_summary(result.evals, result.out / "summary.png", result.evaluation)
 
 
-def plot_summary(evals: dict, path: Path) -> None:
+def plot_summary(evals: dict, path: Path, evaluation: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +258,7 @@ def plot_summary(evals: dict, path: Path) -> None:
         ax.bar(xs, [100 * evals[label].get(t, 0.0) for t in tasks], width, label=label)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy before pruning, after pruning, after recovery")
+    ax.set_title("Accuracy before pruning, after pruning, after recovery" + (f" ({evaluation})" if evaluation else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
