@@ -110,7 +110,8 @@ def _load_alias(alias: str, dtype):
     """Dequantizing the GGUF takes ~20 s; do it once and keep an fp32 safetensors copy in the cache."""
     gguf = smollm2_gguf_path()
     cached = cache_dir() / "models" / alias
-    stamp = {"source": str(gguf), "size": gguf.stat().st_size}
+    # The file's name and size, not its path: every virtualenv has its own copy of the same package file.
+    stamp = {"source": gguf.name, "size": gguf.stat().st_size}
     manifest = cached / CACHE_MANIFEST
     if manifest.is_file() and {k: read_json(manifest).get(k) for k in stamp} == stamp:
         model, tokenizer = load_hf_dir(cached, dtype)
