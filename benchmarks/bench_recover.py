@@ -285,6 +285,10 @@ counted) against a measured fp32 matmul peak (1024^3 torch.mm, {THREADS} thread 
 | rora recover | {r['useful_flops'] / 1e9:.0f} | {r['flop_per_s'] / 1e9:.2f} | {r['flop_per_s'] / peak:.1%} |
 
 Goal (>= 2x tokens/s, response val loss no more than 2% above the baseline's): {'met' if speedup >= 2 and val_gap <= 0.02 else 'NOT met'}.
+The ceiling on this machine: recover needs {r['useful_flops'] / b['useful_flops']:.2f}x the baseline's matmul work per
+token (no LM head on unlabelled positions) and the baseline already runs at {b['flop_per_s'] / peak:.0%} of the matmul
+peak, so even at 100% of peak recover could be at most {b['useful_flops'] / r['useful_flops'] * peak / b['flop_per_s']:.2f}x
+faster here. Where the baseline sits far below peak (a GPU at batch 16, bf16) the same savings buy more.
 The all-token val loss is higher for `recover` by design: it does not train on the prompt (LLM-Adapters does).
 Caveat: the token budget is tiny (CPU time), so the loss comparison shows learning per token, not final
 recovered quality.
