@@ -14,16 +14,28 @@ Every figure below was measured by the scripts in `benchmarks/` on this reposito
 machine, the package versions, the date and the exact command. Comparisons run side by side in one run and are
 reported as ratios, since absolute times on shared 2-core machines are noisy. Regenerate this file with
 `python benchmarks/assemble.py` after running the scripts.
+
+Not yet measured: the rank sweep's `--full` setting and GPU throughput. No GPU was lent to the session that made
+these figures; both scripts run unchanged on one (`--full`, and the speed scripts pick up CUDA and bf16).
 """
 
 
 def main() -> None:
     sections = [HERE / "results" / f"{name}.md" for name in ORDER]
     missing = [s.stem for s in sections if not s.is_file()]
-    body = [s.read_text().strip() for s in sections if s.is_file()]
+    body = [_with_plot(s) for s in sections if s.is_file()]
     if missing:
         body.append("## Not yet measured\n\n" + ", ".join(missing))
     (HERE.parent / "BENCHMARKS.md").write_text(INTRO + "\n" + "\n\n".join(body) + "\n")
+
+
+def _with_plot(section: Path) -> str:
+    """The section's text, with its PNG shown when the script did not link it itself."""
+    text = section.read_text().strip()
+    png = section.with_suffix(".png")
+    if png.is_file() and png.name not in text:
+        text += f"\n\n![{section.stem}](benchmarks/results/{png.name})"
+    return text
 
 
 if __name__ == "__main__":

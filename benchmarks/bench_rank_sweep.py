@@ -215,7 +215,10 @@ def _verdict(paper: dict, fair: dict, ranks: list[int], n_examples: int | None) 
         return "Verdict: incomplete sweep."
     verdict = (f"Verdict at rank {top}: under the paper protocol RoRA is {100 * paper_gap:+.1f} accuracy points against the "
             f"better of LoRA/DoRA and its validation loss is {paper_val:.2f}x lower; with each method at its own best "
-            f"learning rate the accuracy gap is {100 * fair_gap:+.1f} points and the validation-loss ratio {fair_val:.2f}x.")
+            f"learning rate the accuracy gap is {100 * fair_gap:+.1f} points and the validation-loss ratio {fair_val:.2f}x. "
+               f"Does RoRA's advantage survive the fair protocol here? {'Yes' if fair_val > 1 else 'No'}, by validation "
+               "loss: at one learning rate RoRA's sqrt(r)-larger scale acts as a larger step size, and tuning the step "
+               "size per method " + ("keeps" if fair_val > 1 else "removes") + " its lead.")
     if n_examples:  # binomial standard error of an average accuracy near 40%
         noise = 100 * (0.4 * 0.6 / n_examples) ** 0.5
         verdict += (f" The accuracy figures rest on {n_examples} test examples (standard error ~{noise:.1f} points), so "
