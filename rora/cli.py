@@ -86,17 +86,10 @@ def format_info(s: dict) -> str:
     if "tokenizer" in s:
         t = s["tokenizer"]
         lines.append(f"tokenizer      {t['class']}, {t['vocab_size']} tokens, eos {t['eos_token']!r}, pad {t['pad_token']!r}")
+    from .pruning.structure import layer_runs
+
     lines.append("per layer      layer: q_heads/kv_heads mlp")
-    groups = []  # run-length encode identical consecutive layers so 30 layers stay readable
-    for i, p in enumerate(s["per_layer"]):
-        key = (p["q_heads"], p["kv_heads"], p["intermediate"])
-        if groups and groups[-1][2] == key:
-            groups[-1][1] = i
-        else:
-            groups.append([i, i, key])
-    for start, end, (q, kv, mlp) in groups:
-        span = f"{start}" if start == end else f"{start}-{end}"
-        lines.append(f"  {span:>12}: {q}/{kv} {mlp}")
+    lines += [f"  {span:>12}: {q}/{kv} {mlp}" for span, (q, kv, mlp) in layer_runs(s["per_layer"])]
     return "\n".join(lines)
 
 

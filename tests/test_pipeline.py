@@ -54,11 +54,9 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     from rora.pipelines import run as run_mod
 
     cfg = _config(tiny_setup)
-    calls = []
-    real_export = None
-
     import rora.pipelines.export as export_mod
 
+    calls = []
     real_export = export_mod.export
 
     def crash(*args, **kwargs):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..pruning.structure import layer_runs
+
 MANIFESTS = {"merge": ("rora_merge.json", "merge"), "pruning": ("rora_pruning.json", "report")}
 _RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "target_modules", "max_abs_diff")
 
@@ -54,7 +56,7 @@ def render_card(card: dict) -> str:
     lines += _table_section("Export", {k: v for k, v in export.items() if k not in ("loader", "name")})
     if card.get("shapes"):
         lines += ["", "## Per-layer shapes", "", "| layers | query heads | KV heads | MLP width |", "|---|---|---|---|"]
-        lines += [f"| {span} | {q} | {kv} | {mlp} |" for span, (q, kv, mlp) in _runs(card["shapes"])]
+        lines += [f"| {span} | {q} | {kv} | {mlp} |" for span, (q, kv, mlp) in layer_runs(card["shapes"])]
     lines += _table_section("Pruning", card.get("pruning") or card.get("prune"))
     recovery = {**(card.get("recover") or {}), **(card.get("merge") or {})}  # the merge report is the authority
     lines += _table_section("Recovery", {k: recovery[k] for k in _RECOVERY_KEYS if recovery.get(k) is not None})
@@ -91,15 +93,3 @@ def _eval_table(evaluation: dict) -> list[str]:
         cells = [evaluation[label].get(task) for label in labels]
         out.append(f"| {task} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
     return out
-
-
-def _runs(shapes: list[dict]):
-    """Run-length encode identical consecutive layers so 30 layers stay readable."""
-    runs = []
-    for i, s in enumerate(shapes):
-        key = (s["q_heads"], s["kv_heads"], s["intermediate"])
-        if runs and runs[-1][2] == key:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i, key])
-    return [(f"{a}" if a == b else f"{a}-{b}", key) for a, b, key in runs]

@@ -152,7 +152,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         evaluate_stage("eval_recovered", fp, str(out / "merged"))
 
     if config.runs("export"):
-        from ..pipelines.export import export
+        from .export import export
 
         efp = st.fingerprint("export", fp, config.export.to_dict())
         export_path = out / ("export" if config.export.format == "hf" else "model.gguf")

@@ -86,6 +86,19 @@ def config_layer_shapes(config) -> list[LayerShape]:
     return [uniform] * config.num_hidden_layers
 
 
+def layer_runs(shapes: list[dict]) -> list[tuple[str, tuple[int, int, int]]]:
+    """Identical consecutive layers grouped, e.g. [("0-3", (6, 3, 1075)), ("4", (9, 3, 1536))], so 30 layers
+    stay readable in `rora info` and model cards. `shapes` are dicts with q_heads, kv_heads, intermediate."""
+    runs = []
+    for i, s in enumerate(shapes):
+        key = (s["q_heads"], s["kv_heads"], s["intermediate"])
+        if runs and runs[-1][2] == key:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, key])
+    return [(f"{a}" if a == b else f"{a}-{b}", key) for a, b, key in runs]
+
+
 def is_uniform(shapes: list[LayerShape]) -> bool:
     return len(set(shapes)) <= 1
 

@@ -5,6 +5,7 @@ schema, as lm-eval's own hub tasks read it). data_dir comes from lm-eval metadat
 The doc-processing functions are lm-eval's own (hellaswag's preprocess, winogrande's partial evaluation), imported
 rather than copied so the offline tasks cannot drift from the hub tasks.
 """
+import functools
 import json
 import os
 from pathlib import Path
@@ -35,33 +36,12 @@ def _load(task, split, data_dir=None, rora_limit=None, **_):
     return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
 
 
-def load_boolq(**kw):
-    return _load("boolq", "validation", **kw)
-
-
-def load_piqa(**kw):
-    return _load("piqa", "validation", **kw)
-
-
-def load_social_i_qa(**kw):
-    return _load("social_i_qa", "validation", **kw)
-
-
-def load_hellaswag(**kw):
-    return _load("hellaswag", "validation", **kw)
-
-
-def load_winogrande(**kw):
-    return _load("winogrande", "validation", **kw)
-
-
-def load_arc_easy(**kw):
-    return _load("ARC-Easy", "test", **kw)
-
-
-def load_arc_challenge(**kw):
-    return _load("ARC-Challenge", "test", **kw)
-
-
-def load_openbookqa(**kw):
-    return _load("openbookqa", "test", **kw)
+# One named loader per task: the task YAMLs point at them with `custom_dataset: !function`.
+load_boolq = functools.partial(_load, "boolq", "validation")
+load_piqa = functools.partial(_load, "piqa", "validation")
+load_social_i_qa = functools.partial(_load, "social_i_qa", "validation")
+load_hellaswag = functools.partial(_load, "hellaswag", "validation")
+load_winogrande = functools.partial(_load, "winogrande", "validation")
+load_arc_easy = functools.partial(_load, "ARC-Easy", "test")
+load_arc_challenge = functools.partial(_load, "ARC-Challenge", "test")
+load_openbookqa = functools.partial(_load, "openbookqa", "test")
