@@ -150,6 +150,10 @@ WORKER = textwrap.dedent('''
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     r = recover(model, tok, data, RecoverConfig(**cfg), out, resume=os.environ.get("RESUME") == "1", progress=False)
+    if os.environ.get("RESULT_DIR"):  # one file per process: two processes' lines can interleave on a shared pipe
+        path = os.path.join(os.environ["RESULT_DIR"], "rank-" + os.environ.get("RANK", "0") + ".json")
+        with open(path, "w") as f:
+            json.dump(r.to_dict(), f)
     print("RESULT", json.dumps(r.to_dict()))
 ''')
 
@@ -210,9 +214,11 @@ def test_two_process_data_parallel_writes_one_adapter(saved_model, tmp_path):
     out = tmp_path / "ddp"
     cmd, env = _worker(saved_model, out, tiny_config(max_steps=3, eval_steps=3, save_steps=2).to_dict())
     launch = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *cmd[1:]]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=180)
+    result_dir = tmp_path / "results"
+    result_dir.mkdir()
+    done = subprocess.run(launch, env={**env, "RESULT_DIR": str(result_dir)}, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    results = [json.loads(p.read_text()) for p in sorted(result_dir.glob("rank-*.json"))]
     for r in results:
         r.pop("tokens_per_second")  # each process's own clock
     assert len(results) == 2 and results[0] == results[1]  # both processes agree on loss, steps, tokens
