@@ -34,6 +34,7 @@ from torch import nn
 from ..artifacts import atomic_dir, check_output, write_json, write_manifest
 from ..config import RecoverConfig
 from ..errors import ConfigError, TrainingError
+from .dropout import use_sparse_dropout
 from .data import IGNORE_INDEX, Example, collate, count_steps, prepare, step_plan
 from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
 
@@ -127,6 +128,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
 
     torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
     peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+    use_sparse_dropout(peft_model)  # same distribution as nn.Dropout, a fraction of its cost on CPU
     if config.gradient_checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
