@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -24,6 +25,20 @@ def environment() -> dict:
         "versions": prov["versions"],
         "git_commit": prov["git_commit"],
     }
+
+
+def matmul_peak(n: int = 1024, reps: int = 10) -> float:
+    """Best fp32 FLOP/s of an n^3 torch.mm with the current thread count: the roof the engines are held against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def write_outputs(name: str, *, title: str, command: str, setting: str, table: str, data: dict, images=()) -> None:

@@ -4,7 +4,8 @@ Same model (smollm2-135m pruned 30%), same PEFT adapter (RoRA), same training ex
 same optimizer, schedule and seed. Differences are exactly the ones `recover` is built on:
   baseline: random micro-batches padded to the longest (DataCollatorForSeq2Seq, pad_to_multiple_of=8, as
             LLM-Adapters), loss on all tokens (train_on_inputs=True), LM head over every position;
-  recover:  length-grouped micro-batches, loss on response tokens, LM head only on labelled positions, no mask.
+  recover:  length-grouped micro-batches, loss on response tokens, LM head only on labelled positions, no mask,
+            adapter dropout sampled by dropped position (rora.recovery.dropout; same distribution as nn.Dropout).
 Each side runs in its own subprocess (clean peak-memory figures); both are scored on the same validation split
 with both losses (response tokens, all tokens). A second table gives achieved FLOP/s against a measured matmul peak.
 
@@ -28,11 +29,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import matmul_peak  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 DATA_DIR = Path(os.environ.get("RORA_DATA_DIR") or REPO.parent / "shared" / "data" / "commonsense")
 TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 SETTINGS = {  # full run / --small
-    "full": dict(steps=6, batch=8, val=24, rank=16),
+    "full": dict(steps=6, batch=16, val=24, rank=16),  # micro-batch 16: the recipe's (issue #4, PROTOCOL.md)
     "small": dict(steps=3, batch=4, val=8, rank=8),
 }
 LR, WARMUP, SEED, CUTOFF = 2e-4, 2, 42, 256
@@ -172,17 +175,6 @@ def _baseline(model, tok, examples, s):
 
 
 # ---- orchestration ----------------------------------------------------------------------------------------------
-def matmul_peak(n: int = 1024, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def prune_model(out_dir: Path) -> str:
     from rora.artifacts import save_model_dir
     from rora.config import PruneConfig
@@ -263,7 +255,8 @@ Model: smollm2-135m pruned 30% ({how}). Data: {', '.join(TASKS)} train.json, {b[
 (the same for both: {s['steps']} steps x batch {s['batch']}, {b['real_tokens']:,} real tokens), validation
 {s['val']} examples carved from the same data (seed {SEED}). RoRA r={s['rank']}, alpha={2 * s['rank']}, lr {LR},
 warmup {WARMUP} + linear decay, AdamW. Baseline: HF Trainer, DataCollatorForSeq2Seq (pad to longest, multiple of 8),
-loss on all tokens, no length grouping. Each side runs in its own process; wall time includes the trainer's setup.
+loss on all tokens, no length grouping. recover: length-grouped, loss and LM head on response tokens only, adapter
+dropout sampled by dropped position. Each side runs in its own process; wall time includes the trainer's setup.
 
 | | HF Trainer (baseline) | rora recover | ratio |
 |---|---:|---:|---:|

@@ -14,8 +14,9 @@ from rora.config import ALL_TASKS, EvalConfig
 from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
-from rora.evaluation.generate import generate_reference, generate_responses
-from rora.evaluation.score import _plan, _shared_prefix, argmax, encode_pair, loglikelihoods
+from rora.evaluation.generate import _BeamLayer, _layout, generate_reference, generate_responses
+from rora.evaluation.score import (MIN_SHARED, _common_prefix, _plan, _shared_prefix, argmax, encode_pair,
+                                   loglikelihoods)
 from rora.evaluation.tasks import (TASKS, eval_prompt, extract_answer, get_task, parse_tasks, record_labels,
                                    response_of)
 
@@ -125,6 +126,50 @@ def test_generate_batched_equals_one_at_a_time_and_reference(tokenizer):
     assert len(set(batched)) == len(PROMPTS)  # non-trivial outputs: every prompt gets its own response
     assert generate_responses(model, tokenizer, PROMPTS, batch_size=5, max_new_tokens=12) == batched  # deterministic
 
+
+
+def test_generate_shares_the_common_prefix_and_handles_tiny_prompts(tokenizer):
+    # Prompts that share a long prefix (as a task's do) take the shared-cache path; one-token prompts have no cache.
+    model = _lively_model()
+    rows = [tokenizer(p).input_ids for p in PROMPTS]
+    assert _common_prefix(rows, 10**6) >= MIN_SHARED
+    prompts = PROMPTS + ["a", "b"]
+    # batch 5: the second batch is ["a", "b"], one token each (no cache to share)
+    assert generate_responses(model, tokenizer, prompts, batch_size=5, max_new_tokens=8) == \
+        generate_reference(model, tokenizer, prompts, max_new_tokens=8)
+
+
+def test_layout_gives_every_token_its_solo_position():
+    rows = [[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 2, 3, 4]]
+    ids, mask = _layout(rows, 3, pad_id=0, device="cpu")
+    positions = mask.cumsum(-1) - 1
+    for j, r in enumerate(rows):
+        assert ids[j][mask[j] == 1].tolist() == r
+        assert positions[j][mask[j] == 1].tolist() == list(range(len(r)))
+    assert ids[:, :3].tolist() == [[5, 6, 7]] * 3 and mask[:, :3].all()
+    plain, plain_mask = _layout(rows, 0, pad_id=0, device="cpu")
+    assert plain[1].tolist() == [0, 0, 5, 6, 7, 1] and plain_mask[1].tolist() == [0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("beam_idx", [[1, 0, 0, 2, 3, 3], [3, 0, 1, 5, 2, 4]])  # within groups; across (fallback)
+def test_beam_layer_matches_dynamic_layer(beam_idx):
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    beams, ref = _BeamLayer(k, v, 2, room=1), DynamicLayer()
+    ref.update(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0))
+    if beam_idx[0] == 3:  # a cross-group reorder is only valid when the prompt rows differ per beam: make them so
+        ref.keys, ref.values = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)
+        beams._buf[0][:, :, :5], beams._buf[1][:, :, :5] = ref.keys, ref.values
+    idx = torch.tensor(beam_idx)
+    for step in range(3):  # grows past its room once
+        new_k, new_v = torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
+        for layer in (beams, ref):
+            layer.update(new_k, new_v)
+            layer.reorder_cache(idx)
+    assert beams.get_seq_length() == ref.get_seq_length() == 8
+    assert torch.equal(beams.keys, ref.keys) and torch.equal(beams.values, ref.values)
 
 def _naive_loglikelihood(model, tokenizer, context, continuation):
     ctx, cont = encode_pair(tokenizer, context, continuation)
