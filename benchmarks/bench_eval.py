@@ -1,14 +1,15 @@
 """Evaluation speed and faithfulness on smollm2-135m, side by side in one run.
 
-1. `generate` (batched, left-padded, prompt encoded once per beam group) vs the reference script's loop
-   (batch 1, 4 beams, no attention mask): seconds per example and identical predictions/responses.
+1. `generate` (batched per task, shared prefix and prompts encoded once) vs the reference script's loop
+   (batch 1, 4 beams, no attention mask): seconds per example and identical predictions/responses; and vs
+   lm-eval-harness's own HF backend (HFLM.generate_until, same batch size, 4 beams) on the same prompts.
 2. `score` vs lm-eval-harness's own HF backend (HFLM.loglikelihood) on the same (context, label) requests:
    seconds per example, identical predictions and accuracy, max |log-likelihood difference|.
 3. How often `score` agrees with `generate`.
 
-Subsets: the first N test records of each of the eight tasks (N per comparison below). The reference loop's
-seconds per example do not depend on how many examples it runs, so it runs on the first `--ref-n` per task, a
-prefix of the batched set; identical predictions are counted on that overlap.
+Subsets: the first N test records of each of the eight tasks (N per comparison below). By default the reference
+loop runs on the same records as the batched engine (a smaller `--ref-n` takes a prefix of them); identical
+predictions are counted on that overlap.
 
     .venv/bin/python benchmarks/bench_eval.py [--small]
 """
@@ -60,7 +61,7 @@ def main() -> None:
         return out, time.perf_counter() - start
 
     # 1. generate: batched vs the reference loop
-    # The CPU is shared, so each fast engine runs before and after its baseline (A B A) and the two are averaged.
+    # The CPU is shared, so each fast engine runs before and after its baselines (A B C A), and the two are averaged.
     gen_set, ref_set = subset(args.gen_n), subset(args.ref_n)
     gen_prompts = [eval_prompt(r["instruction"]) for _, r in gen_set]
 
@@ -74,6 +75,14 @@ def main() -> None:
     ref_prompts = [eval_prompt(r["instruction"]) for _, r in ref_set]
     reference, t_ref = timed(generate_reference, model, tok, ref_prompts)
     print(f"generate reference loop: {len(ref_set)} examples in {t_ref:.1f} s", flush=True)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device="cpu")
+    gen_kwargs = {"until": [], "max_gen_toks": 32, "num_beams": 4, "do_sample": False}
+    hf_gen, t_hg = timed(lm.generate_until, [Instance("generate_until", {}, (p, dict(gen_kwargs)), i)
+                                             for i, p in enumerate(gen_prompts)], disable_tqdm=True)
+    print(f"generate lm-eval HFLM.generate_until: {len(gen_set)} examples in {t_hg:.1f} s", flush=True)
     again, t_b2 = timed(batched_per_task)
     print(f"generate batched again: {t_b2:.1f} s", flush=True)
     assert again == batched, "batched generate is not deterministic"
@@ -87,14 +96,14 @@ def main() -> None:
     gen_preds = [extract_answer(TASKS[t], resp) for (t, _), resp in zip(gen_set, batched)]
     ceiling = _generate_ceiling(model, tok, ref_set, ref_prompts, reference, t_ref / len(ref_set), args.batch_size)
 
-    # 2. score vs lm-eval's HFLM on identical requests
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
+    # the prompt ends with "### Response:" and blanks: the continuation, stripped, is the response
+    same_hf = sum(extract_answer(TASKS[t], b) == extract_answer(TASKS[t], h.strip())
+                  for (t, _), b, h in zip(gen_set, batched, hf_gen))
 
+    # 2. score vs lm-eval's HFLM on identical requests
     score_set = subset(args.score_n)
     labels = [record_labels(TASKS[t], r["instruction"]) for t, r in score_set]
     requests = [(eval_prompt(r["instruction"]) + ANSWER_PREFIX, labs) for (_, r), labs in zip(score_set, labels)]
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device="cpu")
     inst = [Instance("loglikelihood", {}, (c, k), i) for c, cands in requests for i, k in enumerate(cands)]
     loglikelihoods(model, tok, requests[:2]), lm.loglikelihood(inst[:2], disable_tqdm=True)  # warm-up
     ours, t_s1 = timed(loglikelihoods, model, tok, requests, batch_size=args.batch_size)
@@ -121,18 +130,21 @@ def main() -> None:
     gen_acc = sum(p == r["answer"] for p, (_, r) in zip(gen_preds, gen_set)) / len(gen_set)
 
     per_ex = {"generate batched": t_batched / len(gen_set), "reference loop": t_ref / len(ref_set),
+              "lm-eval HFLM generate_until": t_hg / len(gen_set),
               "score": t_score / len(score_set), "lm-eval HFLM": t_hflm / len(score_set)}
     gen_speedup = per_ex["reference loop"] / per_ex["generate batched"]
     score_speedup = per_ex["lm-eval HFLM"] / per_ex["score"]
     data = {
         "subsets": {"generate_batched_per_task": args.gen_n, "reference_per_task": args.ref_n,
                     "score_per_task": args.score_n, "tasks": list(ALL_TASKS), "batch_size": args.batch_size},
-        "seconds": {"generate_batched": [t_b1, t_b2], "reference_loop": t_ref, "score": [t_s1, t_s2],
+        "seconds": {"generate_batched": [t_b1, t_b2], "reference_loop": t_ref, "hflm_generate_until": t_hg, "score": [t_s1, t_s2],
                     "hflm": [t_h1, t_h2]},
         "seconds_per_example": per_ex,
         "generate": {"speedup": gen_speedup, "identical_predictions": same_pred / len(ref_set),
                      "identical_responses": same_resp / len(ref_set), "compared": len(ref_set),
-                     "accuracy_batched": gen_acc},
+                     "accuracy_batched": gen_acc,
+                     "speedup_vs_hflm": per_ex["lm-eval HFLM generate_until"] / per_ex["generate batched"],
+                     "identical_predictions_vs_hflm": same_hf / len(gen_set)},
         "score": {"speedup": score_speedup, "accuracy": acc_ours, "hflm_accuracy": acc_theirs,
                   "identical_predictions": sum(a == b for a, b in zip(pred_ours, pred_theirs)) / len(pred_ours),
                   "max_abs_loglik_diff": max_diff, "examples": len(score_set)},
@@ -147,6 +159,10 @@ def main() -> None:
         f"| generate: batched vs reference loop (batch 1, 4 beams, no mask) | {per_ex['generate batched']:.2f} | "
         f"{per_ex['reference loop']:.2f} | **{gen_speedup:.1f}x** | >= 10x | "
         f"{same_pred}/{len(ref_set)} identical predictions, {same_resp}/{len(ref_set)} identical responses |",
+        f"| generate: batched vs lm-eval HFLM.generate_until (batch {args.batch_size}, 4 beams, same prompts) | "
+        f"{per_ex['generate batched']:.2f} | {per_ex['lm-eval HFLM generate_until']:.2f} | "
+        f"**{per_ex['lm-eval HFLM generate_until'] / per_ex['generate batched']:.1f}x** | (none) | "
+        f"{same_hf}/{len(gen_set)} identical predictions |",
         f"| score vs lm-eval HFLM.loglikelihood (same requests) | {per_ex['score']:.2f} | {per_ex['lm-eval HFLM']:.2f} | "
         f"**{score_speedup:.1f}x** | >= 1.5x | accuracy {acc_ours:.3f} vs {acc_theirs:.3f}, "
         f"max loglik diff {max_diff:.1e} |",
@@ -230,7 +246,7 @@ def _plot(per_ex: dict) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(per_ex)
-    colors = ["tab:blue", "tab:gray", "tab:blue", "tab:gray"]
+    colors = ["tab:blue", "tab:gray", "tab:gray", "tab:blue", "tab:gray"]
     ax.barh(names, [per_ex[n] for n in names], color=colors)
     ax.invert_yaxis()
     ax.set_xlabel("seconds per example (smollm2-135m, CPU; lower is better)")
