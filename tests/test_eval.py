@@ -14,7 +14,7 @@ from rora.config import ALL_TASKS, EvalConfig
 from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
-from rora.evaluation.generate import _BeamLayer, _layout, generate_reference, generate_responses
+from rora.evaluation.generate import _BeamLayer, _groups, _layout, generate_reference, generate_responses
 from rora.evaluation.score import (MIN_SHARED, _common_prefix, _plan, _shared_prefix, argmax, encode_pair,
                                    loglikelihoods)
 from rora.evaluation.tasks import (TASKS, eval_prompt, extract_answer, get_task, parse_tasks, record_labels,
@@ -128,8 +128,10 @@ def test_generate_batched_equals_one_at_a_time_and_reference(tokenizer):
 
 
 
-def test_generate_shares_the_common_prefix_and_handles_tiny_prompts(tokenizer):
+@pytest.mark.parametrize("tokens_per_pass", [512, 150, 1])  # one prefill pass per batch; two rows; one row each
+def test_generate_shares_the_common_prefix_and_handles_tiny_prompts(tokenizer, monkeypatch, tokens_per_pass):
     # Prompts that share a long prefix (as a task's do) take the shared-cache path; one-token prompts have no cache.
+    monkeypatch.setattr("rora.evaluation.generate.TOKENS_PER_PASS", tokens_per_pass)
     model = _lively_model()
     rows = [tokenizer(p).input_ids for p in PROMPTS]
     assert _common_prefix(rows, 10**6) >= MIN_SHARED
@@ -137,6 +139,11 @@ def test_generate_shares_the_common_prefix_and_handles_tiny_prompts(tokenizer):
     # batch 5: the second batch is ["a", "b"], one token each (no cache to share)
     assert generate_responses(model, tokenizer, prompts, batch_size=5, max_new_tokens=8) == \
         generate_reference(model, tokenizer, prompts, max_new_tokens=8)
+
+
+def test_prefill_groups_bound_padded_tokens():
+    assert _groups([70, 60, 50, 40, 10, 0], 150) == [[0, 1], [2, 3, 4], [5]]
+    assert _groups([70, 60], 1) == [[0], [1]]  # at least one row per pass
 
 
 def test_layout_gives_every_token_its_solo_position():
@@ -157,7 +164,9 @@ def test_beam_layer_matches_dynamic_layer(beam_idx):
 
     torch.manual_seed(0)
     k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
-    beams, ref = _BeamLayer(k, v, 2, room=1), DynamicLayer()
+    beams, ref = _BeamLayer(k, 3, 2, 5, room=1), DynamicLayer()
+    for j in range(3):
+        beams.put(j, k[j], v[j], 5)
     ref.update(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0))
     if beam_idx[0] == 3:  # a cross-group reorder is only valid when the prompt rows differ per beam: make them so
         ref.keys, ref.values = torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)

@@ -42,11 +42,8 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, num_beams: i
     bar = _progress(len(prompts), progress, "generate")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        rows = [encoded[i] for i in chunk]
-        shared = _common_prefix(rows, limit=min(len(r) for r in rows) - 1)
-        shared = shared if shared >= MIN_SHARED else 0
-        input_ids, mask = _layout(rows, shared, config.pad_token_id, model.device)
-        cache = _prefill(model, input_ids, mask, shared, num_beams, max_new_tokens)
+        input_ids, mask, cache = _prefill(model, [encoded[i] for i in chunk], config.pad_token_id, num_beams,
+                                          max_new_tokens)
         with _quiet_generate():
             out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
                                  generation_config=config)
@@ -72,32 +69,76 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, num_beams: i
     return responses
 
 
-def _prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, shared: int, num_beams: int,
-             max_new_tokens: int):
-    """The prompts' KV cache (all but the last token), computed once per prompt and copied to its beams.
+TOKENS_PER_PASS = 512  # prefill rows x width per forward pass: CPU matmuls ran fastest near 512 rows (measured)
+
+
+def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_tokens: int):
+    """(input_ids, attention_mask, cache) for `generate`: the prompts' KV cache (all but each last token), computed
+    once per prompt and laid out for its beams.
 
     `generate` expands every prompt to `num_beams` rows before its first forward pass, so it would encode each
     prompt num_beams times; prompts are ~85% of the tokens processed. Here the batch's common prefix (a task's
-    prompts share their first ~35 of ~100 tokens) is encoded once, the rest once per prompt. Given this cache,
-    generate runs only the last prompt token and then decodes as usual. The cache's layers are _BeamLayers.
+    prompts share their first ~35 of ~100 tokens) is encoded once, then the rest of the prompts in sub-batches of
+    similar length (`rows` come longest first) of about TOKENS_PER_PASS tokens, which pad little and keep the
+    matmuls in cache; each row's keys and values are copied into the beams' buffers (_BeamLayer). Given this cache,
+    generate runs only the last prompt token and then decodes as usual.
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    shared = _common_prefix(rows, limit=min(len(r) for r in rows) - 1)
+    shared = shared if shared >= MIN_SHARED else 0
+    input_ids, mask = _layout(rows, shared, pad_id, model.device)
+    length = input_ids.shape[1] - 1  # the cache holds every position but the last
+    plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    if length == 0 or not plain:  # nothing to cache, or sliding-window layers: generate encodes the prompts itself
+        return input_ids, mask, None
+
+    def forward(ids, attention_mask, positions, prefix):
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(prefix):
+            cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), i)
+        model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    layers: list[_BeamLayer] = []
+
+    def put(kv, row, n):  # the last n positions of kv ([heads, positions, dim] per layer) end at `length`, or at n
+        if not layers:
+            layers.extend(_BeamLayer(k, len(rows), num_beams, length, max_new_tokens + 1) for k, _ in kv)
+        for layer, (k, v) in zip(layers, kv):
+            layer.put(row, k[:, -n:], v[:, -n:], n if row == slice(None) else length)
+
+    prefix = []
     if shared:
-        model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(len(input_ids))
-    if input_ids.shape[1] - 1 > shared:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from the mask: pads do not count
-        model(input_ids=input_ids[:, shared:-1], attention_mask=mask[:, :-1], position_ids=positions[:, shared:-1],
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if cache.get_seq_length() == 0:
-        return None  # one-token prompts: nothing to share, generate encodes them itself
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_BeamLayer(layer.keys, layer.values, num_beams, max_new_tokens + 1) for layer in cache.layers]
-    else:  # sliding-window layers keep their own semantics
-        cache.batch_repeat_interleave(num_beams)
-    return cache
+        ids = torch.tensor([rows[0][:shared]], device=model.device)
+        prefix = forward(ids, torch.ones_like(ids), torch.arange(shared, device=model.device)[None], [])
+        put([(k[0], v[0]) for k, v in prefix], slice(None), shared)  # every row starts with it
+    tails = [r[shared:-1] for r in rows]
+    for group in _groups([len(t) for t in tails], TOKENS_PER_PASS):
+        ids, tail_mask = _layout([tails[j] for j in group], 0, pad_id, model.device)
+        if ids.shape[1] == 0:
+            continue
+        positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([tail_mask.new_ones(len(group), shared), tail_mask], dim=1)
+        kv = forward(ids, full_mask, positions, prefix)
+        for g, j in enumerate(group):  # left-padded: a row's own positions are the group cache's last ones
+            if tails[j]:
+                put([(k[g], v[g]) for k, v in kv], j, len(tails[j]))
+    cache = DynamicCache(config=model.config)
+    cache.layers = layers
+    return input_ids, mask, cache
+
+
+def _groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices (lengths non-increasing) in groups of at most `budget` padded tokens (at least one)."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * max(lengths[groups[-1][0]], 1) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class _BeamLayer(DynamicLayer):
@@ -109,15 +150,20 @@ class _BeamLayer(DynamicLayer):
     group, whose prompt positions are identical, a reorder moves only the generated positions.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, num_beams: int, room: int):
+    def __init__(self, like: torch.Tensor, rows: int, num_beams: int, length: int, room: int):
         super().__init__()
-        rows, heads, prompt, dim = keys.shape
-        self._buf = [t.new_empty(rows * num_beams, heads, prompt + room, dim) for t in (keys, values)]
-        for buf, t in zip(self._buf, (keys, values)):  # each prompt's cache to its beams, in one broadcast copy
-            buf.view(rows, num_beams, heads, -1, dim)[:, :, :, :prompt] = t.unsqueeze(1)
-        self.group, self.prompt, self.length = num_beams, prompt, prompt
-        self.is_initialized, self.dtype, self.device = True, keys.dtype, keys.device
+        heads, dim = like.shape[-3], like.shape[-1]
+        # zeros, not empty: pad positions are masked out, but a NaN there would still poison the attention output
+        self._buf = [like.new_zeros(rows * num_beams, heads, length + room, dim) for _ in range(2)]
+        self.rows, self.group, self.prompt, self.length = rows, num_beams, length, length
+        self.is_initialized, self.dtype, self.device = True, like.dtype, like.device
         self._views()
+
+    def put(self, row, keys: torch.Tensor, values: torch.Tensor, end: int) -> None:
+        """Keys/values [heads, n, dim] at positions [end - n, end) of one prompt's beams (row=slice(None): all)."""
+        for buf, t in zip(self._buf, (keys, values)):
+            beams = buf.view(self.rows, self.group, *buf.shape[1:])[row]
+            beams[..., end - t.shape[-2]:end, :] = t
 
     def _views(self):
         self.keys, self.values = (buf[:, :, : self.length] for buf in self._buf)
