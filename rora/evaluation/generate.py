@@ -103,11 +103,11 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
 
     layers: list[_BeamLayer] = []
 
-    def put(kv, row, n):  # the last n positions of kv ([heads, positions, dim] per layer) end at `length`, or at n
+    def put(kv, row, end):  # kv: [heads, n, dim] per layer, for positions [end - n, end) of `row`'s beams
         if not layers:
             layers.extend(_BeamLayer(k, len(rows), num_beams, length, max_new_tokens + 1) for k, _ in kv)
         for layer, (k, v) in zip(layers, kv):
-            layer.put(row, k[:, -n:], v[:, -n:], n if row == slice(None) else length)
+            layer.put(row, k, v, end)
 
     prefix = []
     if shared:
@@ -124,7 +124,8 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
         kv = forward(ids, full_mask, positions, prefix)
         for g, j in enumerate(group):  # left-padded: a row's own positions are the group cache's last ones
             if tails[j]:
-                put([(k[g], v[g]) for k, v in kv], j, len(tails[j]))
+                n = len(tails[j])
+                put([(k[g, :, -n:], v[g, :, -n:]) for k, v in kv], j, length)
     cache = DynamicCache(config=model.config)
     cache.layers = layers
     return input_ids, mask, cache
