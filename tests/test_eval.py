@@ -141,6 +141,24 @@ def test_generate_shares_the_common_prefix_and_handles_tiny_prompts(tokenizer, m
         generate_reference(model, tokenizer, prompts, max_new_tokens=8)
 
 
+
+@pytest.mark.parametrize("kind", ["gqa", "nonuniform", "peft"])
+def test_generate_batched_equals_reference_on_gqa_pruned_and_adapted_models(kind, tokenizer, request):
+    # The beam buffers take each layer's own KV shape; a PeftModel passes through the same calls.
+    from peft import LoraConfig, get_peft_model
+
+    model = _lively_model() if kind == "peft" else request.getfixturevalue(f"tiny_{kind}")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    if kind == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False)).eval()
+    batched = generate_responses(model, tokenizer, PROMPTS, batch_size=5, max_new_tokens=8)
+    assert batched == generate_reference(model, tokenizer, PROMPTS, max_new_tokens=8)
+    assert len(set(batched)) > 1
+
 def test_prefill_groups_bound_padded_tokens():
     assert _groups([70, 60, 50, 40, 10, 0], 150) == [[0, 1], [2, 3, 4], [5]]
     assert _groups([70, 60], 1) == [[0], [1]]  # at least one row per pass
