@@ -1,9 +1,10 @@
 """recover(): train a LoRA/RoRA/DoRA adapter on a (pruned) causal LM with a plain PyTorch loop on accelerate.
 
 Why a custom loop rather than HF Trainer: the loss runs the LM head only on positions that carry a label (the
-response tokens), which on a 49k-token vocabulary is a large share of the compute, and micro-batches are
-length-grouped so little work goes to padding. Everything else is standard: AdamW, warmup + linear/cosine decay,
-gradient accumulation, bf16 autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
+response tokens), which on a 49k-token vocabulary is a large share of the compute; micro-batches are
+length-grouped so little work goes to padding; and the adapters' dropout samples only the dropped positions
+(dropout.py). Everything else is standard: AdamW, warmup + linear/cosine decay, gradient accumulation, bf16
+autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
 
 Output directory (only the main process writes):
     adapter/                 the best (lowest validation loss) adapter, standard PEFT format
@@ -34,8 +35,8 @@ from torch import nn
 from ..artifacts import atomic_dir, check_output, write_json, write_manifest
 from ..config import RecoverConfig
 from ..errors import ConfigError, TrainingError
-from .dropout import use_sparse_dropout
 from .data import IGNORE_INDEX, Example, collate, count_steps, prepare, step_plan
+from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
 
 MANIFEST = "rora_recovery.json"
