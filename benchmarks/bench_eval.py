@@ -137,7 +137,8 @@ def main() -> None:
     data = {
         "subsets": {"generate_batched_per_task": args.gen_n, "reference_per_task": args.ref_n,
                     "score_per_task": args.score_n, "tasks": list(ALL_TASKS), "batch_size": args.batch_size},
-        "seconds": {"generate_batched": [t_b1, t_b2], "reference_loop": t_ref, "hflm_generate_until": t_hg, "score": [t_s1, t_s2],
+        "seconds": {"generate_batched": [t_b1, t_b2], "reference_loop": t_ref, "hflm_generate_until": t_hg,
+                    "score": [t_s1, t_s2],
                     "hflm": [t_h1, t_h2]},
         "seconds_per_example": per_ex,
         "generate": {"speedup": gen_speedup, "identical_predictions": same_pred / len(ref_set),
@@ -195,18 +196,17 @@ def _generate_ceiling(model, tok, ref_set, prompts, responses, ref_s_per_example
     import torch
 
     from _common import matmul_peak
-    from rora.evaluation.score import MIN_SHARED, _common_prefix
+    from rora.evaluation.score import shared_prefix_length
 
     body = sum(m.weight.numel() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
     head = model.get_output_embeddings().weight.numel()
-    unique = steps = 0
+    unique = 0
     for t in dict.fromkeys(task for task, _ in ref_set):
         rows = sorted((tok(p).input_ids for (task, _), p in zip(ref_set, prompts) if task == t), key=len, reverse=True)
         for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
-            shared = _common_prefix(chunk, min(len(r) for r in chunk) - 1)
-            shared = shared if shared >= MIN_SHARED else 0
+            shared = shared_prefix_length(chunk, min(len(r) for r in chunk) - 1)
             unique += shared + sum(len(r) - shared for r in chunk)
     steps = sum(len(tok(r).input_ids) + 1 for r in responses)
     flops = 2 * body * unique + 4 * 2 * (body + head) * steps  # 4 beams

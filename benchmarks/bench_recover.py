@@ -30,8 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import matmul_peak  # noqa: E402
-RESULTS = REPO / "benchmarks" / "results"
+from _common import RESULTS, matmul_peak  # noqa: E402
 DATA_DIR = Path(os.environ.get("RORA_DATA_DIR") or REPO.parent / "shared" / "data" / "commonsense")
 TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 SETTINGS = {  # full run / --small

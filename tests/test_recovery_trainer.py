@@ -154,7 +154,6 @@ WORKER = textwrap.dedent('''
         path = os.path.join(os.environ["RESULT_DIR"], "rank-" + os.environ.get("RANK", "0") + ".json")
         with open(path, "w") as f:
             json.dump(r.to_dict(), f)
-    print("RESULT", json.dumps(r.to_dict()))
 ''')
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .score import MIN_SHARED, _common_prefix
+from .score import shared_prefix_length
 from .tasks import response_of
 
 
@@ -85,13 +85,12 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
     """
     from transformers import DynamicCache
 
-    shared = _common_prefix(rows, limit=min(len(r) for r in rows) - 1)
-    shared = shared if shared >= MIN_SHARED else 0
+    shared = shared_prefix_length(rows, limit=min(len(r) for r in rows) - 1)
     input_ids, mask = _layout(rows, shared, pad_id, model.device)
     length = input_ids.shape[1] - 1  # the cache holds every position but the last
-    plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-    if length == 0 or not plain:  # nothing to cache, or sliding-window layers: generate encodes the prompts itself
-        return input_ids, mask, None
+    cache = DynamicCache(config=model.config)
+    if length == 0 or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return input_ids, mask, None  # nothing to cache, or sliding-window layers: generate encodes the prompts
 
     def forward(ids, attention_mask, positions, prefix):
         cache = DynamicCache(config=model.config)
@@ -126,7 +125,6 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
             if tails[j]:
                 n = len(tails[j])
                 put([(k[g, :, -n:], v[g, :, -n:]) for k, v in kv], j, length)
-    cache = DynamicCache(config=model.config)
     cache.layers = layers
     return input_ids, mask, cache
 
@@ -134,7 +132,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
 def _groups(lengths: list[int], budget: int) -> list[list[int]]:
     """Consecutive indices (lengths non-increasing) in groups of at most `budget` padded tokens (at least one)."""
     groups: list[list[int]] = []
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         if groups and (len(groups[-1]) + 1) * max(lengths[groups[-1][0]], 1) <= budget:
             groups[-1].append(i)
         else:

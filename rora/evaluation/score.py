@@ -129,14 +129,20 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]
 MIN_SHARED = 8  # below this a shared cache saves less than it costs to copy
 
 
+def shared_prefix_length(rows: list[list[int]], limit: int) -> int:
+    """How many leading tokens (at most `limit`) all rows share, or 0 when that is too few to be worth caching."""
+    shared = _common_prefix(rows, limit)
+    return shared if shared >= MIN_SHARED else 0
+
+
 def _shared_prefix(decoder, rows: list[list[int]], first_scored: int, device):
     """The suite's prompts all open with the same instruction header (~25 tokens): encode the rows' common prefix
     once and start every row from its KV cache. Returns (length, cache), or (0, None) when rows share too little."""
     from transformers import DynamicCache
 
     # Keep >= 1 token per row to run, and never cache a position whose output is scored.
-    shared = _common_prefix(rows, limit=min(min(len(r) for r in rows) - 1, first_scored))
-    if shared < MIN_SHARED:
+    shared = shared_prefix_length(rows, limit=min(min(len(r) for r in rows) - 1, first_scored))
+    if not shared:
         return 0, None
     cache = DynamicCache(config=decoder.config)
     decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True)
