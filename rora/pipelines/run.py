@@ -24,6 +24,7 @@ from typing import Callable
 from ..artifacts import count_parameters, dir_size, read_json, write_json
 from ..config import PipelineConfig
 from ..errors import ConfigError
+from ..evaluation.stats import accuracy_table, gap_closed, outcomes_from_records, paired_difference
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
 
@@ -34,6 +35,7 @@ class PipelineResult:
 
     out: Path
     evals: dict = field(default_factory=dict)  # "base" | "pruned" | "recovered" -> {task: accuracy, "average": ...}
+    outcomes: dict = field(default_factory=dict)  # the same labels -> {task: [0/1 per example]}, to recompute anything
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -45,6 +47,8 @@ class PipelineResult:
         return {
             "out": str(self.out),
             "evals": self.evals,
+            **evaluation_statistics(self.outcomes),
+            "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
             "stages": self.stages,
@@ -114,16 +118,18 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
             return
         from ..evaluation.evaluate import evaluate
 
-        sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir)
+        sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir, "outcomes")
         target = out / stage / "results.json"
         data = st.done(stage, sfp)
         if data is None:
             def work():
                 res = evaluate(model, tok, config.eval, data_dir=data_dir, out=target, model_name=model_name, progress=progress)
-                return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average}
+                return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
+                        "outcomes": outcomes_from_records(res.records)}
 
             data = st.run(stage, sfp, work)
         result.evals[SUMMARY_LABELS[stage]] = {**data["accuracy"], "average": data["average"]}
+        result.outcomes[SUMMARY_LABELS[stage]] = data["outcomes"]
 
     evaluate_stage("eval_base", fp, config.model)
 
@@ -214,17 +220,51 @@ def _merge_stage(config, st: _Stages, fp: str, model, tok):
     return holder["model"], fp
 
 
+COMPARISONS = (("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
+
+
+def evaluation_statistics(outcomes: dict) -> dict:
+    """Standard errors per model, paired differences between models scored on the same examples, and the share
+    of the pruning gap in average accuracy that recovery closed."""
+    if not outcomes:
+        return {}
+    stats = {"accuracy": {label: accuracy_table(o) for label, o in outcomes.items()}, "comparisons": {}}
+    for b, a in COMPARISONS:
+        if a in outcomes and b in outcomes and list(outcomes[a]) == list(outcomes[b]):
+            stats["comparisons"][f"{b} - {a}"] = paired_difference(outcomes[a], outcomes[b])
+    if {"base", "pruned", "recovered"} <= set(outcomes):
+        avg = {k: stats["accuracy"][k]["average"]["accuracy"] for k in ("base", "pruned", "recovered")}
+        stats["gap_closed"] = {"accuracy": gap_closed(avg["base"], avg["pruned"], avg["recovered"])}
+    return stats
+
+
+def _pm(x: float, se: float, signed: bool = False) -> str:
+    value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+    return value if se != se else f"{value} ± {100 * se:.1f}"
+
+
 def summary_table(result: PipelineResult) -> str:
-    """Markdown: per-task accuracy of each evaluated model, then parameters, sizes and stage times."""
-    labels = [k for k in ("base", "pruned", "recovered") if k in result.evals]
+    """Markdown: per-task accuracy ± standard error of each evaluated model and the paired differences (marked *
+    beyond two standard errors), then the gap closed, parameters, sizes and stage times."""
+    stats = evaluation_statistics(result.outcomes)
     lines = []
-    if labels:
-        lines += [f"Accuracy (%), {result.evaluation}:", ""]
-        tasks = [t for t in next(iter(result.evals.values())) if t != "average"]
-        lines += ["| task | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-        for t in [*tasks, "average"]:
-            row = [f"{100 * result.evals[k].get(t, float('nan')):.1f}" for k in labels]
+    if stats:
+        acc, comps = stats["accuracy"], stats["comparisons"]
+        labels = list(acc)
+        tasks = list(acc[labels[0]])
+        lines += [f"Accuracy (%, ± standard error), {result.evaluation}:", ""]
+        head = ["task", *labels, *comps]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for t in tasks:
+            row = [_pm(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
+            row += [_pm(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
+                    for c in comps.values()]
             lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(row) + " |")
+        lines += ["", "Differences are paired (same examples); * marks those larger than two standard errors. "
+                  "Anything without * is inside the noise."]
+        if stats.get("gap_closed", {}).get("accuracy") is not None:
+            lines.append(f"Share of the pruning gap in average accuracy closed by recovery: "
+                         f"{100 * stats['gap_closed']['accuracy']:.0f}%.")
         lines.append("")
     for name, n in result.parameters.items():
         lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
@@ -239,26 +279,30 @@ def write_summary(result: PipelineResult) -> None:
     """summary.json, summary.md and summary.png (accuracy per task for base, pruned and recovered)."""
     write_json(result.out / "summary.json", result.to_dict())
     (result.out / "summary.md").write_text(summary_table(result) + "\n")
-    if result.evals:
-        plot_summary(result.evals, result.out / "summary.png", result.evaluation)
+    if result.outcomes:
+        plot_summary(evaluation_statistics(result.outcomes)["accuracy"], result.out / "summary.png", result.evaluation)
 
 
-def plot_summary(evals: dict, path: Path, evaluation: str = "") -> None:
+def plot_summary(accuracy: dict, path: Path, evaluation: str = "") -> None:
+    """Bars of accuracy per task and model, error bars of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(evals)
-    tasks = [t for t in evals[labels[0]] if t != "average"] + ["average"]
+    labels = list(accuracy)
+    tasks = list(accuracy[labels[0]])
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2, 4))
     for i, label in enumerate(labels):
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * evals[label].get(t, 0.0) for t in tasks], width, label=label)
+        ys = [100 * accuracy[label][t]["accuracy"] for t in tasks]
+        errs = [100 * accuracy[label][t]["se"] for t in tasks]
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy before pruning, after pruning, after recovery" + (f" ({evaluation})" if evaluation else ""))
+    ax.set_ylabel("accuracy (%), ± 1 standard error")
+    ax.set_title("Before pruning, after pruning, after recovery" + (f"\n{evaluation}" if evaluation else ""),
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
