@@ -456,3 +456,22 @@ def test_cli_recover_kd_and_its_errors(saved, tmp_path):
         assert bad.exit_code == 2 and last.startswith("rora: error:") and message in last, (args, bad.output)
         assert "Traceback" not in bad.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not fresh.exists()
+
+
+def test_kd_non_finite_loss_stops_and_keeps_the_checkpoint(tokenizer, tmp_path, monkeypatch):
+    from rora.errors import TrainingError
+
+    calls = {"n": 0}
+    real = DistillLoss.forward
+
+    def poisoned(self, input_ids, labels, lengths):
+        kd, sft = real(self, input_ids, labels, lengths)
+        calls["n"] += 1
+        return (kd * float("nan") if calls["n"] > 4 * 2 else kd), sft  # 2 micro-batches per step
+
+    monkeypatch.setattr(DistillLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoints/step-4"):
+        recover(make_model(), tokenizer, records(), kd_config(val_set_size=0), out, progress=False,
+                teacher=make_model(seed=1))
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoints" / "step-4" / "optimizer.safetensors").values())
