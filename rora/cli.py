@@ -149,8 +149,18 @@ def _csv(value):
 
 @main.command()
 @model_argument
-@click.option("--data", required=True, help="Training data: JSON/JSONL file, directory of <task>/train.json, or hub id.")
+@click.option("--data", help="Training records: JSON/JSONL file, directory of <task>/train.json, or hub id.")
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
+@click.option("--objective", help="sft (response cross-entropy, default), kd (distil --teacher on every token) or kd+sft.")
+@click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
+@click.option("--kd-temperature", type=float, help="Distillation temperature T (default 1; the KL is scaled by T^2).")
+@click.option("--kd-weight", type=float, help="kd+sft: the KD term's share of the loss, in (0, 1) (default 0.5).")
+@click.option("--teacher-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.")
+@click.option("--text", type=click.Path(dir_okay=False), help="Plain-text training data instead of --data: .txt, or "
+                                                              ".jsonl with a 'text' field; packed to --cutoff-len.")
+@click.option("--synthetic", type=int, help="Data-free: the teacher writes N training texts (continuing the --data "
+                                            "prompts, or short seed prompts); cached for reruns.")
+@click.option("--synthetic-tokens", type=int, help="New tokens the teacher samples per synthetic text (default 128).")
 @click.option("--method", help="Adapter method: rora (alpha/sqrt(r), default), lora (alpha/r) or dora.")
 @click.option("--rank", type=int, help="Adapter rank (default 32).")
 @click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
@@ -173,29 +183,39 @@ def _csv(value):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
-def recover(model, allow_pickle, data, out, target_modules, resume, overwrite, config_file, **flags):
-    """Train a RoRA/LoRA/DoRA adapter on MODEL with --data; the best adapter lands in --out/adapter."""
+def recover(model, allow_pickle, data, out, target_modules, teacher, resume, overwrite, config_file, **flags):
+    """Train a RoRA/LoRA/DoRA adapter on MODEL with --data (or --text, or --synthetic with a --teacher); the best
+    adapter lands in --out/adapter."""
     from .artifacts import check_output
     from .config import RecoverConfig
+    from .recovery.distill import check_objective, teacher_dtype
 
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
     cfg = cfg.replace(target_modules=_csv(target_modules), **flags)
+    check_objective(cfg, teacher is not None)  # before loading anything
     if not resume:
         check_output(out, overwrite)  # before loading the model: bad input writes nothing
     from .models import load_model
     from .recovery.trainer import recover as recover_adapter
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
-    result = recover_adapter(m, tok, data, cfg, out, resume=resume, overwrite=overwrite, source=model)
+    t_model, t_tok = load_model(teacher, allow_pickle=allow_pickle, dtype=teacher_dtype(cfg.teacher_dtype)) if teacher else (None, None)
+    result = recover_adapter(m, tok, data, cfg, out, resume=resume, overwrite=overwrite, source=model,
+                             teacher=t_model, teacher_tokenizer=t_tok)
     click.echo(format_recover(result.to_dict(), cfg))
 
 
 def format_recover(r: dict, cfg) -> str:
     best = "n/a (no validation split)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
+    figure = {"sft": "val loss", "kd": "val KL", "kd+sft": "val objective"}[cfg.objective]
+    held = r.get("val_metrics") or {}
     return "\n".join([
         f"method         {cfg.method} rank {cfg.rank} alpha {cfg.resolved_alpha:g} (scale {r['effective_scale']:.4g})",
+        f"objective      {cfg.objective}" + (f" (T={cfg.kd_temperature:g})" if cfg.objective != "sft" else ""),
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
-        f"best val loss  {best}",
+        f"best {figure:<9} {best}",
+        *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"
+           + (f", KL to the teacher {held['val_kl']:.4f}" if "val_kl" in held else "")] if held else []),
         f"dropped        {r['dropped_too_long']} examples longer than cutoff_len={cfg.cutoff_len}",
         f"adapter        {r['adapter_dir']}",
         f"metrics        {r['metrics_path']}",
@@ -252,6 +272,7 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data
 @click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
+@click.option("--objective", help="Recovery objective: sft, kd (distil the unpruned model) or kd+sft.")
 @click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
 @click.option("--tasks", help="Comma-separated tasks (default: all eight).")
 @click.option("--limit", type=int, help="Evaluate the first N examples per task.")
@@ -276,7 +297,7 @@ def run(config_file, preset, export_format, print_config, **flags):
         allow_pickle=flags["allow_pickle"], skip=_csv(flags["skip"]),
         prune=cfg.prune.replace(ratio=flags["ratio"]),
         recover=cfg.recover.replace(method=flags["method"], rank=flags["rank"], alpha=flags["alpha"], lr=flags["lr"],
-                                    max_steps=flags["max_steps"]),
+                                    max_steps=flags["max_steps"], objective=flags["objective"]),
         eval=cfg.eval.replace(protocol=flags["protocol"], tasks=_csv(flags["tasks"]), limit=flags["limit"]),
         export=cfg.export.replace(format=export_format),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,9 +199,46 @@ class RecoverConfig(StageConfig):
     gradient_checkpointing: bool = False
     group_by_length: bool = True
     seed: int = 42
+    # The objective (rora.recovery.distill): sft = cross-entropy on the response tokens; kd = forward
+    # KL(teacher || student) over every token of each text, times T^2; kd+sft = kd_weight*kd + (1-kd_weight)*sft.
+    objective: str = "sft"  # sft | kd | kd+sft
+    kd_temperature: float = 1.0  # T: both distributions are softened by T, the KL is scaled by T^2 (Hinton et al.)
+    kd_weight: float = 0.5  # kd+sft only: the KD term's share of the loss, in (0, 1)
+    teacher_dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    kd_chunk_size: int = 256  # positions whose [chunk x vocab] logits are live at once in the KL
+    text: str | None = None  # plain-text training data instead of records: .txt, or .jsonl with a "text" field
+    synthetic: int = 0  # data-free: the teacher writes this many training texts (0: off)
+    synthetic_tokens: int = 128  # new tokens the teacher samples per text
+    synthetic_temperature: float = 1.0  # sampling temperature of the teacher's texts
+
+    OBJECTIVES = ("sft", "kd", "kd+sft")
+    TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective != "sft" or self.synthetic > 0
 
     def problems(self) -> list[str]:
         out = []
+        if self.objective not in self.OBJECTIVES:
+            out.append(f"recover.objective must be one of {', '.join(self.OBJECTIVES)}, got {self.objective!r}"
+                       f"{did_you_mean(self.objective, self.OBJECTIVES)}")
+        for key in ("kd_temperature", "synthetic_temperature"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):  # nan > 0 is False too, but say "finite" for inf
+                out.append(f"recover.{key} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.kd_weight) and 0 < self.kd_weight < 1):
+            out.append(f"recover.kd_weight must be in (0, 1), got {self.kd_weight}")
+        if self.teacher_dtype not in self.TEACHER_DTYPES:
+            out.append(f"recover.teacher_dtype must be one of {', '.join(self.TEACHER_DTYPES)}, got "
+                       f"{self.teacher_dtype!r}{did_you_mean(self.teacher_dtype, self.TEACHER_DTYPES)}")
+        for key in ("kd_chunk_size", "synthetic_tokens"):
+            if getattr(self, key) <= 0:
+                out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
+        if self.synthetic < 0:
+            out.append(f"recover.synthetic must be >= 0, got {self.synthetic}")
+        if self.text is not None and self.synthetic:
+            out.append("recover.text and recover.synthetic are two sources of training text: give one")
         if self.rank <= 0:
             out.append(f"recover.rank must be > 0, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:

@@ -13,6 +13,7 @@ merged model computes what the adapter model computes, and the merged model is f
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -132,6 +133,9 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         result.outcomes[SUMMARY_LABELS[stage]] = data["outcomes"]
 
     evaluate_stage("eval_base", fp, config.model)
+    # The recovery's teacher (kd) and the reference of its held-out KL (every objective): the unpruned base model.
+    # One untouched copy, since pruning works in place and PEFT wraps the student in place.
+    teacher = None
 
     if config.runs("prune"):
         from ..pruning.prune import prune, save_pruned
@@ -139,8 +143,10 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         fp = st.fingerprint("prune", fp, config.prune.to_dict())
         pruned_dir = out / "pruned"
         if st.done("prune", fp):
+            teacher = model if config.runs("recover") else None  # the pruned model comes from disk: no copy needed
             model, tok = load_model(pruned_dir)
         else:
+            teacher = copy.deepcopy(model) if config.runs("recover") else None
             def work():
                 report = prune(model, tok, config.prune)
                 save_pruned(model, tok, report, pruned_dir, overwrite=True, source=config.model)
@@ -152,7 +158,9 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     evaluate_stage("eval_pruned", fp, str(out / "pruned") if config.runs("prune") else config.model)
 
     if config.runs("recover"):
-        model, fp = _recover_stage(config, st, fp, model, tok, train_data, progress)
+        if teacher is None:  # no pruning: distil the base model into an adapter on a copy of itself
+            teacher = copy.deepcopy(model)
+        model, fp = _recover_stage(config, st, fp, model, tok, train_data, progress, teacher)
         model, fp = _merge_stage(config, st, fp, model, tok)
         result.sizes["merged"] = dir_size(out / "merged")
         evaluate_stage("eval_recovered", fp, str(out / "merged"))
@@ -177,7 +185,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     return result
 
 
-def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool):
+def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
     from peft import PeftModel
 
     from ..recovery.trainer import recover
@@ -192,7 +200,8 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
 
     def work():
         res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=not resume,
-                      progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model)
+                      progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model,
+                      teacher=teacher)
         holder["model"] = res.model
         return {"best_val_loss": res.best_val_loss, "best_step": res.best_step, "effective_scale": res.effective_scale}
 

@@ -1,5 +1,8 @@
 """recover(): train a LoRA/RoRA/DoRA adapter on a (pruned) causal LM with a plain PyTorch loop on accelerate.
 
+Objectives (config.objective): `sft`, cross-entropy on the response tokens; `kd`, distillation from a teacher (the
+unpruned model) over every token of each text, computed in chunks of positions (distill.py); `kd+sft`, both.
+
 Why a custom loop rather than HF Trainer: the loss runs the LM head only on positions that carry a label (the
 response tokens), which on a 49k-token vocabulary is a large share of the compute; micro-batches are
 length-grouped so little work goes to padding; and the adapters' dropout samples only the dropped positions
@@ -7,7 +10,7 @@ length-grouped so little work goes to padding; and the adapters' dropout samples
 autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
 
 Output directory (only the main process writes):
-    adapter/                 the best (lowest validation loss) adapter, standard PEFT format
+    adapter/                 the best adapter (lowest held-out objective: response loss, KL, or both), PEFT format
     checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
     checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
     metrics.jsonl, loss.png  per-step training metrics and evaluations, the loss curve
@@ -29,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import atomic_dir, check_output, write_json, write_manifest
 from ..config import RecoverConfig
-from ..errors import ConfigError, TrainingError
-from .data import IGNORE_INDEX, Example, collate, count_steps, prepare, step_plan
+from ..errors import ConfigError, DataError, TrainingError
+from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
+from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
+                      prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
+from .synthetic import synthetic_texts
 from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
 
 MANIFEST = "rora_recovery.json"
@@ -58,6 +63,8 @@ class RecoverResult:
     dropped_too_long: int
     metrics_path: Path | None
     module_scales: dict[str, float] = field(default_factory=dict)
+    objective: str = "sft"
+    val_metrics: dict = field(default_factory=dict)  # the best step's held-out figures (val_kl, val_text_loss, ...)
 
     def to_dict(self) -> dict:
         return {
@@ -70,6 +77,8 @@ class RecoverResult:
             "tokens_per_second": self.tokens_per_second,
             "dropped_too_long": self.dropped_too_long,
             "metrics_path": str(self.metrics_path) if self.metrics_path else None,
+            "objective": self.objective,
+            "val_metrics": self.val_metrics,
         }
 
 
@@ -87,31 +96,41 @@ class LabelledTokenLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
         causal_lm = self.peft_model.get_base_model()
         hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+        return labelled_ce(causal_lm, hidden, labels)
 
 
 def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=None, *, resume: bool = False,
-            overwrite: bool = False, progress: bool = True, source: str | None = None) -> RecoverResult:
+            overwrite: bool = False, progress: bool = True, source: str | None = None, teacher=None,
+            teacher_tokenizer=None) -> RecoverResult:
     """Train an adapter on `model` with `data` as `config` says; write the run to `out` (optional).
 
     `data`: a JSON/JSONL file (LLM-Adapters or Alpaca format), a directory of <task>/train.json, a hub dataset
     id, or a list of records. `resume=True` continues from the latest checkpoint in `out` (same config and data
     required); without `resume` or `overwrite` an existing `out` is refused before any work. `source` (e.g. the
     model spec) is recorded in the manifest. The model is wrapped in place by PEFT.
+
+    `teacher`: a causal LM with the student's vocabulary (e.g. the unpruned model), required by the kd objectives;
+    with `sft` it is optional and only adds held-out KL to the metrics. It is frozen and moved, in place, to the
+    training device in `config.teacher_dtype`. `teacher_tokenizer`, when given, must equal `tokenizer`.
     """
     from peft import get_peft_model
 
     config = config or RecoverConfig()
     out = Path(out) if out is not None else None
     get_method(config.method)
+    check_objective(config, teacher is not None)
+    if teacher is not None:
+        check_teacher(teacher, model, tokenizer, teacher_tokenizer)
     if out is not None and not resume:
         check_output(out, overwrite)
     lora_config = peft_config(config, model)
-    tokenized = prepare(data, tokenizer, config)
+    tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
     accelerator = _accelerator()
+    if teacher is not None:
+        teacher = prepare_teacher(teacher, accelerator.device, teacher_dtype(config.teacher_dtype))
+    if tokenized is None:
+        with accelerator.main_process_first():  # the main process writes the texts to the cache, the others read them
+            tokenized = _training_data(data, tokenizer, config, teacher, progress and accelerator.is_main_process)
     accumulation = config.batch_size // config.micro_batch_size
     if accumulation % accelerator.num_processes:
         raise ConfigError(
@@ -120,6 +139,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         )
     total_steps = count_steps(len(tokenized.train), config)
     identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint}
+    if teacher is not None:
+        identity["teacher"] = model_signature(teacher)
     state = _load_state(out, identity) if resume and out is not None else None
     if out is not None and state is None and accelerator.is_main_process:
         if out.exists():
@@ -135,14 +156,33 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, total_steps)
-    loss_module = LabelledTokenLoss(peft_model)
+    if config.objective == "sft":
+        loss_module = LabelledTokenLoss(peft_model)
+    else:
+        loss_module = DistillLoss(peft_model, teacher, config.kd_temperature, config.kd_chunk_size,
+                                  sft=config.objective == "kd+sft")
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     run = _Run(config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
-               tokenizer, identity, total_steps, progress)
+               tokenizer, identity, total_steps, progress, teacher)
     if state is not None:
         run.restore(state)
     run.train()
     return run.finish(source)
+
+
+def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progress: bool = False):
+    """Tokenized training data: records (`data`), a text file (`config.text`), or texts the teacher writes
+    (`config.synthetic`, continuing the records' prompts when `data` is given)."""
+    if config.text is not None:
+        if data is not None:
+            raise DataError("give training records (--data) or a text file (--text), not both")
+        return prepare_text(config.text, tokenizer, config)
+    if config.synthetic:
+        records = load_records(data) if data is not None else None
+        return prepare_text(synthetic_texts(teacher, tokenizer, records, config, progress), tokenizer, config)
+    if data is None:
+        raise DataError("no training data: give records (--data), a text file (--text) or --synthetic N")
+    return prepare(data, tokenizer, config)
 
 
 def _accelerator():
@@ -172,8 +212,9 @@ class _Run:
     """The state of one training run: the loop, evaluation, checkpoints, metrics and final outputs."""
 
     def __init__(self, config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
-                 tokenizer, identity, total_steps, progress):
+                 tokenizer, identity, total_steps, progress, teacher=None):
         self.config, self.out, self.acc = config, out, accelerator
+        self.teacher, self.kd = teacher, config.objective != "sft"
         self.peft_model, self.loss_module, self.wrapped = peft_model, loss_module, wrapped
         self.optimizer, self.scheduler, self.data = optimizer, scheduler, tokenized
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -199,40 +240,58 @@ class _Run:
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            loss, tokens = self.train_step(self.plan[self.step])
+            loss, tokens, parts = self.train_step(self.plan[self.step])
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.train_tokens += tokens
             tps = self.train_tokens / max(self.train_seconds, 1e-9)
-            self.log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
-                      "tokens_per_second": round(tps, 2)})
+            self.log({"step": self.step, "loss": loss, **parts, "lr": self.scheduler.get_last_lr()[0],
+                      "tokens": tokens, "tokens_per_second": round(tps, 2)})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()}, tok_s=f"{tps:.0f}")
             if self.data.val and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
                 self.evaluate()
             if self.out is not None and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
 
-    def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
-        """One optimizer step over this process's share of the step's micro-batches; returns (loss, tokens)."""
-        acc, train = self.acc, self.data.train
-        torch.manual_seed(_step_seed(self.config.seed, self.step, acc.process_index))
+    def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int, dict]:
+        """One optimizer step over this process's share of the step's micro-batches.
+
+        Returns (objective, tokens, {"kl": KD term per token[, "sft": SFT term per labelled token]}). Each term is
+        a mean over the whole step's tokens: KD over every position that predicts a token, SFT over the labels.
+        """
+        acc, train, cfg = self.acc, self.data.train, self.config
+        torch.manual_seed(_step_seed(cfg.seed, self.step, acc.process_index))
         n_targets = max(1, sum(_n_targets(train[i]) for mb in micro_batches for i in mb))
+        if self.kd:
+            n_kd = max(1, sum(len(train[i]) - 1 for mb in micro_batches for i in mb))
+            w = 1.0 if cfg.objective == "kd" else cfg.kd_weight
+            coefs = (w / n_kd, (1.0 - w) / n_targets)
+        else:
+            coefs = (1.0 / n_targets,)
         mine = micro_batches[acc.process_index :: acc.num_processes]
-        loss_sum = torch.zeros((), device=acc.device)
-        tokens = 0
+        sums = torch.zeros(len(coefs) + 1, device=acc.device)  # each term's sum, then the token count
         for k, mb in enumerate(mine):
-            ids, labels = (t.to(acc.device) for t in collate([train[i] for i in mb], self.pad_id))
+            batch = [train[i] for i in mb]
+            ids, labels = (t.to(acc.device) for t in collate(batch, self.pad_id))
             last = k == len(mine) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
-                summed, _ = self.wrapped(ids, labels)
+                if self.kd:
+                    terms = self.wrapped(ids, labels, torch.tensor([len(e) for e in batch], device=acc.device))
+                else:
+                    terms = (self.wrapped(ids, labels)[0],)
+                objective = sum(c * t for c, t in zip(coefs, terms))
                 # DDP averages gradients over processes; scale so the result is the mean over the whole step's tokens.
-                acc.backward(summed * (acc.num_processes / n_targets))
-            loss_sum += summed.detach().float()
-            tokens += sum(len(train[i]) for i in mb)
-        totals = acc.reduce(torch.stack([loss_sum, torch.tensor(float(tokens), device=acc.device)]), "sum")
-        loss = float(totals[0]) / n_targets
+                acc.backward(objective * acc.num_processes)
+            sums += torch.stack([*(t.detach().float() for t in terms), torch.tensor(float(sum(map(len, batch))), device=acc.device)])
+        totals = acc.reduce(sums, "sum")
+        loss = sum(c * float(t) for c, t in zip(coefs, totals))
+        parts = {}
+        if self.kd:
+            parts["kl"] = float(totals[0]) / n_kd
+            if cfg.objective == "kd+sft":
+                parts["sft"] = float(totals[1]) / n_targets
         if not math.isfinite(loss):
             last_ckpt = self.latest_checkpoint()
             raise TrainingError(
@@ -243,26 +302,39 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, int(totals[1])
+        return loss, int(totals[-1]), parts
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per labelled token on the validation split; keeps the best adapter."""
-        acc, val = self.acc, self.data.val
+        """The objective's own held-out figure on the validation split; keeps the best adapter.
+
+        sft: mean loss per labelled token; kd: mean KL(teacher || student) per token at temperature 1; kd+sft: the
+        weighted sum of the two. Logged beside it, for every objective: the response loss, the whole-text loss and
+        (with a teacher) the KL, so runs of different objectives compare.
+        """
+        acc, val, cfg = self.acc, self.data.val, self.config
         self.peft_model.eval()
         order = sorted(range(len(val)), key=lambda i: len(val[i]))
-        mb = self.config.micro_batch_size
+        mb = cfg.micro_batch_size
         batches = [order[s : s + mb] for s in range(0, len(order), mb)][acc.process_index :: acc.num_processes]
-        sums = torch.zeros(2, device=acc.device)
+        sums = torch.zeros(5, device=acc.device)
+        student = self.peft_model.get_base_model()
         for batch in batches:
-            ids, labels = (t.to(acc.device) for t in collate([val[i] for i in batch], self.pad_id))
+            examples = [val[i] for i in batch]
+            ids, labels = (t.to(acc.device) for t in collate(examples, self.pad_id))
+            lengths = torch.tensor([len(e) for e in examples], device=acc.device)
             with acc.autocast():
-                summed, count = self.loss_module(ids, labels)
-            sums += torch.stack([summed.float(), count.float()])
+                sums += batch_sums(student, self.teacher, ids, labels, lengths, cfg.kd_chunk_size)
         sums = acc.reduce(sums, "sum")
-        val_loss = float(sums[0] / sums[1].clamp(min=1))
+        record = {"val_response_loss": float(sums[0] / sums[1].clamp(min=1)),
+                  "val_text_loss": float(sums[2] / sums[3].clamp(min=1))}
+        if self.teacher is not None:
+            record["val_kl"] = float(sums[4] / sums[3].clamp(min=1))
+        kl, resp = record.get("val_kl"), record["val_response_loss"]
+        val_loss = (resp if cfg.objective == "sft" else kl if cfg.objective == "kd"
+                    else cfg.kd_weight * kl + (1 - cfg.kd_weight) * resp)
         self.peft_model.train()
-        self.log({"step": self.step, "val_loss": val_loss})
+        self.log({"step": self.step, "val_loss": val_loss, **record})
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
             self.save_best()
@@ -389,6 +461,9 @@ class _Run:
                     "module_scales": scales,
                     "best_val_loss": self.best_val_loss,
                     "best_step": self.best_step,
+                    "objective": cfg.objective,
+                    "val_metrics": self.best_metrics(),
+                    "teacher": self.identity.get("teacher"),
                     "steps": self.step,
                     "train_examples": len(self.data.train),
                     "val_examples": len(self.data.val),
@@ -404,8 +479,13 @@ class _Run:
             model=self.peft_model, adapter_dir=adapter_dir, best_val_loss=self.best_val_loss, best_step=self.best_step,
             effective_scale=effective_scale(cfg), steps=self.step, train_tokens=self.train_tokens,
             tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
-            module_scales=scales,
+            module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(),
         )
+
+    def best_metrics(self) -> dict:
+        """The held-out figures logged at the best step (from the history, so a resumed run has them too)."""
+        found = [r for r in self.history if "val_loss" in r and r["step"] == self.best_step]
+        return {k: v for k, v in found[-1].items() if k != "step"} if found else {}
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -423,6 +503,8 @@ def _load_state(out: Path, identity: dict) -> Path | None:
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if state["data_fingerprint"] != identity["data_fingerprint"]:
         changed.append("training data differs")
+    if state.get("teacher") != identity.get("teacher"):
+        changed.append("teacher differs")
     if changed:
         raise TrainingError(
             f"cannot resume from {ckpt}: it was made with a different config ({'; '.join(changed)}); "
@@ -432,7 +514,7 @@ def _load_state(out: Path, identity: dict) -> Path | None:
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
-    """Training and validation loss against the step, as a PNG."""
+    """Training and validation objective against the step; beside it the held-out whole-text loss and KL, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,14 +522,22 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss per labelled token")
+    ax.set_ylabel("objective (per token)")
     ax.legend()
+    for key, label in (("val_text_loss", "whole-text loss"), ("val_kl", "KL(teacher || model)")):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax2.plot(*zip(*points), "o-", label=label)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("held-out, nats per token")
+    if ax2.lines:
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,42 @@
+"""`rora run` with a distillation objective: the teacher is the unpruned base model, kept untouched through pruning."""
+import json
+
+import pytest
+
+from rora.artifacts import save_model_dir
+from rora.config import PipelineConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _records(n):
+    return [{"instruction": f"Is {i} even? Answer true or false.", "input": "",
+             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}", "answer": "true"} for i in range(n)]
+
+
+def test_kd_recovery_distils_the_unpruned_base(tmp_path, tiny_gqa, tokenizer):
+    from rora.models import load_model
+    from rora.pipelines.run import run_pipeline
+    from rora.recovery.distill import model_signature
+
+    save_model_dir(tiny_gqa, tokenizer, tmp_path / "base")
+    (tmp_path / "data" / "boolq").mkdir(parents=True)
+    (tmp_path / "data" / "boolq" / "train.json").write_text(json.dumps(_records(24)))
+    cfg = PipelineConfig.from_dict({
+        "model": str(tmp_path / "base"), "out": str(tmp_path / "run"), "data": str(tmp_path / "data"),
+        "skip": ["eval_base", "eval_pruned", "eval_recovered", "export"],
+        "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "recover": {"objective": "kd", "rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2,
+                    "val_set_size": 4, "warmup_steps": 1, "eval_steps": 3, "save_steps": 2},
+    })
+    base = model_signature(load_model(tmp_path / "base")[0])
+    manifest = tmp_path / "run" / "recovery" / "rora_recovery.json"
+
+    run_pipeline(cfg, progress=False)  # prunes (a copy of the base is kept first), then distils
+    first = json.loads(manifest.read_text())
+    assert first["objective"] == "kd" and first["teacher"] == base and first["val_metrics"]["val_kl"] > 0
+
+    cfg.recover.rank = 2  # the pruned model now comes from disk; the base as loaded is the teacher
+    result = run_pipeline(cfg, progress=False)
+    assert result.stages["prune"]["skipped"] is True and result.stages["recover"]["skipped"] is False
+    assert json.loads(manifest.read_text())["teacher"] == base
