@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class PipelineResult:
     out: Path
     evals: dict = field(default_factory=dict)  # "base" | "pruned" | "recovered" -> {task: accuracy, "average": ...}
     outcomes: dict = field(default_factory=dict)  # the same labels -> {task: [0/1 per example]}, to recompute anything
+    heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out text
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -49,6 +51,8 @@ class PipelineResult:
             "out": str(self.out),
             "evals": self.evals,
             **evaluation_statistics(self.outcomes),
+            "heldout": self.heldout,
+            **heldout_statistics(self.heldout),
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -113,24 +117,32 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     result.parameters["base"] = count_parameters(model)
     fp = st.fingerprint("model", config.model)
     eval_cfg = config.eval.to_dict()
+    heldout_texts = heldout_records(config, train_data)
+    heldout_key = [train_data, config.recover.val_set_size, config.recover.seed, config.recover.cutoff_len]
 
-    def evaluate_stage(stage: str, upstream: str, model_name: str) -> None:
+    def evaluate_stage(stage: str, upstream: str, model_name: str, reference=None) -> None:
+        """Accuracy on the suite, and whole-text loss and KL to the base model (`reference`; None for the base
+        itself) on the held-out records."""
         if not config.runs(stage):
             return
         from ..evaluation.evaluate import evaluate
 
-        sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir, "outcomes")
+        sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir, "outcomes", heldout_key)
         target = out / stage / "results.json"
         data = st.done(stage, sfp)
         if data is None:
             def work():
                 res = evaluate(model, tok, config.eval, data_dir=data_dir, out=target, model_name=model_name, progress=progress)
                 return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
-                        "outcomes": outcomes_from_records(res.records)}
+                        "outcomes": outcomes_from_records(res.records),
+                        "heldout": _heldout(model, reference, tok, heldout_texts, config.recover.cutoff_len)}
 
             data = st.run(stage, sfp, work)
-        result.evals[SUMMARY_LABELS[stage]] = {**data["accuracy"], "average": data["average"]}
-        result.outcomes[SUMMARY_LABELS[stage]] = data["outcomes"]
+        label = SUMMARY_LABELS[stage]
+        result.evals[label] = {**data["accuracy"], "average": data["average"]}
+        result.outcomes[label] = data["outcomes"]
+        if data.get("heldout"):
+            result.heldout[label] = data["heldout"]
 
     evaluate_stage("eval_base", fp, config.model)
     # The recovery's teacher (kd) and the reference of its held-out KL (every objective): the unpruned base model.
@@ -143,10 +155,10 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         fp = st.fingerprint("prune", fp, config.prune.to_dict())
         pruned_dir = out / "pruned"
         if st.done("prune", fp):
-            teacher = model if config.runs("recover") else None  # the pruned model comes from disk: no copy needed
+            teacher = model  # the pruned model comes from disk: no copy needed
             model, tok = load_model(pruned_dir)
         else:
-            teacher = copy.deepcopy(model) if config.runs("recover") else None
+            teacher = copy.deepcopy(model) if config.runs("recover") or config.runs("eval_pruned") else None
             def work():
                 report = prune(model, tok, config.prune)
                 save_pruned(model, tok, report, pruned_dir, overwrite=True, source=config.model)
@@ -155,7 +167,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
             st.run("prune", fp, work)
         result.sizes["pruned"] = dir_size(pruned_dir)
     result.parameters["pruned"] = count_parameters(model)
-    evaluate_stage("eval_pruned", fp, str(out / "pruned") if config.runs("prune") else config.model)
+    evaluate_stage("eval_pruned", fp, str(out / "pruned") if config.runs("prune") else config.model, teacher)
 
     if config.runs("recover"):
         if teacher is None:  # no pruning: distil the base model into an adapter on a copy of itself
@@ -163,7 +175,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         model, fp = _recover_stage(config, st, fp, model, tok, train_data, progress, teacher)
         model, fp = _merge_stage(config, st, fp, model, tok)
         result.sizes["merged"] = dir_size(out / "merged")
-        evaluate_stage("eval_recovered", fp, str(out / "merged"))
+        evaluate_stage("eval_recovered", fp, str(out / "merged"), teacher)
 
     if config.runs("export"):
         from .export import export
@@ -183,6 +195,26 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     result.model, result.tokenizer = model, tok
     write_summary(result)
     return result
+
+
+def heldout_records(config: PipelineConfig, train_data) -> list[dict] | None:
+    """The recovery's validation records (carved from its training data, never a test set): the held-out text on
+    which every evaluated model's whole-text loss and KL to the base model are measured. None without recovery."""
+    if not (train_data and config.runs("recover")):
+        return None
+    from ..recovery.data import load_records, split_train_val
+
+    rc = config.recover
+    return split_train_val(load_records(train_data), rc.val_set_size, rc.seed, rc.max_train_examples)[1] or None
+
+
+def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
+    if not texts:
+        return None
+    from ..recovery.distill import heldout_metrics
+
+    found = heldout_metrics(model, reference, tok, texts, cutoff_len=cutoff_len)
+    return {**found, "kl": 0.0 if reference is None else found["kl"]}  # the base model is its own reference
 
 
 def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
@@ -247,6 +279,13 @@ def evaluation_statistics(outcomes: dict) -> dict:
     return stats
 
 
+def heldout_statistics(heldout: dict) -> dict:
+    """The share of the pruning gap in held-out loss that recovery closed (its KL is in `heldout` itself)."""
+    if not {"base", "pruned", "recovered"} <= set(heldout):
+        return {}
+    return {"heldout_gap_closed": {"loss": gap_closed(*(heldout[k]["loss"] for k in ("base", "pruned", "recovered")))}}
+
+
 def _pm(x: float, se: float, signed: bool = False) -> str:
     value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
     return value if se != se else f"{value} ± {100 * se:.1f}"
@@ -274,6 +313,16 @@ def summary_table(result: PipelineResult) -> str:
         if stats.get("gap_closed", {}).get("accuracy") is not None:
             lines.append(f"Share of the pruning gap in average accuracy closed by recovery: "
                          f"{100 * stats['gap_closed']['accuracy']:.0f}%.")
+        lines.append("")
+    if result.heldout:
+        lines += ["Held-out text (the recovery's validation records), per token:", "",
+                  "| model | whole-text loss | perplexity | KL to base (nats) |", "|---|---|---|---|"]
+        for label, h in result.heldout.items():
+            kl = "-" if h.get("kl") is None else f"{h['kl']:.3f}"
+            lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} |")
+        closed = heldout_statistics(result.heldout).get("heldout_gap_closed", {})
+        if closed.get("loss") is not None:
+            lines += ["", f"Share of the pruning gap in held-out loss closed by recovery: {100 * closed['loss']:.0f}%."]
         lines.append("")
     for name, n in result.parameters.items():
         lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
