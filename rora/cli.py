@@ -13,8 +13,18 @@ import click
 
 
 def _fail(message: str) -> None:
+    _close_progress_bars()
     click.echo(f"rora: error: {message}", err=True)
     sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """A run that fails mid-way leaves its tqdm bar open; close it so the error is the last line on stderr."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+    sys.stdout.flush()
 
 
 def handles_errors(fn):
@@ -30,6 +40,9 @@ def handles_errors(fn):
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted; outputs in progress were discarded (re-run with --resume where supported)")
+        except OSError as exc:  # the file system said no (full disk, read-only, permissions): name the path
+            where = exc.filename or ""
+            _fail(f"cannot access {where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}")
 
     return wrapper
 
@@ -52,7 +65,7 @@ def main():
 
 def model_argument(fn):
     fn = click.argument("model")(fn)
-    fn = click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled (LLM-Pruner) checkpoint. Only for files you trust.")(fn)
+    fn = click.option("--allow-pickle", is_flag=True, help="Allow loading pickled weights (an LLM-Pruner checkpoint, pytorch_model.bin, adapter_model.bin). Only for files you trust.")(fn)
     return fn
 
 
@@ -114,7 +127,7 @@ def prune(model, allow_pickle, ratio, out, overwrite, config_file, **flags):
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
     cfg = cfg.replace(ratio=ratio, **flags)
-    check_output(out, overwrite)  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
 
@@ -234,7 +247,7 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data
     resolve_data_dir(data_dir)  # a missing --data-dir fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
     if adapter:
-        m = load_adapter(m, adapter)
+        m = load_adapter(m, adapter, allow_pickle=allow_pickle)
     results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=model, adapter=adapter)
     click.echo(results.to_markdown())
 
@@ -306,13 +319,13 @@ def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
     from .config import MergeConfig
 
     cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(dtype=dtype)
-    check_output(out, overwrite)  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model, adapter])  # before any work: bad input writes nothing
     from .artifacts import dir_size
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
-    merged, report = merge_adapter(m, adapter, cfg)
+    merged, report = merge_adapter(m, adapter, cfg, allow_pickle=allow_pickle)
     path = save_merged(merged, tok, report, out, overwrite=overwrite, source=model)
     r = report.to_dict()
     scale = f"scale {r['effective_scale']:.4g}" if isinstance(r["effective_scale"], float) else f"scales {r['effective_scale']}"
@@ -341,7 +354,7 @@ def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, co
         format=export_format, layout=layout, dtype=dtype)
     from .artifacts import check_output
 
-    check_output(out, overwrite)  # before loading the model: bad input writes nothing
+    check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
     from pathlib import Path
 
     from .models import load_model
