@@ -71,7 +71,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
             pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-")[0]
             if pid.isdigit():
-                stale = not _alive(int(pid))
+                stale = not process_alive(int(pid))
             else:
                 stale = time.time() - leftover.lstat().st_mtime > STALE_AFTER_S
             if stale:
@@ -80,7 +80,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -177,26 +177,28 @@ def _csv(value):
 @click.option("--cutoff-len", type=int, help="Max tokens per example; longer ones are dropped and counted (default 256).")
 @click.option("--val-set-size", type=int, help="Validation examples carved from the training data (default 120).")
 @click.option("--max-train-examples", type=int, help="Use only the first N training examples (after the seeded shuffle).")
+@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps (default 100).")
 @click.option("--eval-steps", type=int, help="Evaluate every N steps (default 80).")
 @click.option("--save-steps", type=int, help="Checkpoint every N steps (default 80).")
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout (default 42).")
 @click.option("--train-on-inputs", is_flag=True, default=None, help="Loss on the prompt tokens too (LLM-Adapters' default).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run into --out from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
 def recover(model, allow_pickle, data, out, target_modules, resume, overwrite, config_file, **flags):
-    """Train a RoRA/LoRA/DoRA adapter on MODEL with --data; the best adapter lands in --out/adapter."""
-    from .artifacts import check_output
+    """Train a RoRA/LoRA/DoRA adapter on MODEL with --data; the best adapter lands in --out/adapter.
+
+    The run trains in .OUT.partial beside --out and takes the place of --out when it completes."""
     from .config import RecoverConfig
 
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
     cfg = cfg.replace(target_modules=_csv(target_modules), **flags)
-    if not resume:
-        check_output(out, overwrite)  # before loading the model: bad input writes nothing
     from .models import load_model
-    from .recovery.trainer import recover as recover_adapter
+    from .recovery.trainer import check_recover_output, recover as recover_adapter
+
+    check_recover_output(out, resume, overwrite, inputs=[model, data])  # before loading the model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     result = recover_adapter(m, tok, data, cfg, out, resume=resume, overwrite=overwrite, source=model)

@@ -180,12 +180,13 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
     rec_dir = st.out / "recovery"
     if st.done("recover", fp):
         return PeftModel.from_pretrained(model, rec_dir / "adapter"), fp
-    # An earlier run of these very settings crashed mid-way: continue from its checkpoints instead of starting over.
-    resume = st.interrupted("recover", fp) and any((rec_dir / "checkpoints").glob("step-*"))
+    # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
+    # of starting over. Either way the new run replaces an older recovery only once it is complete.
+    resume = st.interrupted("recover", fp)
     holder = {}
 
     def work():
-        res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=not resume,
+        res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=True,
                       progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model)
         holder["model"] = res.model
         return {"best_val_loss": res.best_val_loss, "best_step": res.best_step, "effective_scale": res.effective_scale}
