@@ -268,20 +268,22 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
 @click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
-@click.option("--tasks", help="Comma-separated tasks (default: all eight).")
+@click.option("--tasks", help="'all' (default) or comma-separated tasks.")
 @click.option("--limit", type=int, help="Evaluate the first N examples per task.")
 @click.option("--format", "export_format", help="Export format: hf or gguf.")
 @click.option("--skip", help="Comma-separated stages to skip: eval_base, prune, eval_pruned, recover, merge, eval_recovered, export.")
 @click.option("--allow-pickle", is_flag=True, default=None, help="Allow a pickled (LLM-Pruner) checkpoint as the model.")
+@click.option("--overwrite", is_flag=True, help="Run into an --out that is not a rora run, and rerun every stage.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @handles_errors
-def run(config_file, preset, export_format, print_config, **flags):
+def run(config_file, preset, export_format, print_config, overwrite, **flags):
     """Prune -> evaluate -> recover -> merge -> evaluate -> export, in one resumable run.
 
     Settings come from CONFIG_FILE or --preset (defaults < YAML < flags). Each stage writes its own directory
     under --out; rerunning skips stages already done with the same settings and resumes an interrupted recovery.
     """
     from .config import PipelineConfig, load_preset
+    from .evaluation.tasks import parse_tasks
 
     if config_file and preset:
         raise click.UsageError("give a CONFIG_FILE or --preset, not both")
@@ -292,7 +294,8 @@ def run(config_file, preset, export_format, print_config, **flags):
         prune=cfg.prune.replace(ratio=flags["ratio"]),
         recover=cfg.recover.replace(method=flags["method"], rank=flags["rank"], alpha=flags["alpha"], lr=flags["lr"],
                                     max_steps=flags["max_steps"]),
-        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=_csv(flags["tasks"]), limit=flags["limit"]),
+        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=parse_tasks(flags["tasks"]) if flags["tasks"] else None,
+                            limit=flags["limit"]),
         export=cfg.export.replace(format=export_format),
     )
     if print_config:
@@ -302,7 +305,7 @@ def run(config_file, preset, export_format, print_config, **flags):
         return
     from .pipelines.run import run_pipeline, summary_table
 
-    result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True))
+    result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True), overwrite=overwrite)
     click.echo(summary_table(result))
     click.echo(f"\nsummary: {result.out / 'summary.md'}  chart: {result.out / 'summary.png'}")
 
