@@ -110,12 +110,15 @@ def quiet_transformers():
     Problems still surface: the loaders below raise on every mismatch they would report."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the per-file "Loading weights" bar
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _ensure_pad_token(tokenizer) -> None:
