@@ -155,3 +155,15 @@ def test_pickle_opt_in_is_one_rule_for_models_and_adapters(tokenizer, tmp_path):
         allowed = CliRunner().invoke(main, [str(a) for a in argv] + ["--allow-pickle"])
         assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_readme_reliability_promises_name_real_tests():
+    import re
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Reliability"):text.index("## Python API")]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = {m for f in (REPO / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    assert len(named) >= 10 and named <= defined, named - defined
