@@ -103,6 +103,7 @@ def _honour_umask(path: Path, mode: int) -> None:
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Move the complete directory `src` to `dst`; an existing `dst` is kept until `src` is in its place."""
+    remove_stale_temporaries(dst)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         dst.rename(old)

@@ -180,8 +180,9 @@ def load_gguf(path: Path, dtype=None):
     if arch not in ("llama", "mistral", "qwen2"):
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, mistral, qwen2")
     kwargs = {"gguf_file": path.name}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
     # The model is dense after dequantization; the GGUF quantization config would stop save_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -266,10 +267,12 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
-        check_supported(config)
-        tokenizer = _load_tokenizer(repo_id)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+            check_supported(config)
+            tokenizer = _load_tokenizer(repo_id)
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or torch.float32,
+                                                         trust_remote_code=trust_remote_code)
     except UnsupportedModelError:
         raise
     except (OSError, ValueError) as exc:

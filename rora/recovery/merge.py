@@ -15,7 +15,6 @@ final (cast) model is reported too, as `max_abs_diff_after_cast`: that is the pr
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
