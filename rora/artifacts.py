@@ -91,7 +91,14 @@ def process_alive(pid: int) -> bool:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # Linux reports it without changing it (os.umask sets it, a race with other threads creating files).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

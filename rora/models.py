@@ -147,7 +147,7 @@ def _load_alias(alias: str, dtype):
     # The file's name and size, not its path: every virtualenv has its own copy of the same package file.
     stamp = {"source": gguf.name, "size": gguf.stat().st_size}
     manifest = cached / CACHE_MANIFEST
-    if manifest.is_file() and {k: read_json(manifest).get(k) for k in stamp} == stamp:
+    if manifest.is_file() and _cache_stamp(manifest, stamp) == stamp:
         model, tokenizer = load_hf_dir(cached, dtype)
         model.config.name_or_path = ALIASES[alias][2]
         return model, tokenizer
@@ -157,6 +157,15 @@ def _load_alias(alias: str, dtype):
         save_model_dir(model, tokenizer, tmp)
         write_manifest(tmp, CACHE_MANIFEST, stamp)
     return (model.to(dtype) if dtype else model), tokenizer
+
+
+def _cache_stamp(manifest: Path, stamp: dict) -> dict | None:
+    """The cached copy's stamp; a corrupt one is a cache miss (the copy is rebuilt), not an error."""
+    try:
+        data = read_json(manifest)
+    except RoraError:
+        return None
+    return {k: data.get(k) for k in stamp} if isinstance(data, dict) else None
 
 
 def gguf_architecture(path: Path) -> str:
