@@ -184,7 +184,7 @@ def _csv(value):
 @click.option("--train-on-inputs", is_flag=True, default=None, help="Loss on the prompt tokens too (LLM-Adapters' default).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run into --out from its latest checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Start again: replace --out (once the new run is complete) and any interrupted run.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
 def recover(model, allow_pickle, data, out, target_modules, resume, overwrite, config_file, **flags):

@@ -167,3 +167,22 @@ def test_readme_reliability_promises_name_real_tests():
     named = set(re.findall(r"`(test_\w+)`", section))
     defined = {m for f in (REPO / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
     assert len(named) >= 10 and named <= defined, named - defined
+
+
+def test_run_into_a_foreign_dir_needs_overwrite_which_reruns_every_stage(tokenizer, tmp_path):
+    from rora.config import PipelineConfig
+    from rora.errors import OutputExistsError
+    from rora.pipelines.run import run_pipeline
+
+    save_model_dir(make_model(), tokenizer, tmp_path / "model")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    only_export = ["eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered"]
+    cfg = PipelineConfig(model=str(tmp_path / "model"), out=str(tmp_path / "out"), skip=only_export)
+    with pytest.raises(OutputExistsError, match="not a rora run"):
+        run_pipeline(cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    assert run_pipeline(cfg, progress=False, overwrite=True).stages["export"]["skipped"] is False
+    assert run_pipeline(cfg, progress=False).stages["export"]["skipped"] is True  # now a rora run: a rerun skips
+    assert run_pipeline(cfg, progress=False, overwrite=True).stages["export"]["skipped"] is False
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # --overwrite replaces stage outputs, nothing else
