@@ -137,32 +137,26 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         (work / OWNER_FILE).write_text(str(os.getpid()))
     accelerator.wait_for_everyone()
 
+    torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
+    peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+    use_sparse_dropout(peft_model)  # same distribution as nn.Dropout, a fraction of its cost on CPU
+    if config.gradient_checkpointing:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    loss_module = LabelledTokenLoss(peft_model)
+    wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
+    run = _Run(config, work, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
+               tokenizer, identity, total_steps, progress)
+    if state is not None:
+        _restore(run, state)
     try:
-        torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
-        peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
-        use_sparse_dropout(peft_model)  # same distribution as nn.Dropout, a fraction of its cost on CPU
-        if config.gradient_checkpointing:
-            peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = _scheduler(optimizer, config, total_steps)
-        loss_module = LabelledTokenLoss(peft_model)
-        wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-        run = _Run(config, work, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
-                   tokenizer, identity, total_steps, progress)
-        if state is not None:
-            from safetensors import SafetensorError
-
-            try:
-                run.restore(state)
-            except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
-                raise TrainingError(f"cannot resume from {state}: the checkpoint is corrupt "
-                                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                                    "start again with --overwrite") from None
         run.train()
         result = run.finish(source)
     except BaseException:
-        # A failed run with a checkpoint stays resumable; one without leaves nothing behind.
+        # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
+        # failed before this point has no checkpoint either: the next run into `out` removes it.)
         if work is not None and accelerator.is_main_process and _latest_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
         raise
@@ -173,6 +167,17 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         accelerator.wait_for_everyone()
         result.adapter_dir, result.metrics_path = out / "adapter", out / "metrics.jsonl"
     return result
+
+
+def _restore(run, ckpt: Path) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        run.restore(ckpt)
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"cannot resume from {ckpt}: the checkpoint is corrupt ({detail}); "
+                            "start again with --overwrite") from None
 
 
 def partial_dir(out: Path) -> Path:
