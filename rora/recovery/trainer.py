@@ -103,9 +103,11 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """Train an adapter on `model` with `data` as `config` says; write the run to `out` (optional).
 
     `data`: a JSON/JSONL file (LLM-Adapters or Alpaca format), a directory of <task>/train.json, a hub dataset
-    id, or a list of records. `resume=True` continues from the latest checkpoint in `out` (same config and data
-    required); without `resume` or `overwrite` an existing `out` is refused before any work. `source` (e.g. the
-    model spec) is recorded in the manifest. The model is wrapped in place by PEFT.
+    id, or a list of records. The run trains in `partial_dir(out)` and replaces `out` when complete.
+    `resume=True` continues an interrupted run from its latest checkpoint (same config, data and base model
+    required; with no interrupted run it starts one, but never over an existing `out` without `overwrite`);
+    see `check_recover_output` for what is refused before any work. `source` (e.g. the model spec) is recorded in
+    the manifest. The model is wrapped in place by PEFT. A plain dict is accepted as `config`.
     """
     from peft import get_peft_model
 
