@@ -188,6 +188,8 @@ CLI_CASES = [
     ("merge-adapter-pickle", "merge {w}/model --adapter {w}/adapter_bin --out {w}/m", "--allow-pickle"),
     ("merge-adapter-corrupt-config", "merge {w}/model --adapter {w}/adapter_bad_cfg --out {w}/m", "corrupt"),
     ("merge-adapter-other-shape", "merge {w}/model --adapter {w}/adapter_other_shape --out {w}/m", "does not fit"),
+    ("merge-out-is-adapter", "merge {w}/model --adapter {w}/adapter --out {w}/adapter --overwrite", "would replace the input"),
+    ("export-pickle-dir", "export {w}/pickle_only --format hf --out {w}/x", "--allow-pickle"),
     ("merge-tolerance-negative", "merge {w}/model --adapter {w}/adapter --out {w}/m --config {w}/mtol.yaml", "tolerance"),
     ("merge-tolerance-nan", "merge {w}/model --adapter {w}/adapter --out {w}/m --config {w}/mtol_nan.yaml", "finite"),
     ("export-gguf-suffix", "export {w}/model --format gguf --out {w}/x.bin", ".gguf"),

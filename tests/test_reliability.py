@@ -186,3 +186,13 @@ def test_run_into_a_foreign_dir_needs_overwrite_which_reruns_every_stage(tokeniz
     assert run_pipeline(cfg, progress=False).stages["export"]["skipped"] is True  # now a rora run: a rerun skips
     assert run_pipeline(cfg, progress=False, overwrite=True).stages["export"]["skipped"] is False
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # --overwrite replaces stage outputs, nothing else
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only location (simulated: as root, permission bits do not stop a write) fails in the first second."""
+    import rora.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts.os, "access", lambda path, mode: False)
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "not writable" in result.stderr and str(tmp_path) in result.stderr  # before the model was even looked at
