@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_file, check_output, provenance, write_json
 from ..config import EvalConfig
-from ..errors import MergeError, ModelLoadError
+from ..errors import ConfigError, MergeError, ModelLoadError
 from .data import load_examples, resolve_data_dir
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
@@ -90,8 +90,13 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 
 def check_outputs(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse existing outputs before any work, unless `overwrite`."""
-    for path in output_paths(out):
+    """Refuse existing outputs before any work, unless `overwrite`; and an --out that one of the other two
+    outputs would overwrite (`--out r.md` is also the Markdown table's name)."""
+    paths = output_paths(out)
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"--out {out} names the JSON results but is also where the Markdown table goes; "
+                          f"use {Path(out).with_suffix('.json')}")
+    for path in paths:
         check_output(path, overwrite)
 
 
@@ -103,7 +108,7 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     else the data is downloaded. `limit` keeps the first N examples of each task. Existing outputs are replaced
     unless `overwrite=False` (the CLI's default, checked before the model is loaded).
     """
-    config = config or EvalConfig()
+    config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
     if out is not None:
         check_outputs(out, overwrite)
@@ -202,19 +207,26 @@ _MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape 
                        r"the shape in current model is (\S+ ?\S*)\.")
 
 
-def load_adapter(model, adapter_dir: str | Path):
-    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module."""
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
+    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module.
+    Pickled adapter weights (adapter_model.bin alone) are refused unless `allow_pickle`."""
     from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from ..models import weights_files
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights_files(adapter_dir, allow_pickle, "adapter"):
+        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         found = _MISMATCH.search(str(exc))
         if not found:
-            raise
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail}") from None
         name, theirs, ours = found.groups()
         module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
         raise MergeError(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import count_parameters, dir_size, read_json, write_json
+from ..artifacts import check_output, count_parameters, dir_size, read_json, write_json
 from ..config import PipelineConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError, OutputExistsError
 from ..evaluation.stats import accuracy_table, gap_closed, outcomes_from_records, paired_difference
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
@@ -64,8 +64,8 @@ class PipelineResult:
 class _Stages:
     """Bookkeeping for done-markers and fingerprints."""
 
-    def __init__(self, out: Path, say: Callable[[str], None]):
-        self.out, self.say = out, say
+    def __init__(self, out: Path, say: Callable[[str], None], fresh: bool = False):
+        self.out, self.say, self.fresh = out, say, fresh  # fresh: --overwrite, every stage runs again
         (out / "stages").mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, dict] = {}
 
@@ -75,7 +75,7 @@ class _Stages:
 
     def done(self, stage: str, fp: str) -> dict | None:
         marker = self.out / "stages" / f"{stage}.json"
-        if marker.is_file():
+        if marker.is_file() and not self.fresh:
             data = read_json(marker)
             if data.get("fingerprint") == fp:
                 self.say(f"[{stage}] done in an earlier run (fingerprint {fp}); skipping")
@@ -86,7 +86,7 @@ class _Stages:
     def interrupted(self, stage: str, fp: str) -> bool:
         """An earlier run started this very stage (same fingerprint) and did not finish it."""
         started = self.out / "stages" / f"{stage}.started.json"
-        return started.is_file() and read_json(started).get("fingerprint") == fp
+        return not self.fresh and started.is_file() and read_json(started).get("fingerprint") == fp
 
     def run(self, stage: str, fp: str, fn: Callable[[], dict | None]) -> dict:
         self.say(f"[{stage}] running")
@@ -100,20 +100,28 @@ class _Stages:
         return extra
 
 
-def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda msg: None, progress: bool = True) -> PipelineResult:
-    """Run every stage of `config` not in `config.skip`; returns the summary and the final model in memory."""
+def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda msg: None, progress: bool = True,
+                 overwrite: bool = False) -> PipelineResult:
+    """Run every stage of `config` not in `config.skip`; returns the summary and the final model in memory.
+
+    A rerun into the same `config.out` skips finished stages and resumes an interrupted recovery; an existing
+    `out` that is not a rora run is refused unless `overwrite`, which also reruns every stage (each stage's
+    output is replaced only once its new one is complete). Every input is checked before anything is written."""
     from ..models import load_model
 
+    config = PipelineConfig.coerce(config)
     out = Path(config.out)
+    check_run_output(out, overwrite, inputs=[config.model, config.data, config.data_dir])
     data_dir = config.data_dir or os.environ.get("RORA_DATA_DIR")
     train_data = config.data or data_dir
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
-    st = _Stages(out, say)
+    check_inputs(config, data_dir, train_data)
     result = PipelineResult(out=out, evaluation=f"{config.eval.protocol}, " + (
         f"first {config.eval.limit} examples per task" if config.eval.limit else "all examples"))
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
+    st = _Stages(out, say, fresh=overwrite)  # only now, with every input known good, is anything created
     result.parameters["base"] = count_parameters(model)
     fp = st.fingerprint("model", config.model)
     eval_cfg = config.eval.to_dict()
@@ -217,6 +225,33 @@ def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
     return {**found, "kl": 0.0 if reference is None else found["kl"]}  # the base model is its own reference
 
 
+def check_run_output(out: Path, overwrite: bool = False, inputs=()) -> None:
+    """A rora run (it holds stages/) or an empty directory may be run into again; anything else needs --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; a run needs a directory")
+    ours = out.is_dir() and ((out / "stages").is_dir() or not any(out.iterdir()))
+    if out.exists() and not ours and not overwrite:
+        raise OutputExistsError(f"{out} already exists and is not a rora run; pass --overwrite to run into it "
+                                "(or choose another --out)")
+    check_output(out, overwrite=True, inputs=[i for i in inputs if i])
+
+
+def check_inputs(config: PipelineConfig, data_dir, train_data) -> None:
+    """Fail on missing or malformed training and evaluation data before the first stage, not after three."""
+    if config.runs("recover"):
+        from ..recovery.data import load_records
+
+        load_records(train_data)
+    if any(config.runs(s) for s in SUMMARY_LABELS):
+        from ..evaluation.data import load_examples, resolve_data_dir
+        from ..evaluation.tasks import get_task
+
+        resolved = resolve_data_dir(data_dir)
+        if resolved is not None and config.eval.protocol != "lm-eval":  # lm-eval falls back to the hub per task
+            for name in config.eval.tasks:
+                load_examples(get_task(name), resolved, config.eval.limit)
+
+
 def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
     from peft import PeftModel
 
@@ -226,12 +261,13 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
     rec_dir = st.out / "recovery"
     if st.done("recover", fp):
         return PeftModel.from_pretrained(model, rec_dir / "adapter"), fp
-    # An earlier run of these very settings crashed mid-way: continue from its checkpoints instead of starting over.
-    resume = st.interrupted("recover", fp) and any((rec_dir / "checkpoints").glob("step-*"))
+    # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
+    # of starting over. Either way the new run replaces an older recovery only once it is complete.
+    resume = st.interrupted("recover", fp)
     holder = {}
 
     def work():
-        res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=not resume,
+        res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=True,
                       progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model,
                       teacher=teacher)
         holder["model"] = res.model
