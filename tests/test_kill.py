@@ -1,7 +1,6 @@
-"""SIGKILL during prune, merge, export, and at several points of `rora run` (recover's own kill-and-resume test is
-in test_recovery_trainer.py, and `rora run` is killed here mid-recovery): the kill leaves no output that looks
-complete, and a rerun of the same command completes with results equal to an uninterrupted run and removes the
-killed run's temporaries."""
+"""SIGKILL during prune, recover, merge, export, and at several points of `rora run`: the kill leaves no output that
+looks complete, and a rerun of the same command completes with results equal to an uninterrupted run and removes
+the killed run's temporaries. (test_recovery_trainer.py kills the API's recover too, and data parallel.)"""
 from __future__ import annotations
 
 import json
@@ -113,6 +112,19 @@ def test_sigkill_during_prune_then_rerun(root):
     model, tok = load_model(root / "base")
     save_pruned(model, tok, prune(model, tok, cfg), root / "reference")
     same_tensors(root / "pruned" / "model.safetensors", root / "reference" / "model.safetensors")
+
+
+def test_sigkill_during_recover_then_resume(root):
+    (root / "data.json").write_text(json.dumps(_records(24)))
+    args = ["recover", root / "base", "--data", root / "data.json", "--rank", "4", "--max-steps", "4", "--batch-size", "4",
+            "--micro-batch-size", "2", "--val-set-size", "4", "--eval-steps", "2", "--save-steps", "2", "--warmup-steps", "1"]
+    killed_at(root, "checkpoint", *args, "--out", root / "rec")
+    assert not (root / "rec").exists() and (root / ".rec.partial" / "checkpoints" / "step-2").is_dir()
+    completes(root, *args, "--out", root / "rec", "--resume")
+    completes(root, *args, "--out", root / "reference")
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    same_tensors(root / "rec" / "adapter" / "adapter_model.safetensors",
+                 root / "reference" / "adapter" / "adapter_model.safetensors")
 
 
 def test_sigkill_during_merge_and_export_then_rerun(root, tokenizer):
