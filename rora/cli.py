@@ -214,7 +214,8 @@ def format_recover(r: dict, cfg) -> str:
 @click.option("--seed", type=int, help="Seed of --sample (default 0): the same N and seed give the same examples.")
 @click.option("--engine", help="lm-eval protocol: rora (native log-likelihood engine, default; lm-eval's numbers, "
                                "faster) or lm-eval (lm-eval-harness's own HF backend).")
-@click.option("--batch-size", type=int, help="Prompts (generate) or scored rows (score, lm-eval) per forward pass.")
+@click.option("--batch-size", type=int, help="Prompts (generate), examples (score) or rows (--engine lm-eval) per forward "
+                                     "pass; the rora engine batches by a token budget.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
