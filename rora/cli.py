@@ -245,28 +245,33 @@ def format_recover(r: dict, cfg) -> str:
 @click.option("--protocol", help="generate (LLM-Adapters beam search + match), score (constrained log-likelihood, "
                                  "default) or lm-eval (lm-eval-harness zero-shot).")
 @click.option("--limit", type=int, help="Evaluate the first N examples of each task (file order).")
-@click.option("--batch-size", type=int, help="Prompts (generate) or scored rows (score, lm-eval) per forward pass.")
+@click.option("--sample", type=int, help="Evaluate a seeded random N examples of each task (instead of --limit).")
+@click.option("--seed", type=int, help="Seed of --sample (default 0): the same N and seed give the same examples.")
+@click.option("--engine", help="lm-eval protocol: rora (native log-likelihood engine, default; lm-eval's numbers, "
+                               "faster) or lm-eval (lm-eval-harness's own HF backend).")
+@click.option("--batch-size", type=int, help="Prompts (generate), examples (score) or rows (--engine lm-eval) per forward "
+                                     "pass; the rora engine batches by a token budget.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data_dir, out, overwrite, config_file):
+def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, engine, batch_size, data_dir, out,
+          overwrite, config_file):
     """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
     from .config import EvalConfig
-    from .evaluation.evaluate import check_outputs
+    from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
     cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
-    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit,
-                      batch_size=batch_size)
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit, sample=sample,
+                      seed=seed, engine=engine, batch_size=batch_size)
     check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
-    from .evaluation.data import resolve_data_dir
     from .evaluation.evaluate import evaluate, load_adapter
     from .models import load_model
 
-    resolve_data_dir(data_dir)  # a missing --data-dir fails before the model loads
+    check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
     if adapter:
         m = load_adapter(m, adapter, allow_pickle=allow_pickle)

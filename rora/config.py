@@ -305,6 +305,9 @@ class EvalConfig(StageConfig):
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
     protocol: str = "score"  # generate | score | lm-eval
     limit: int | None = None  # first N examples per task; None: all
+    sample: int | None = None  # instead of limit: a seeded random N examples per task (same N, seed: same examples)
+    seed: int = 0  # the seed of `sample`
+    engine: str = "rora"  # lm-eval protocol's log-likelihoods: rora (the native engine) | lm-eval (lm-eval's HFLM)
     batch_size: int = 16
     num_beams: int = 4
     max_new_tokens: int = 32
@@ -321,6 +324,12 @@ class EvalConfig(StageConfig):
             out.append(f"eval.protocol must be generate, score or lm-eval, got {self.protocol!r}")
         if self.limit is not None and self.limit <= 0:
             out.append(f"eval.limit must be > 0, got {self.limit}")
+        if self.sample is not None and self.sample <= 0:
+            out.append(f"eval.sample must be > 0, got {self.sample}")
+        if self.sample is not None and self.limit is not None:
+            out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
+        if self.engine not in ("rora", "lm-eval"):
+            out.append(f"eval.engine must be rora or lm-eval, got {self.engine!r}")
         for key in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, key) <= 0:
                 out.append(f"eval.{key} must be > 0, got {getattr(self, key)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..artifacts import atomic_file, check_output, provenance, write_json
 from ..config import EvalConfig
 from ..errors import ConfigError, MergeError, ModelLoadError
-from .data import load_examples, resolve_data_dir
+from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
 PROTOCOLS = {
@@ -100,16 +100,39 @@ def check_outputs(out: str | Path, overwrite: bool = False) -> None:
         check_output(path, overwrite)
 
 
+def check_data(config: EvalConfig, data_dir=None) -> None:
+    """Fail on a missing task file or a --sample larger than a task before a model is loaded (evaluate checks
+    again; this is for the CLI, so that bad input costs nothing)."""
+    from .lmeval_bridge import task_source
+
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is None:  # downloaded or hub data: checked when it is fetched
+        return
+    for task in (get_task(name) for name in config.tasks):
+        if config.protocol != "lm-eval":
+            load_examples(task, data_dir, config.limit, sample=config.sample, seed=config.seed)
+            continue
+        task_source(task, data_dir)
+        if config.sample is not None:  # the offline files hold one example per line
+            with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
+                size = sum(1 for line in f if line.strip())
+            sample_indices(size, config.sample, config.seed, task.name)
+
+
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
              adapter=None, progress: bool = True, overwrite: bool = True) -> EvalResults:
     """Evaluate `model` on `config.tasks` under `config.protocol`; write the outputs when `out` is given.
 
     data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
-    else the data is downloaded. `limit` keeps the first N examples of each task. Existing outputs are replaced
+    else the data is downloaded. `limit` keeps the first N examples of each task, `sample` a seeded random N
+    (`seed`). Existing outputs are replaced
     unless `overwrite=False` (the CLI's default, checked before the model is loaded).
     """
     config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
+    if tokenizer is None:
+        raise ModelLoadError("the model has no tokenizer, and every protocol needs one; load a model directory or "
+                             "GGUF file that includes its tokenizer")
     if out is not None:
         check_outputs(out, overwrite)
     data_dir = resolve_data_dir(data_dir)
@@ -118,7 +141,8 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
         per_task, records = _run_lmeval(model, tokenizer, tasks, data_dir, config)
     else:
         # Load (and check) every task's data before spending any compute.
-        examples = {t.name: load_examples(t, data_dir, config.limit) for t in tasks}
+        examples = {t.name: load_examples(t, data_dir, config.limit, sample=config.sample, seed=config.seed)
+                    for t in tasks}
         per_task, records = {}, []
         for task in tasks:
             start = time.perf_counter()
@@ -153,9 +177,9 @@ def run_generate(model, tokenizer, task: Task, examples: list[dict], config: Eva
                                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                    progress=progress)
     out = []
-    for i, (rec, response) in enumerate(zip(examples, responses)):
+    for rec, response in zip(examples, responses):
         pred = extract_answer(task, response)
-        out.append({"task": task.name, "index": i, "response": response, "prediction": pred,
+        out.append({"task": task.name, "index": rec["index"], "response": response, "prediction": pred,
                     "answer": rec["answer"], "correct": pred == rec["answer"]})
     return out
 
@@ -168,9 +192,9 @@ def run_score(model, tokenizer, task: Task, examples: list[dict], config: EvalCo
     requests = [(eval_prompt(r["instruction"]) + ANSWER_PREFIX, labs) for r, labs in zip(examples, labels)]
     scores = loglikelihoods(model, tokenizer, requests, batch_size=config.batch_size, progress=progress)
     out = []
-    for i, (rec, labs, lls) in enumerate(zip(examples, labels, scores)):
+    for rec, labs, lls in zip(examples, labels, scores):
         pred = labs[argmax(lls)]
-        out.append({"task": task.name, "index": i, "response": ANSWER_PREFIX + pred, "prediction": pred,
+        out.append({"task": task.name, "index": rec["index"], "response": ANSWER_PREFIX + pred, "prediction": pred,
                     "answer": rec["answer"], "correct": pred == rec["answer"],
                     "loglikelihoods": dict(zip(labs, lls))})
     return out
@@ -182,7 +206,8 @@ _RUNNERS = {"generate": run_generate, "score": run_score}
 def _run_lmeval(model, tokenizer, tasks, data_dir, config):
     from .lmeval_bridge import run_lmeval
 
-    found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, batch_size=config.batch_size)
+    found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, sample=config.sample,
+                       seed=config.seed, batch_size=config.batch_size, engine=config.engine)
     per_task, records = {}, []
     for name, r in found.items():
         records += r.pop("records")
