@@ -117,8 +117,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
     check_inputs(config, data_dir, train_data)
-    result = PipelineResult(out=out, evaluation=f"{config.eval.protocol}, " + (
-        f"first {config.eval.limit} examples per task" if config.eval.limit else "all examples"))
+    result = PipelineResult(out=out, evaluation=describe_evaluation(config.eval))
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
     st = _Stages(out, say, fresh=overwrite)  # only now, with every input known good, is anything created
@@ -203,6 +202,13 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     result.model, result.tokenizer = model, tok
     write_summary(result)
     return result
+
+
+def describe_evaluation(cfg) -> str:
+    """How the accuracies were measured, for the summary's headline."""
+    subset = (f"first {cfg.limit} examples per task" if cfg.limit else
+              f"a random {cfg.sample} examples per task (seed {cfg.seed})" if cfg.sample else "all examples")
+    return f"{cfg.protocol}, {subset}"
 
 
 def heldout_records(config: PipelineConfig, train_data) -> list[dict] | None:
