@@ -34,7 +34,7 @@ from _common import RESULTS, environment, write_outputs  # noqa: E402
 from bench_recover import DATA_DIR, TASKS, PeakRSS, prune_model  # noqa: E402
 
 SETTINGS = {  # full run / --small
-    "full": dict(steps=4, batch=16, val=24, rank=16),  # micro-batch 16: the recipe's
+    "full": dict(steps=3, batch=16, val=16, rank=16),  # micro-batch 16: the recipe's
     "small": dict(steps=2, batch=4, val=8, rank=8),
 }
 LR, WARMUP, SEED, CUTOFF = 1e-3, 1, 42, 256
