@@ -225,6 +225,9 @@ def check_objective(config, has_teacher: bool) -> None:
 
 def check_teacher(teacher, student, tokenizer=None, teacher_tokenizer=None) -> None:
     """ConfigError unless `teacher` is a causal LM with the student's vocabulary (and tokenizer, when both given)."""
+    if teacher is student:
+        raise ConfigError("the teacher must be a separate model, e.g. copy.deepcopy(model): the student is wrapped "
+                          "with adapters in place")
     lm = causal_lm_of(teacher)
     head = lm.get_output_embeddings() if callable(getattr(lm, "get_output_embeddings", None)) else None
     if head is None or not callable(getattr(lm, "get_decoder", None)):
