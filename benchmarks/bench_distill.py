@@ -11,7 +11,11 @@ adapter (RoRA r=16), same training examples (so the same tokens), batch size, op
 Each side runs in its own process (clean peak-memory figures). After training, every side's adapter is scored on
 the same held-out records with rora.recovery.distill.heldout_metrics (KL to the teacher, whole-text loss).
 
-    .venv/bin/python benchmarks/bench_distill.py [--small]
+    .venv/bin/python benchmarks/bench_distill.py [--small] [--gradient-checkpointing]
+
+`--gradient-checkpointing` runs every side with activation checkpointing (results/distill_checkpointing.*): the
+students' saved activations, which all sides share and which set the memory floor without it, then shrink, and
+what remains is what the loss itself costs.
 """
 from __future__ import annotations
 
@@ -50,11 +54,15 @@ def load_split(n_train: int, n_val: int):
     return train[:n_train], val
 
 
+CHECKPOINTING = os.environ.get("RORA_BENCH_CHECKPOINTING") == "1"  # set by --gradient-checkpointing for every side
+
+
 def recover_config(s: dict, **kw):
     from rora.config import RecoverConfig
 
     return RecoverConfig(method="rora", rank=s["rank"], lr=LR, warmup_steps=WARMUP, seed=SEED, cutoff_len=CUTOFF,
-                         batch_size=s["batch"], micro_batch_size=s["batch"], max_steps=s["steps"], val_set_size=0, **kw)
+                         batch_size=s["batch"], micro_batch_size=s["batch"], max_steps=s["steps"], val_set_size=0,
+                         gradient_checkpointing=CHECKPOINTING, **kw)
 
 
 def run_side(side: str, model_dir: str, size: str) -> dict:
@@ -96,6 +104,8 @@ def _naive(model, teacher, tok, examples, s):
 
     torch.manual_seed(SEED)
     peft_model = get_peft_model(model, peft_config(recover_config(s), model))
+    if CHECKPOINTING:  # as recover does it
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher.requires_grad_(False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -127,6 +137,7 @@ def _naive(model, teacher, tok, examples, s):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a smoke run")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="every side with activation checkpointing")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,6 +146,10 @@ def main() -> None:
         print("RESULT " + json.dumps(run_side(args.side, args.model_dir, size)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.gradient_checkpointing:
+        global CHECKPOINTING
+        CHECKPOINTING = True
+        os.environ["RORA_BENCH_CHECKPOINTING"] = "1"  # read by the side processes
     t_start = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,9 +175,9 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
     speedup = k["tokens_per_second"] / n["tokens_per_second"]
     memory = k["peak_rss_gib"] / n["peak_rss_gib"]
     s = SETTINGS[size]
-    name = "distill" if size == "full" else "distill_small"
+    name = ("distill" if size == "full" else "distill_small") + ("_checkpointing" if CHECKPOINTING else "")
     goal = speedup >= 1.5 and memory <= 0.5
-    data = {"settings": {**s, "lr": LR, "warmup": WARMUP, "seed": SEED, "cutoff_len": CUTOFF, "tasks": TASKS,
+    data = {"settings": {**s, "gradient_checkpointing": CHECKPOINTING, "lr": LR, "warmup": WARMUP, "seed": SEED, "cutoff_len": CUTOFF, "tasks": TASKS,
                          "pruning": how, "threads": THREADS, "kd_chunk_size": 256},
             "sides": sides, "speedup": speedup, "peak_memory_ratio": memory, "goal_met": goal,
             "load_average_before": load_before, "total_seconds": total_s, "environment": environment()}
@@ -196,9 +211,12 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
                f"{k['real_tokens']:,} real tokens, cutoff {CUTOFF}); RoRA r={s['rank']}, lr {LR}, warmup {WARMUP} + "
                f"linear; held-out: {s['val']} records carved from the same files (seed {SEED}); torch threads "
                f"{THREADS} per side; load average {load_before[0]:.1f} at start; {total_s / 60:.1f} min in all")
-    cmd = "python benchmarks/bench_distill.py" + (" --small" if size == "small" else "")
-    write_outputs(name, title="Distillation trainer: `recover --objective kd` vs a naive KD loop", command=cmd,
-                  setting=setting, table="\n".join(rows), data=data, images=[f"{name}.png"])
+    cmd = ("python benchmarks/bench_distill.py" + (" --small" if size == "small" else "")
+           + (" --gradient-checkpointing" if CHECKPOINTING else ""))
+    title = "Distillation trainer: `recover --objective kd` vs a naive KD loop" + (
+        ", every side with gradient checkpointing" if CHECKPOINTING else "")
+    write_outputs(name, title=title, command=cmd,
+                  setting=setting + ("; gradient checkpointing on every side" if CHECKPOINTING else ""), table="\n".join(rows), data=data, images=[f"{name}.png"])
     print("\n".join(rows))
 
 
