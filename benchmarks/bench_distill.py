@@ -138,16 +138,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a smoke run")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="every side with activation checkpointing")
+    ap.add_argument("--render", help="rewrite the .md and .png of a results JSON this script wrote (no measuring)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = "small" if args.small else "full"
+    if args.render:
+        global CHECKPOINTING
+        d = json.loads(Path(args.render).read_text())
+        CHECKPOINTING = d["settings"].get("gradient_checkpointing", False)
+        report(d["sides"], d["settings"]["pruning"], "small" if d["settings"]["batch"] == SETTINGS["small"]["batch"]
+               else "full", d["load_average_before"], d["total_seconds"], d["environment"])
+        return
     if args.side:
         print("RESULT " + json.dumps(run_side(args.side, args.model_dir, size)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.gradient_checkpointing:
-        global CHECKPOINTING
         CHECKPOINTING = True
         os.environ["RORA_BENCH_CHECKPOINTING"] = "1"  # read by the side processes
     t_start = time.time()
@@ -165,7 +172,7 @@ def main() -> None:
     report(sides, how, size, load_before, time.time() - t_start)
 
 
-def report(sides: dict, how: str, size: str, load_before, total_s: float) -> None:
+def report(sides: dict, how: str, size: str, load_before, total_s: float, env: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +187,7 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
     data = {"settings": {**s, "gradient_checkpointing": CHECKPOINTING, "lr": LR, "warmup": WARMUP, "seed": SEED, "cutoff_len": CUTOFF, "tasks": TASKS,
                          "pruning": how, "threads": THREADS, "kd_chunk_size": 256},
             "sides": sides, "speedup": speedup, "peak_memory_ratio": memory, "goal_met": goal,
-            "load_average_before": load_before, "total_seconds": total_s, "environment": environment()}
+            "load_average_before": load_before, "total_seconds": total_s, "environment": env or environment()}
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     labels = ["naive KD\n(full logits)", "rora kd\n(chunked)", "rora sft"]
@@ -199,13 +206,18 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
     rows.append(f"| peak RSS (GiB) | {n['peak_rss_gib']:.2f} | {k['peak_rss_gib']:.2f} | **{memory:.2f}** | {f['peak_rss_gib']:.2f} |")
     rows.append(f"| RSS growth while training (GiB) | {n['train_rss_gib']:.2f} | {k['train_rss_gib']:.2f} | "
                 f"{k['train_rss_gib'] / n['train_rss_gib']:.2f} | {f['train_rss_gib']:.2f} |")
+    extra_n, extra_k = n["peak_rss_gib"] - f["peak_rss_gib"], k["peak_rss_gib"] - f["peak_rss_gib"]
+    rows.append(f"| peak RSS above the sft run (GiB): teacher + KD loss | {extra_n:.2f} | {extra_k:.2f} | "
+                f"{extra_k / extra_n:.2f} | 0 |")
     rows.append(f"| held-out KL to the teacher | {n['heldout']['kl']:.4f} | {k['heldout']['kl']:.4f} | | {f['heldout']['kl']:.4f} |")
     rows.append(f"| held-out whole-text loss | {n['heldout']['loss']:.4f} | {k['heldout']['loss']:.4f} | | {f['heldout']['loss']:.4f} |")
     rows.append("")
     rows.append(f"Goal (kd >= 1.5x the naive loop's tokens/s at <= 0.5x its peak memory): {'met' if goal else 'NOT met'}. "
                 f"KD costs {f['tokens_per_second'] / k['tokens_per_second']:.2f}x the time per token of SFT here: it "
                 "runs the teacher's decoder and both LM heads on every position, where SFT runs one head on the "
-                "response tokens only.")
+                "response tokens only. Peak memory: the student's own saved activations, which every side holds "
+                "alike, bound the ratio from below (the sft column is that floor: its teacher is never run, so never "
+                "paged in); the 'above the sft run' row is what distillation adds, the teacher's weights and the KL.")
     setting = (f"student smollm2-135m pruned 30% ({how}); teacher smollm2-135m (fp32); {k['examples']} training "
                f"examples from {', '.join(TASKS)} ({s['steps']} steps x batch {s['batch']} = micro-batch, "
                f"{k['real_tokens']:,} real tokens, cutoff {CUTOFF}); RoRA r={s['rank']}, lr {LR}, warmup {WARMUP} + "
