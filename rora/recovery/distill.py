@@ -41,8 +41,8 @@ class ChunkedKL(torch.autograd.Function):
             log_s = _log_probs(F.linear(h, weight), temperature)
             log_t = _log_probs(F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).to(hidden.device),
                                temperature)
-            # KL = sum p_t (log p_t - log p_s): the difference in place, then one dot product (no [chunk x vocab]
-            # temporaries beyond p_t; every pass over a chunk's logits costs about as much as a tenth of its matmul).
+            # KL = sum p_t (log p_t - log p_s): the difference in place, then one dot product; passes over a chunk's
+            # logits are memory-bound, so no [chunk x vocab] temporaries beyond p_t.
             p_t = log_t.exp()
             total += p_t.view(-1) @ log_t.sub_(log_s).view(-1)
             if need_h or need_w:
