@@ -144,9 +144,10 @@ def main() -> None:
     args = ap.parse_args()
     size = "small" if args.small else "full"
     if args.render:
-        global CHECKPOINTING
+        global CHECKPOINTING, THREADS
         d = json.loads(Path(args.render).read_text())
         CHECKPOINTING = d["settings"].get("gradient_checkpointing", False)
+        THREADS = d["settings"]["threads"]  # the run's, not this shell's
         report(d["sides"], d["settings"]["pruning"], "small" if d["settings"]["batch"] == SETTINGS["small"]["batch"]
                else "full", d["load_average_before"], d["total_seconds"], d["environment"])
         return
@@ -207,7 +208,7 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float, env: d
     rows.append(f"| RSS growth while training (GiB) | {n['train_rss_gib']:.2f} | {k['train_rss_gib']:.2f} | "
                 f"{k['train_rss_gib'] / n['train_rss_gib']:.2f} | {f['train_rss_gib']:.2f} |")
     extra_n, extra_k = n["peak_rss_gib"] - f["peak_rss_gib"], k["peak_rss_gib"] - f["peak_rss_gib"]
-    rows.append(f"| peak RSS above the sft run (GiB): teacher + KD loss | {extra_n:.2f} | {extra_k:.2f} | "
+    rows.append(f"| peak RSS above the sft run (GiB) | {extra_n:.2f} | {extra_k:.2f} | "
                 f"{extra_k / extra_n:.2f} | 0 |")
     rows.append(f"| held-out KL to the teacher | {n['heldout']['kl']:.4f} | {k['heldout']['kl']:.4f} | | {f['heldout']['kl']:.4f} |")
     rows.append(f"| held-out whole-text loss | {n['heldout']['loss']:.4f} | {k['heldout']['loss']:.4f} | | {f['heldout']['loss']:.4f} |")
@@ -217,7 +218,7 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float, env: d
                 "runs the teacher's decoder and both LM heads on every position, where SFT runs one head on the "
                 "response tokens only. Peak memory: the student's own saved activations, which every side holds "
                 "alike, bound the ratio from below (the sft column is that floor: its teacher is never run, so never "
-                "paged in); the 'above the sft run' row is what distillation adds, the teacher's weights and the KL.")
+                "paged in); the 'above the sft run' row is what distillation adds (teacher weights and KL), as far as peaks sampled every 20 ms tell.")
     setting = (f"student smollm2-135m pruned 30% ({how}); teacher smollm2-135m (fp32); {k['examples']} training "
                f"examples from {', '.join(TASKS)} ({s['steps']} steps x batch {s['batch']} = micro-batch, "
                f"{k['real_tokens']:,} real tokens, cutoff {CUTOFF}); RoRA r={s['rank']}, lr {LR}, warmup {WARMUP} + "
