@@ -196,7 +196,7 @@ def _generate_ceiling(model, tok, ref_set, prompts, responses, ref_s_per_example
     import torch
 
     from _common import matmul_peak
-    from rora.evaluation.score import shared_prefix_length
+    from rora.evaluation.loglik import shared_prefix_length
 
     body = sum(m.weight.numel() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))

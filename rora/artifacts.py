@@ -8,27 +8,116 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputExistsError
+from .errors import DataError, OutputError, OutputExistsError
 
 PACKAGES = ("rora", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "gguf")
 
 
-def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an existing output before any work is done, unless `overwrite`."""
+def check_output(path: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse, before any work is done, an output that exists (unless `overwrite`), that is one of `inputs` or
+    holds one, or whose location cannot be written."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it (or choose another --out)")
+    for source in inputs:
+        source = Path(source).expanduser()
+        if source.exists() and (path.resolve() == source.resolve() or path.resolve() in source.resolve().parents):
+            raise OutputError(f"--out {path} would replace the input {source}; choose another --out")
+    check_writable(path)
     return path
+
+
+def check_writable(path: str | Path) -> None:
+    """OutputError unless `path` can be created (or replaced): its nearest existing ancestor must be a writable
+    directory. Checked up front so that a bad --out fails in a second, not after the work."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: {parent} is not writable (permissions or a read-only file system)")
+
+
+# Temporaries are named .NAME.tmp-PID-XXXX and .NAME.old-PID: a later run into the same location removes those
+# whose process is gone (a SIGKILL leaves them behind) and never those of a run still going.
+STALE_AFTER_S = 24 * 3600  # for names without a readable pid (older rora versions)
+
+
+def _temp_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove rora's own leftover temporaries of `path` (see above); returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+            pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit():
+                stale = not process_alive(int(pid))
+            else:
+                stale = time.time() - leftover.lstat().st_mtime > STALE_AFTER_S
+            if stale:
+                _remove(leftover)
+                removed.append(leftover)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _umask() -> int:
+    # Linux reports it without changing it (os.umask sets it, a race with other threads creating files).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path, mode: int) -> None:
+    """mkdtemp/mkstemp create 0700/0600; outputs get what any other tool would make (0755/0644 by default)."""
+    os.chmod(path, mode & ~_umask())
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete directory `src` to `dst`; an existing `dst` is kept until `src` is in its place."""
+    remove_stale_temporaries(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        src.rename(dst)
+        _remove(old)
+    else:
+        src.rename(dst)
 
 
 @contextlib.contextmanager
@@ -36,16 +125,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only when the block finishes without error."""
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent))
     try:
+        _honour_umask(tmp, 0o777)
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
@@ -56,10 +141,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path in the same directory that replaces `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
+        _honour_umask(tmp, 0o666)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -79,8 +166,12 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, error: type[Exception] = DataError) -> Any:
+    """The JSON in `path`; a file that is not JSON (or not UTF-8) raises `error` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is corrupt (not valid JSON: {exc}); restore or remove it") from None
 
 
 def _jsonable(obj: Any) -> Any:

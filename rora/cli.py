@@ -13,8 +13,18 @@ import click
 
 
 def _fail(message: str) -> None:
+    _close_progress_bars()
     click.echo(f"rora: error: {message}", err=True)
     sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """A run that fails mid-way leaves its tqdm bar open; close it so the error is the last line on stderr."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+    sys.stdout.flush()
 
 
 def handles_errors(fn):
@@ -30,6 +40,9 @@ def handles_errors(fn):
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted; outputs in progress were discarded (re-run with --resume where supported)")
+        except OSError as exc:  # the file system said no (full disk, read-only, permissions): name the path
+            where = exc.filename or ""
+            _fail(f"cannot access {where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}")
 
     return wrapper
 
@@ -52,7 +65,7 @@ def main():
 
 def model_argument(fn):
     fn = click.argument("model")(fn)
-    fn = click.option("--allow-pickle", is_flag=True, help="Allow loading a pickled (LLM-Pruner) checkpoint. Only for files you trust.")(fn)
+    fn = click.option("--allow-pickle", is_flag=True, help="Allow loading pickled weights (an LLM-Pruner checkpoint, pytorch_model.bin, adapter_model.bin). Only for files you trust.")(fn)
     return fn
 
 
@@ -114,7 +127,7 @@ def prune(model, allow_pickle, ratio, out, overwrite, config_file, **flags):
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
     cfg = cfg.replace(ratio=ratio, **flags)
-    check_output(out, overwrite)  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
 
@@ -174,29 +187,31 @@ def _csv(value):
 @click.option("--cutoff-len", type=int, help="Max tokens per example; longer ones are dropped and counted (default 256).")
 @click.option("--val-set-size", type=int, help="Validation examples carved from the training data (default 120).")
 @click.option("--max-train-examples", type=int, help="Use only the first N training examples (after the seeded shuffle).")
+@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps (default 100).")
 @click.option("--eval-steps", type=int, help="Evaluate every N steps (default 80).")
 @click.option("--save-steps", type=int, help="Checkpoint every N steps (default 80).")
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout (default 42).")
 @click.option("--train-on-inputs", is_flag=True, default=None, help="Loss on the prompt tokens too (LLM-Adapters' default).")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run into --out from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start again: replace --out (once the new run is complete) and any interrupted run.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
 def recover(model, allow_pickle, data, out, target_modules, teacher, resume, overwrite, config_file, **flags):
     """Train a RoRA/LoRA/DoRA adapter on MODEL with --data (or --text, or --synthetic with a --teacher); the best
-    adapter lands in --out/adapter."""
-    from .artifacts import check_output
+    adapter lands in --out/adapter.
+
+    The run trains in .OUT.partial beside --out and takes the place of --out when it completes."""
     from .config import RecoverConfig
     from .recovery.distill import check_objective, teacher_dtype
 
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
     cfg = cfg.replace(target_modules=_csv(target_modules), **flags)
     check_objective(cfg, teacher is not None)  # before loading anything
-    if not resume:
-        check_output(out, overwrite)  # before loading the model: bad input writes nothing
     from .models import load_model
-    from .recovery.trainer import recover as recover_adapter
+    from .recovery.trainer import check_recover_output, recover as recover_adapter
+
+    check_recover_output(out, resume, overwrite, inputs=[i for i in (model, data, teacher) if i])  # before loading the model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     t_model, t_tok = load_model(teacher, allow_pickle=allow_pickle, dtype=teacher_dtype(cfg.teacher_dtype)) if teacher else (None, None)
@@ -230,31 +245,36 @@ def format_recover(r: dict, cfg) -> str:
 @click.option("--protocol", help="generate (LLM-Adapters beam search + match), score (constrained log-likelihood, "
                                  "default) or lm-eval (lm-eval-harness zero-shot).")
 @click.option("--limit", type=int, help="Evaluate the first N examples of each task (file order).")
-@click.option("--batch-size", type=int, help="Prompts (generate) or scored rows (score, lm-eval) per forward pass.")
+@click.option("--sample", type=int, help="Evaluate a seeded random N examples of each task (instead of --limit).")
+@click.option("--seed", type=int, help="Seed of --sample (default 0): the same N and seed give the same examples.")
+@click.option("--engine", help="lm-eval protocol: rora (native log-likelihood engine, default; lm-eval's numbers, "
+                               "faster) or lm-eval (lm-eval-harness's own HF backend).")
+@click.option("--batch-size", type=int, help="Prompts (generate), examples (score) or rows (--engine lm-eval) per forward "
+                                     "pass; the rora engine batches by a token budget.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data_dir, out, overwrite, config_file):
+def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, engine, batch_size, data_dir, out,
+          overwrite, config_file):
     """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
     from .config import EvalConfig
-    from .evaluation.evaluate import check_outputs
+    from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
     cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
-    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit,
-                      batch_size=batch_size)
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit, sample=sample,
+                      seed=seed, engine=engine, batch_size=batch_size)
     check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
-    from .evaluation.data import resolve_data_dir
     from .evaluation.evaluate import evaluate, load_adapter
     from .models import load_model
 
-    resolve_data_dir(data_dir)  # a missing --data-dir fails before the model loads
+    check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
     if adapter:
-        m = load_adapter(m, adapter)
+        m = load_adapter(m, adapter, allow_pickle=allow_pickle)
     results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=model, adapter=adapter)
     click.echo(results.to_markdown())
 
@@ -274,20 +294,22 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, batch_size, data
 @click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
 @click.option("--objective", help="Recovery objective: sft, kd (distil the unpruned model) or kd+sft.")
 @click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
-@click.option("--tasks", help="Comma-separated tasks (default: all eight).")
+@click.option("--tasks", help="'all' (default) or comma-separated tasks.")
 @click.option("--limit", type=int, help="Evaluate the first N examples per task.")
 @click.option("--format", "export_format", help="Export format: hf or gguf.")
 @click.option("--skip", help="Comma-separated stages to skip: eval_base, prune, eval_pruned, recover, merge, eval_recovered, export.")
 @click.option("--allow-pickle", is_flag=True, default=None, help="Allow a pickled (LLM-Pruner) checkpoint as the model.")
+@click.option("--overwrite", is_flag=True, help="Run into an --out that is not a rora run, and rerun every stage.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @handles_errors
-def run(config_file, preset, export_format, print_config, **flags):
+def run(config_file, preset, export_format, print_config, overwrite, **flags):
     """Prune -> evaluate -> recover -> merge -> evaluate -> export, in one resumable run.
 
     Settings come from CONFIG_FILE or --preset (defaults < YAML < flags). Each stage writes its own directory
     under --out; rerunning skips stages already done with the same settings and resumes an interrupted recovery.
     """
     from .config import PipelineConfig, load_preset
+    from .evaluation.tasks import parse_tasks
 
     if config_file and preset:
         raise click.UsageError("give a CONFIG_FILE or --preset, not both")
@@ -298,7 +320,8 @@ def run(config_file, preset, export_format, print_config, **flags):
         prune=cfg.prune.replace(ratio=flags["ratio"]),
         recover=cfg.recover.replace(method=flags["method"], rank=flags["rank"], alpha=flags["alpha"], lr=flags["lr"],
                                     max_steps=flags["max_steps"], objective=flags["objective"]),
-        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=_csv(flags["tasks"]), limit=flags["limit"]),
+        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=parse_tasks(flags["tasks"]) if flags["tasks"] else None,
+                            limit=flags["limit"]),
         export=cfg.export.replace(format=export_format),
     )
     if print_config:
@@ -308,7 +331,7 @@ def run(config_file, preset, export_format, print_config, **flags):
         return
     from .pipelines.run import run_pipeline, summary_table
 
-    result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True))
+    result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True), overwrite=overwrite)
     click.echo(summary_table(result))
     click.echo(f"\nsummary: {result.out / 'summary.md'}  chart: {result.out / 'summary.png'}")
 
@@ -327,13 +350,13 @@ def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
     from .config import MergeConfig
 
     cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(dtype=dtype)
-    check_output(out, overwrite)  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model, adapter])  # before any work: bad input writes nothing
     from .artifacts import dir_size
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
-    merged, report = merge_adapter(m, adapter, cfg)
+    merged, report = merge_adapter(m, adapter, cfg, allow_pickle=allow_pickle)
     path = save_merged(merged, tok, report, out, overwrite=overwrite, source=model)
     r = report.to_dict()
     scale = f"scale {r['effective_scale']:.4g}" if isinstance(r["effective_scale"], float) else f"scales {r['effective_scale']}"
@@ -362,7 +385,7 @@ def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, co
         format=export_format, layout=layout, dtype=dtype)
     from .artifacts import check_output
 
-    check_output(out, overwrite)  # before loading the model: bad input writes nothing
+    check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
     from pathlib import Path
 
     from .models import load_model

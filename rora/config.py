@@ -66,6 +66,8 @@ class StageConfig:
                 object.__setattr__(self, f.name, value)
             if not _check_type(value, hints[f.name]):
                 found.append(f"{self.section}.{f.name}: expected {_type_name(hints[f.name])}, got {value!r}")
+            elif isinstance(value, float) and not math.isfinite(value):  # NaN and inf pass every `x <= 0` check
+                found.append(f"{self.section}.{f.name} must be a finite number, got {value}")
         if not found:
             found = self.problems()
         if found:
@@ -92,8 +94,20 @@ class StageConfig:
         for k, v in data.items():
             hint = hints[k]
             sub = _dataclass_in(hint)
-            kwargs[k] = sub.from_dict(v) if sub is not None and isinstance(v, dict) else v
+            kwargs[k] = sub.from_dict(v) if sub is not None and isinstance(v, dict) else _numeric_string(v, hint)
         return cls(**kwargs)
+
+    @classmethod
+    def coerce(cls, value):
+        """`value` as this config: None gives the defaults, a dict goes through from_dict, anything else but an
+        instance is a ConfigError (the API's config arguments accept all three)."""
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        if not isinstance(value, cls):
+            raise ConfigError(f"expected a {cls.__name__} (or a dict of its keys), got {type(value).__name__}")
+        return value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,7 +121,9 @@ class StageConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file; is it a YAML config?") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
         if data is not None and not isinstance(data, dict):
@@ -117,6 +133,16 @@ class StageConfig:
     def replace(self, **changes):
         """A copy with the non-None `changes` applied (how CLI flags override YAML)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _numeric_string(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `2e-4` (no dot) as a string; a float field takes any string that is a plain number."""
+    if isinstance(value, str) and _check_type(1.5, hint) and not _check_type(value, hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _dataclass_in(hint: Any):
@@ -255,6 +281,13 @@ class RecoverConfig(StageConfig):
                 out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps <= 0:
             out.append(f"recover.max_steps must be > 0, got {self.max_steps}")
+        if self.max_train_examples is not None and self.max_train_examples <= 0:
+            out.append(f"recover.max_train_examples must be > 0, got {self.max_train_examples}")
+        for key in ("val_set_size", "warmup_steps", "weight_decay"):
+            if getattr(self, key) < 0:
+                out.append(f"recover.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"recover.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             out.append("recover.target_modules must name at least one module")
         return out
@@ -272,6 +305,9 @@ class EvalConfig(StageConfig):
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
     protocol: str = "score"  # generate | score | lm-eval
     limit: int | None = None  # first N examples per task; None: all
+    sample: int | None = None  # instead of limit: a seeded random N examples per task (same N, seed: same examples)
+    seed: int = 0  # the seed of `sample`
+    engine: str = "rora"  # lm-eval protocol's log-likelihoods: rora (the native engine) | lm-eval (lm-eval's HFLM)
     batch_size: int = 16
     num_beams: int = 4
     max_new_tokens: int = 32
@@ -288,8 +324,15 @@ class EvalConfig(StageConfig):
             out.append(f"eval.protocol must be generate, score or lm-eval, got {self.protocol!r}")
         if self.limit is not None and self.limit <= 0:
             out.append(f"eval.limit must be > 0, got {self.limit}")
-        if self.batch_size <= 0:
-            out.append(f"eval.batch_size must be > 0, got {self.batch_size}")
+        if self.sample is not None and self.sample <= 0:
+            out.append(f"eval.sample must be > 0, got {self.sample}")
+        if self.sample is not None and self.limit is not None:
+            out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
+        if self.engine not in ("rora", "lm-eval"):
+            out.append(f"eval.engine must be rora or lm-eval, got {self.engine!r}")
+        for key in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                out.append(f"eval.{key} must be > 0, got {getattr(self, key)}")
         return out
 
 
@@ -308,6 +351,8 @@ class MergeConfig(StageConfig):
             out.append(f"merge.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.compute_dtype not in ("float64", "float32"):
             out.append(f"merge.compute_dtype must be float64 or float32, got {self.compute_dtype!r}")
+        if self.tolerance < 0:
+            out.append(f"merge.tolerance must be >= 0, got {self.tolerance}")
         return out
 
 

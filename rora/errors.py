@@ -22,7 +22,11 @@ class DataError(RoraError):
     """Training or evaluation data is missing or malformed."""
 
 
-class OutputExistsError(RoraError):
+class OutputError(RoraError):
+    """An output location cannot be written (its parent is a file, it is read-only, it is an input)."""
+
+
+class OutputExistsError(OutputError):
     """An output path exists and neither --overwrite nor --resume was given."""
 
 

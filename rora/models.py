@@ -11,6 +11,7 @@ Specs, in the order they are tried:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, read_json, save_model_dir, write_manifest
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, RoraError, UnsupportedModelError
 from .pruning.structure import LAYER_SHAPES_KEY, apply_shapes, check_supported, config_layer_shapes
 
 ALIASES = {
@@ -59,15 +60,11 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
             raise ModelLoadError(f"GGUF file not found: {path}")
         model, tokenizer = load_gguf(path, torch_dtype)
     elif path.is_dir():
-        model, tokenizer = load_hf_dir(path, torch_dtype, trust_remote_code)
+        model, tokenizer = load_hf_dir(path, torch_dtype, trust_remote_code, allow_pickle=allow_pickle)
     elif path.suffix in PICKLE_SUFFIXES:
         if not path.is_file():
             raise ModelLoadError(f"checkpoint not found: {path}")
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"{path} is a pickled checkpoint (LLM-Pruner style); loading it runs code stored in the file. "
-                "If you trust its source, pass --allow-pickle (allow_pickle=True)"
-            )
+        check_pickle(path, allow_pickle, "a pickled checkpoint (LLM-Pruner style)")
         from .pruning.llm_pruner import load_llm_pruner_checkpoint
 
         model, tokenizer = load_llm_pruner_checkpoint(path, torch_dtype)
@@ -85,6 +82,43 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
     model.eval()
     _ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def check_pickle(path: Path, allow_pickle: bool, what: str) -> None:
+    """The one pickle rule for models and adapters: safetensors, or an explicit opt-in."""
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path} is {what}; loading it runs code stored in the file. "
+            "If you trust its source, pass --allow-pickle (allow_pickle=True)"
+        )
+
+
+def weights_files(directory: Path, allow_pickle: bool, what: str = "model") -> list[Path]:
+    """A model or adapter directory's weight files: its *.safetensors, else (only with the opt-in) its pickles."""
+    safe = sorted(directory.glob("*.safetensors"))
+    if safe:
+        return safe
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        check_pickle(directory, allow_pickle, f"a {what} directory whose weights are pickled ({pickles[0].name}, no safetensors)")
+    return pickles
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs multi-line load reports and notices on every load; a user needs the one error line.
+    Problems still surface: the loaders below raise on every mismatch they would report."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the per-file "Loading weights" bar
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _ensure_pad_token(tokenizer) -> None:
@@ -113,7 +147,7 @@ def _load_alias(alias: str, dtype):
     # The file's name and size, not its path: every virtualenv has its own copy of the same package file.
     stamp = {"source": gguf.name, "size": gguf.stat().st_size}
     manifest = cached / CACHE_MANIFEST
-    if manifest.is_file() and {k: read_json(manifest).get(k) for k in stamp} == stamp:
+    if manifest.is_file() and _cache_stamp(manifest, stamp) == stamp:
         model, tokenizer = load_hf_dir(cached, dtype)
         model.config.name_or_path = ALIASES[alias][2]
         return model, tokenizer
@@ -123,6 +157,15 @@ def _load_alias(alias: str, dtype):
         save_model_dir(model, tokenizer, tmp)
         write_manifest(tmp, CACHE_MANIFEST, stamp)
     return (model.to(dtype) if dtype else model), tokenizer
+
+
+def _cache_stamp(manifest: Path, stamp: dict) -> dict | None:
+    """The cached copy's stamp; a corrupt one is a cache miss (the copy is rebuilt), not an error."""
+    try:
+        data = read_json(manifest)
+    except RoraError:
+        return None
+    return {k: data.get(k) for k in stamp} if isinstance(data, dict) else None
 
 
 def gguf_architecture(path: Path) -> str:
@@ -146,8 +189,9 @@ def load_gguf(path: Path, dtype=None):
     if arch not in ("llama", "mistral", "qwen2"):
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, mistral, qwen2")
     kwargs = {"gguf_file": path.name}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **kwargs)
     # The model is dense after dequantization; the GGUF quantization config would stop save_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -156,22 +200,38 @@ def load_gguf(path: Path, dtype=None):
     return model, tokenizer
 
 
-def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False):
-    """A Hugging Face directory; rora's non-uniform outputs are rebuilt layer by layer, then loaded strictly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A Hugging Face directory; rora's non-uniform outputs are rebuilt layer by layer, then loaded strictly.
+    Whatever is wrong with the files (config, weights, shapes) is one ModelLoadError naming the directory."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    tokenizer = _load_tokenizer(path)
-    if getattr(config, LAYER_SHAPES_KEY, None):
-        check_supported(config)
-        model = build_from_state_dict(config, _read_safetensors(path), dtype)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    weights = weights_files(path, allow_pickle)
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokenizer = _load_tokenizer(path)
+            if getattr(config, LAYER_SHAPES_KEY, None):
+                check_supported(config)
+                model = build_from_state_dict(config, _read_safetensors(path), dtype)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                    use_safetensors=None if allow_pickle else True, output_loading_info=True)
+                tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+                missing = set(info.get("missing_keys", ())) - tied
+                if missing or info.get("mismatched_keys"):
+                    raise ModelLoadError(f"cannot load {path}: weights do not match the config "
+                                         f"(missing {sorted(missing)[:3]}, mismatched {list(info.get('mismatched_keys', ()))[:3]})")
+    except RoraError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "ignore_mismatched_sizes" in detail:  # the rest of transformers' message points at the silenced report
+            detail = "a weight's shape does not match config.json"
+        raise ModelLoadError(f"cannot load {path} ({', '.join(w.name for w in weights) or 'no weights'}): {detail}") from None
     return model, tokenizer
 
 
@@ -216,10 +276,12 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
-        check_supported(config)
-        tokenizer = _load_tokenizer(repo_id)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+            check_supported(config)
+            tokenizer = _load_tokenizer(repo_id)
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype or torch.float32,
+                                                         trust_remote_code=trust_remote_code)
     except UnsupportedModelError:
         raise
     except (OSError, ValueError) as exc:

@@ -79,6 +79,24 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     assert result.parameters["pruned"] < result.parameters["base"]
     summary = json.loads((tiny_setup / "run" / "summary.json").read_text())
     assert summary["evals"] == result.evals
+    # Per-example outcomes are kept, and every figure of the summary is recomputable from them.
+    from rora.evaluation.stats import mean_se
+
+    for label, per_task in summary["outcomes"].items():
+        for task, outcomes in per_task.items():
+            assert summary["evals"][label][task] == pytest.approx(sum(outcomes) / len(outcomes))
+            assert summary["accuracy"][label][task]["se"] == pytest.approx(mean_se(outcomes)[1], nan_ok=True)
+    paired = summary["comparisons"]["recovered - pruned"]["average"]
+    assert paired["difference"] == pytest.approx(result.evals["recovered"]["average"] - result.evals["pruned"]["average"])
+    assert "±" in (tiny_setup / "run" / "summary.md").read_text()
+    # Held-out whole-text loss and KL to the base model, on the recovery's validation records.
+    held = summary["heldout"]
+    assert held["base"]["kl"] == 0.0 and held["pruned"]["kl"] > 0 and held["recovered"]["tokens"] > 0
+    assert set(held) == {"base", "pruned", "recovered"}
+    from rora.evaluation.stats import gap_closed
+
+    assert summary["heldout_gap_closed"]["loss"] == pytest.approx(
+        gap_closed(*(held[k]["loss"] for k in ("base", "pruned", "recovered"))))
     assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
 
     card = (tiny_setup / "run" / "export" / "README.md").read_text()

@@ -106,13 +106,24 @@ def test_bad_input_writes_nothing_and_keeps_existing_output(tokenizer, tmp_path)
     assert not fresh.exists()
 
 
-def test_resume_with_a_different_config_is_refused(tokenizer, tmp_path):
+def test_resume_with_a_different_config_is_refused(tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    recover(make_model(), tokenizer, records(), tiny_config(max_steps=4), out, progress=False)
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def crash(self, source):
+        raise RuntimeError("simulated crash after the last checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod._Run, "finish", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            recover(make_model(), tokenizer, records(), tiny_config(max_steps=4), out, progress=False)
+    partial = trainer_mod.partial_dir(out)
+    before = sorted(p.relative_to(partial) for p in partial.rglob("*"))
+    assert not out.exists() and any(p.name == "step-2" for p in before)
     with pytest.raises(TrainingError, match=r"different config \(rank: 4 -> 8\)"):
         recover(make_model(), tokenizer, records(), tiny_config(max_steps=4, rank=8), out, resume=True, progress=False)
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    with pytest.raises(TrainingError, match="the base model differs"):
+        recover(make_model(seed=1), tokenizer, records(), tiny_config(max_steps=4), out, resume=True, progress=False)
+    assert sorted(p.relative_to(partial) for p in partial.rglob("*")) == before
 
 
 def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(tokenizer, tmp_path, monkeypatch):
@@ -127,9 +138,10 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(tokenizer
     monkeypatch.setattr(LabelledTokenLoss, "forward", poisoned)
     out = tmp_path / "run"
     cfg = tiny_config(eval_steps=100, val_set_size=0)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoints/step-4"):
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*checkpoints/step-4.*--warmup-steps"):
         recover(make_model(), tokenizer, records(), cfg, out, progress=False)
-    ckpt = out / "checkpoints" / "step-4"
+    ckpt = trainer_mod.partial_dir(out) / "checkpoints" / "step-4"  # the unfinished run stays beside `out`
+    assert not out.exists()
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     assert all(torch.isfinite(t).all() for t in load_file(ckpt / "optimizer.safetensors").values())
 
@@ -187,7 +199,7 @@ def test_sigkilled_run_resumes_bit_identically(saved_model, tmp_path):
     cmd, env = _worker(saved_model, killed, cfg, SLOW_STEPS="0.4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
+    while not (trainer_mod.partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)

@@ -2,12 +2,13 @@
 else downloaded (through `datasets`) from the LLM-Adapters repository the files come from.
 
 `limit` keeps the first N records of a task, in file order, so a limited run is deterministic and a prefix of the
-full run.
+full run. `sample` keeps a seeded random N instead (sample_indices), so a small run still represents the whole task.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
@@ -33,8 +34,18 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def load_examples(task: Task, data_dir: Path | None, limit: int | None = None) -> list[dict]:
-    """The task's evaluation records (first `limit` when given), each checked for `instruction` and `answer`."""
+def sample_indices(size: int, n: int, seed: int, task: str) -> list[int]:
+    """A seeded random n of a task's `size` examples, in file order. The seed is combined with the task name, so
+    tasks of equal size get different subsets; the same (n, seed) always gives the same examples."""
+    if n > size:
+        raise DataError(f"--sample {n} is larger than {task}, which has {size} examples")
+    return sorted(random.Random(f"{seed}:{task}").sample(range(size), n))
+
+
+def load_examples(task: Task, data_dir: Path | None, limit: int | None = None, *, sample: int | None = None,
+                  seed: int = 0) -> list[dict]:
+    """The task's evaluation records (the first `limit`, or a seeded random `sample`, when given), each checked for
+    `instruction` and `answer`. Each record's `index` is its position in the task's file."""
     if limit is not None and limit <= 0:
         raise ConfigError(f"limit must be > 0, got {limit}")
     if data_dir is None:
@@ -49,10 +60,11 @@ def load_examples(task: Task, data_dir: Path | None, limit: int | None = None) -
             raise DataError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(records, list):
         raise DataError(f"{source} must hold a JSON list of records, not {type(records).__name__}")
-    records = records[:limit] if limit is not None else records
-    for i, rec in enumerate(records):
-        check_record(rec, source, i)
-    return records
+    keep = sample_indices(len(records), sample, seed, task.name) if sample is not None else \
+        range(min(limit, len(records)) if limit is not None else len(records))
+    for i in keep:
+        check_record(records[i], source, i)
+    return [{**records[i], "index": i} for i in keep]
 
 
 def check_record(rec, source, index: int) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..artifacts import atomic_file, check_output, provenance, write_json
 from ..config import EvalConfig
-from ..errors import MergeError, ModelLoadError
-from .data import load_examples, resolve_data_dir
+from ..errors import ConfigError, MergeError, ModelLoadError
+from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
 PROTOCOLS = {
@@ -90,9 +90,33 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 
 def check_outputs(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse existing outputs before any work, unless `overwrite`."""
-    for path in output_paths(out):
+    """Refuse existing outputs before any work, unless `overwrite`; and an --out that one of the other two
+    outputs would overwrite (`--out r.md` is also the Markdown table's name)."""
+    paths = output_paths(out)
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"--out {out} names the JSON results but is also where the Markdown table goes; "
+                          f"use {Path(out).with_suffix('.json')}")
+    for path in paths:
         check_output(path, overwrite)
+
+
+def check_data(config: EvalConfig, data_dir=None) -> None:
+    """Fail on a missing task file or a --sample larger than a task before a model is loaded (evaluate checks
+    again; this is for the CLI, so that bad input costs nothing)."""
+    from .lmeval_bridge import task_source
+
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir is None:  # downloaded or hub data: checked when it is fetched
+        return
+    for task in (get_task(name) for name in config.tasks):
+        if config.protocol != "lm-eval":
+            load_examples(task, data_dir, config.limit, sample=config.sample, seed=config.seed)
+            continue
+        task_source(task, data_dir)
+        if config.sample is not None:  # the offline files hold one example per line
+            with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
+                size = sum(1 for line in f if line.strip())
+            sample_indices(size, config.sample, config.seed, task.name)
 
 
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
@@ -100,11 +124,15 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     """Evaluate `model` on `config.tasks` under `config.protocol`; write the outputs when `out` is given.
 
     data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
-    else the data is downloaded. `limit` keeps the first N examples of each task. Existing outputs are replaced
+    else the data is downloaded. `limit` keeps the first N examples of each task, `sample` a seeded random N
+    (`seed`). Existing outputs are replaced
     unless `overwrite=False` (the CLI's default, checked before the model is loaded).
     """
-    config = config or EvalConfig()
+    config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
+    if tokenizer is None:
+        raise ModelLoadError("the model has no tokenizer, and every protocol needs one; load a model directory or "
+                             "GGUF file that includes its tokenizer")
     if out is not None:
         check_outputs(out, overwrite)
     data_dir = resolve_data_dir(data_dir)
@@ -113,7 +141,8 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
         per_task, records = _run_lmeval(model, tokenizer, tasks, data_dir, config)
     else:
         # Load (and check) every task's data before spending any compute.
-        examples = {t.name: load_examples(t, data_dir, config.limit) for t in tasks}
+        examples = {t.name: load_examples(t, data_dir, config.limit, sample=config.sample, seed=config.seed)
+                    for t in tasks}
         per_task, records = {}, []
         for task in tasks:
             start = time.perf_counter()
@@ -148,9 +177,9 @@ def run_generate(model, tokenizer, task: Task, examples: list[dict], config: Eva
                                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                                    progress=progress)
     out = []
-    for i, (rec, response) in enumerate(zip(examples, responses)):
+    for rec, response in zip(examples, responses):
         pred = extract_answer(task, response)
-        out.append({"task": task.name, "index": i, "response": response, "prediction": pred,
+        out.append({"task": task.name, "index": rec["index"], "response": response, "prediction": pred,
                     "answer": rec["answer"], "correct": pred == rec["answer"]})
     return out
 
@@ -163,9 +192,9 @@ def run_score(model, tokenizer, task: Task, examples: list[dict], config: EvalCo
     requests = [(eval_prompt(r["instruction"]) + ANSWER_PREFIX, labs) for r, labs in zip(examples, labels)]
     scores = loglikelihoods(model, tokenizer, requests, batch_size=config.batch_size, progress=progress)
     out = []
-    for i, (rec, labs, lls) in enumerate(zip(examples, labels, scores)):
+    for rec, labs, lls in zip(examples, labels, scores):
         pred = labs[argmax(lls)]
-        out.append({"task": task.name, "index": i, "response": ANSWER_PREFIX + pred, "prediction": pred,
+        out.append({"task": task.name, "index": rec["index"], "response": ANSWER_PREFIX + pred, "prediction": pred,
                     "answer": rec["answer"], "correct": pred == rec["answer"],
                     "loglikelihoods": dict(zip(labs, lls))})
     return out
@@ -177,7 +206,8 @@ _RUNNERS = {"generate": run_generate, "score": run_score}
 def _run_lmeval(model, tokenizer, tasks, data_dir, config):
     from .lmeval_bridge import run_lmeval
 
-    found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, batch_size=config.batch_size)
+    found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, sample=config.sample,
+                       seed=config.seed, batch_size=config.batch_size, engine=config.engine)
     per_task, records = {}, []
     for name, r in found.items():
         records += r.pop("records")
@@ -202,19 +232,26 @@ _MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape 
                        r"the shape in current model is (\S+ ?\S*)\.")
 
 
-def load_adapter(model, adapter_dir: str | Path):
-    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module."""
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
+    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module.
+    Pickled adapter weights (adapter_model.bin alone) are refused unless `allow_pickle`."""
     from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from ..models import weights_files
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights_files(adapter_dir, allow_pickle, "adapter"):
+        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         found = _MISMATCH.search(str(exc))
         if not found:
-            raise
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail}") from None
         name, theirs, ours = found.groups()
         module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
         raise MergeError(

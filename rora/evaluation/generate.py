@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .score import shared_prefix_length
+from .loglik import shared_prefix_length
 from .tasks import response_of
 
 

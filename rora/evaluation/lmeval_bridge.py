@@ -1,9 +1,12 @@
 """The `lm-eval` protocol: zero-shot multiple-choice log-likelihood through lm-eval-harness, on the in-memory model.
 
-A task runs offline on the YAMLs shipped in lmeval_tasks/ (rora_<task>, over `<data_dir>/<task>/lmeval_<split>.jsonl`)
-when that file exists, else on lm-eval's own hub task. The shipped YAMLs work from the command line too:
+lm-eval builds the requests and computes the metrics and standard errors; the log-likelihoods come from rora's
+engine (the `rora-hf` backend, lmeval_backend.py; same numbers, several times faster) or, with engine="lm-eval",
+from lm-eval's own HF backend. A task runs offline on the YAMLs shipped in lmeval_tasks/ (rora_<task>, over
+`<data_dir>/<task>/lmeval_<split>.jsonl`); without a data directory it runs lm-eval's own hub task. The shipped
+YAMLs work from the command line too:
 
-    RORA_DATA_DIR=DIR lm_eval --model hf --model_args pretrained=... \\
+    RORA_DATA_DIR=DIR python -m rora.evaluation.lmeval_backend run --model rora-hf --model_args pretrained=... \\
         --include_path $(python -c 'import rora.evaluation.lmeval_bridge as b; print(b.LMEVAL_DIR)') \\
         --tasks rora_commonsense
 """
@@ -14,60 +17,89 @@ import time
 from pathlib import Path
 
 from ..errors import DataError
+from .data import sample_indices
 from .tasks import Task
 
 LMEVAL_DIR = Path(__file__).parent / "lmeval_tasks"
 
 
+ENGINES = ("rora", "lm-eval")
+
+
 def task_source(task: Task, data_dir: Path | None) -> tuple[str, str]:
-    """(lm-eval task name, 'offline' | 'hub') for one rora task."""
-    if data_dir is not None and (data_dir / task.name / task.lmeval_file).is_file():
-        return task.lmeval_task, "offline"
-    return task.lmeval_hub_task, "hub"
+    """(lm-eval task name, 'offline' | 'hub') for one rora task. A data directory must hold the task's file."""
+    if data_dir is None:
+        return task.lmeval_hub_task, "hub"
+    path = data_dir / task.name / task.lmeval_file
+    if not path.is_file():
+        raise DataError(f"{path} not found: the lm-eval protocol reads <data_dir>/{task.name}/{task.lmeval_file} "
+                        "(the original dataset's records, one JSON object per line)")
+    return task.lmeval_task, "offline"
 
 
 def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, limit: int | None = None,
-               batch_size: int = 16) -> dict[str, dict]:
-    """Per task: acc, acc_norm, the LLM-Pruner metric's value as `accuracy`, n, seconds, and per-example records."""
+               sample: int | None = None, seed: int = 0, batch_size: int = 16, engine: str = "rora"
+               ) -> dict[str, dict]:
+    """Per task: acc, acc_norm and their standard errors, the LLM-Pruner metric's value as `accuracy`, n, seconds,
+    and per-example records. `limit`: the first N examples; `sample`: a seeded random N (sample_indices)."""
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    sources = {t.name: task_source(t, data_dir) for t in tasks}
+    from .lmeval_backend import RoraLM
+
+    sources = {t.name: task_source(t, data_dir) for t in tasks}  # every file checked before any compute
     need_hub = any(kind == "hub" for _, kind in sources.values())
     with _quiet_lmeval():
         meta = {"data_dir": str(data_dir) if data_dir else None, "rora_limit": limit}
         manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=need_hub,
                               metadata={k: v for k, v in meta.items() if v is not None} or None)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        subsets = {}
+        if sample is not None:
+            for task in tasks:
+                name, _ = sources[task.name]
+                subsets[task.name] = sample_indices(_task_size(name, manager), sample, seed, task.name)
+        backend = {"rora": RoraLM, "lm-eval": HFLM}[engine]
+        lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = {}
     for task in tasks:
         name, kind = sources[task.name]
         start = time.perf_counter()
         try:
             with _quiet_lmeval():
+                # acc and acc_norm aggregate by mean, whose standard error lm-eval computes in closed form: any
+                # bootstrap_iters > 0 turns it on and no bootstrap runs (0 would switch the stderr off).
                 res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, log_samples=True,
-                                      bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                                      samples={name: subsets[task.name]} if sample is not None else None,
+                                      bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
         except Exception as exc:  # lm-eval raises plain errors for missing data (offline hub, bad files)
-            hint = "" if kind == "offline" else (
-                f" (no {task.name}/{task.lmeval_file} in the data directory, so the hub task was tried)")
+            hint = "" if kind == "offline" else " (no data directory given, so lm-eval's hub task was tried)"
             raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         seconds = time.perf_counter() - start
         metrics = res["results"][name]
         samples = res["samples"][name]
-        acc, acc_norm = metrics.get("acc,none"), metrics.get("acc_norm,none")
         out[task.name] = {
             "accuracy": metrics[f"{task.lmeval_metric},none"],
             "metric": task.lmeval_metric,
-            "acc": acc,
-            "acc_norm": acc_norm,
+            "acc": metrics.get("acc,none"),
+            "acc_norm": metrics.get("acc_norm,none"),
+            "acc_stderr": metrics.get("acc_stderr,none"),
+            "acc_norm_stderr": metrics.get("acc_norm_stderr,none"),
+            "stderr": metrics.get(f"{task.lmeval_metric}_stderr,none"),
             "n": len(samples),
             "seconds": seconds,
             "lmeval_task": name,
             "source": kind,
+            "engine": engine,
             "records": [_record(task, s) for s in sorted(samples, key=lambda s: s["doc_id"])],
         }
     return out
+
+
+def _task_size(name: str, manager) -> int:
+    from lm_eval.tasks import get_task_dict
+
+    return len(get_task_dict([name], manager)[name].eval_docs)
 
 
 def _record(task: Task, sample: dict) -> dict:

@@ -13,9 +13,10 @@ The card is rendered from a plain dict; every section is optional and only what 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..artifacts import read_json
+from ..errors import ModelLoadError
 from ..pruning.structure import layer_runs
 
 MANIFESTS = {"merge": ("rora_merge.json", "merge"), "pruning": ("rora_pruning.json", "report")}
@@ -29,7 +30,7 @@ def card_from_dir(path: str | Path) -> dict:
     for section, (name, key) in MANIFESTS.items():
         manifest = path / name
         if manifest.is_file():
-            data = json.loads(manifest.read_text())
+            data = read_json(manifest, ModelLoadError)
             # Per-layer lists and nested configs have their own sections; keep the card's tables to scalars.
             card[section] = data.get(key) or {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
             if data.get("source") and section == "pruning":

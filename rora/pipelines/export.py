@@ -70,7 +70,7 @@ def export(model, tokenizer, config: ExportConfig | None = None, out=None, *, ov
 def export_model(model, tokenizer, config: ExportConfig | None = None, out=None, *, overwrite: bool = False,
                  card: dict | None = None) -> ExportReport:
     """`export`, returning the full ExportReport (sizes, padding overhead, verified logit difference)."""
-    config = config or ExportConfig()
+    config = ExportConfig.coerce(config)
     if out is None:
         raise ExportError("no output path given (--out)")
     out = Path(out)

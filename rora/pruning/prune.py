@@ -78,6 +78,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     `holdout_samples`); None loads `config.calibration` ('builtin' or a path to training data).
     """
     start = time.perf_counter()
+    config = PruneConfig.coerce(config)
     check_supported(model.config)
     before = layer_shapes(model)
     layer_ids = resolve_layers(config.layers, len(before))

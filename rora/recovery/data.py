@@ -65,11 +65,20 @@ def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
 def _read_file(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: {exc}") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):  # each line is parsed alone: report the file's line
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} is not valid JSONL: line {number} column {exc.colno}: {exc.msg}") from None
+        return records
+    try:
         records = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a JSON list of records, not {type(records).__name__}")
     return records

@@ -15,17 +15,16 @@ final (cast) model is reported too, as `max_abs_diff_after_cast`: that is the pr
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, check_output, save_model_dir, write_manifest
+from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_manifest
 from ..config import MergeConfig
 from ..errors import MergeError
-from ..models import resolve_dtype
+from ..models import resolve_dtype, weights_files
 
 MANIFEST = "rora_merge.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,17 +91,19 @@ def cast_parameters(model, dtype: torch.dtype):
     return model
 
 
-def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: torch.Tensor | None = None):
+def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: torch.Tensor | None = None,
+          allow_pickle: bool = False):
     """Merge an adapter into `model`; return `(merged model, MergeReport)`.
 
     `model` is a PeftModel (adapter attached), or a base model plus `adapter`, a PEFT adapter directory.
     The adapter model is consumed: PEFT merges in place. The merged model's logits on `probe_ids` (default:
     `probe_inputs`) must match the adapter model's within `config.tolerance` (both in `config.compute_dtype`), else MergeError.
+    An adapter whose weights are pickled (adapter_model.bin) is refused unless `allow_pickle`.
     """
     from peft.tuners.lora import LoraLayer
 
-    config = config or MergeConfig()
-    peft_model = _attach(model, adapter)
+    config = MergeConfig.coerce(config)
+    peft_model = _attach(model, adapter, allow_pickle)
     cast_parameters(peft_model, resolve_dtype(config.compute_dtype))  # whatever the adapter was trained in
     name = peft_model.active_adapter
     peft_config = peft_model.peft_config[name]
@@ -143,7 +144,7 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
     return merged, report
 
 
-def _attach(model, adapter):
+def _attach(model, adapter, allow_pickle: bool = False):
     """The PeftModel to merge: `model` itself, or `model` with the adapter directory loaded onto it."""
     from peft import PeftModel
 
@@ -153,46 +154,58 @@ def _attach(model, adapter):
         return model
     if adapter is None:
         raise MergeError("no adapter to merge: pass a PeftModel or an adapter directory (--adapter DIR)")
+    from safetensors import SafetensorError
+
     adapter = Path(adapter)
-    check_fit(model, adapter)
+    check_fit(model, adapter, allow_pickle)
     try:
         return PeftModel.from_pretrained(model, str(adapter))
-    except (ValueError, RuntimeError, KeyError) as exc:  # PEFT's own checks, beyond what check_fit covers
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:  # PEFT's own checks
         raise MergeError(f"cannot attach the adapter {adapter} to the model: {str(exc).splitlines()[0]}") from None
 
 
-def check_fit(model, adapter: str | Path) -> None:
+def check_fit(model, adapter: str | Path, allow_pickle: bool = False) -> None:
     """Raise MergeError naming the first module the adapter expects but the model lacks, or whose shape differs."""
-    from safetensors import safe_open
-
     adapter = Path(adapter)
-    weights = adapter / ADAPTER_WEIGHTS
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights.is_file():
-        raise MergeError(f"{adapter} has no {ADAPTER_WEIGHTS}; only safetensors adapters are merged (no pickles)")
-    adapter_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    weights = weights_files(adapter, allow_pickle, "adapter")
+    if not weights:
+        raise MergeError(f"{adapter} has no adapter weights ({ADAPTER_WEIGHTS})")
+    adapter_config = read_json(adapter / "adapter_config.json", MergeError)
+    adapter_type = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
     if adapter_type != "LORA":
         raise MergeError(f"{adapter} is a {adapter_type} adapter; rora merges LoRA-family adapters (lora, rora, dora)")
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            match = _ADAPTER_KEY.match(key)
-            if not match:
-                continue
-            path, part = match["module"], match["part"]
-            module = modules.get(path)
-            if module is None or not hasattr(module, "weight") or module.weight.dim() != 2:
-                raise MergeError(f"adapter {adapter} does not fit the model: it adapts {path}, which the model lacks")
-            out_features, in_features = module.weight.shape
-            shape = tuple(f.get_slice(key).get_shape())
-            fits = {"lora_A": shape[1:] == (in_features,), "lora_B": shape[:1] == (out_features,),
-                    "lora_magnitude_vector": shape == (out_features,)}[part]
-            if not fits:
-                raise MergeError(
-                    f"adapter {adapter} does not fit the model: {path} is {out_features}x{in_features} but the "
-                    f"adapter's {part} has shape {list(shape)} (was it trained on a differently pruned model?)"
-                )
+    for key, shape in _weight_shapes(weights[0]).items():
+        match = _ADAPTER_KEY.match(key)
+        if not match:
+            continue
+        path, part = match["module"], match["part"]
+        module = modules.get(path)
+        if module is None or not hasattr(module, "weight") or module.weight.dim() != 2:
+            raise MergeError(f"adapter {adapter} does not fit the model: it adapts {path}, which the model lacks")
+        out_features, in_features = module.weight.shape
+        fits = {"lora_A": shape[1:] == (in_features,), "lora_B": shape[:1] == (out_features,),
+                "lora_magnitude_vector": shape == (out_features,)}[part]
+        if not fits:
+            raise MergeError(
+                f"adapter {adapter} does not fit the model: {path} is {out_features}x{in_features} but the "
+                f"adapter's {part} has shape {list(shape)} (was it trained on a differently pruned model?)"
+            )
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape, from safetensors (header only) or, opted in, a pickle read with weights_only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as exc:
+        raise MergeError(f"{path} is corrupt or not adapter weights: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
 def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None) -> Path:

@@ -9,7 +9,9 @@ length-grouped so little work goes to padding; and the adapters' dropout samples
 (dropout.py). Everything else is standard: AdamW, warmup + linear/cosine decay, gradient accumulation, bf16
 autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
 
-Output directory (only the main process writes):
+Output directory (only the main process writes). The run trains in the hidden sibling `.OUT.partial` and becomes
+OUT only when it is complete, so an existing OUT (--overwrite) is kept until then; a killed run leaves the
+sibling, with its checkpoints, for --resume:
     adapter/                 the best adapter (lowest held-out objective: response loss, KL, or both), PEFT format
     checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
     checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
@@ -23,8 +25,10 @@ run would have done (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import atomic_dir, check_output, write_json, write_manifest
+from ..artifacts import atomic_dir, check_output, process_alive, read_json, replace_dir, write_json, write_manifest
 from ..config import RecoverConfig
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
 from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
                       prepare_teacher, teacher_dtype)
@@ -46,6 +50,7 @@ from .synthetic import synthetic_texts
 
 MANIFEST = "rora_recovery.json"
 STATE_FILE = "trainer_state.json"
+OWNER_FILE = "rora.pid"  # in the partial run: the process training into it
 
 
 @dataclass
@@ -105,9 +110,11 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """Train an adapter on `model` with `data` as `config` says; write the run to `out` (optional).
 
     `data`: a JSON/JSONL file (LLM-Adapters or Alpaca format), a directory of <task>/train.json, a hub dataset
-    id, or a list of records. `resume=True` continues from the latest checkpoint in `out` (same config and data
-    required); without `resume` or `overwrite` an existing `out` is refused before any work. `source` (e.g. the
-    model spec) is recorded in the manifest. The model is wrapped in place by PEFT.
+    id, or a list of records. The run trains in `partial_dir(out)` and replaces `out` when complete.
+    `resume=True` continues an interrupted run from its latest checkpoint (same config, data and base model
+    required; with no interrupted run it starts one, but never over an existing `out` without `overwrite`);
+    see `check_recover_output` for what is refused before any work. `source` (e.g. the model spec) is recorded in
+    the manifest. The model is wrapped in place by PEFT. A plain dict is accepted as `config`.
 
     `teacher`: a causal LM with the student's vocabulary (e.g. the unpruned model), required by the kd objectives;
     with `sft` it is optional and only adds held-out KL to the metrics. It is frozen and moved, in place, to the
@@ -115,14 +122,14 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
-    config = config or RecoverConfig()
+    config = RecoverConfig.coerce(config)
     out = Path(out) if out is not None else None
     get_method(config.method)
     check_objective(config, teacher is not None)
     if teacher is not None:
         check_teacher(teacher, model, tokenizer, teacher_tokenizer)
-    if out is not None and not resume:
-        check_output(out, overwrite)
+    if out is not None:
+        check_recover_output(out, resume, overwrite)
     lora_config = peft_config(config, model)
     tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
     accelerator = _accelerator()
@@ -131,6 +138,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     if tokenized is None:
         with accelerator.main_process_first():  # the main process writes the texts to the cache, the others read them
             tokenized = _training_data(data, tokenizer, config, teacher, progress and accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     accumulation = config.batch_size // config.micro_batch_size
     if accumulation % accelerator.num_processes:
         raise ConfigError(
@@ -138,14 +146,18 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
             f"{accelerator.num_processes} processes; make it a multiple of the process count"
         )
     total_steps = count_steps(len(tokenized.train), config)
-    identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint}
+    identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint,
+                "model_fingerprint": model_fingerprint(model)}
     if teacher is not None:
         identity["teacher"] = model_signature(teacher)
-    state = _load_state(out, identity) if resume and out is not None else None
-    if out is not None and state is None and accelerator.is_main_process:
-        if out.exists():
-            shutil.rmtree(out)  # --overwrite (or --resume without a checkpoint): start clean
-        (out / "checkpoints").mkdir(parents=True)
+    work = partial_dir(out) if out is not None else None
+    state = _load_state(work, identity) if resume and work is not None else None
+    if work is not None and state is None and accelerator.is_main_process:
+        if work.exists():
+            shutil.rmtree(work)  # nothing to resume in it (check_recover_output): start clean
+        (work / "checkpoints").mkdir(parents=True)
+    if work is not None and accelerator.is_main_process:
+        (work / OWNER_FILE).write_text(str(os.getpid()))
     accelerator.wait_for_everyone()
 
     torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
@@ -162,12 +174,78 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         loss_module = DistillLoss(peft_model, teacher, config.kd_temperature, config.kd_chunk_size,
                                   sft=config.objective == "kd+sft")
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-    run = _Run(config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
+    run = _Run(config, work, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
                tokenizer, identity, total_steps, progress, teacher)
     if state is not None:
-        run.restore(state)
-    run.train()
-    return run.finish(source)
+        _restore(run, state)
+    try:
+        run.train()
+        result = run.finish(source)
+    except BaseException:
+        # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
+        # failed before this point has no checkpoint either: the next run into `out` removes it.)
+        if work is not None and accelerator.is_main_process and _latest_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out is not None:
+        if accelerator.is_main_process:
+            (work / OWNER_FILE).unlink(missing_ok=True)
+            replace_dir(work, out)
+        accelerator.wait_for_everyone()
+        result.adapter_dir, result.metrics_path = out / "adapter", out / "metrics.jsonl"
+    return result
+
+
+def _restore(run, ckpt: Path) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        run.restore(ckpt)
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"cannot resume from {ckpt}: the checkpoint is corrupt ({detail}); "
+                            "start again with --overwrite") from None
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run into `out` trains until it is complete (see the module docstring)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def check_recover_output(out, resume: bool = False, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse, before any work, a run into `out` that could lose data: an existing `out` without --overwrite, an
+    interrupted run (a checkpoint in the partial sibling) without --resume or --overwrite, a run another live
+    process is training, and --resume where there is nothing of rora's to resume. Deletes nothing."""
+    out = Path(out)
+    partial = partial_dir(out)
+    check_output(out, overwrite=True, inputs=inputs)  # writable, and not an input
+    if partial.is_dir():
+        owner = (partial / OWNER_FILE).read_text().strip() if (partial / OWNER_FILE).is_file() else ""
+        if owner.isdigit() and int(owner) != os.getpid() and process_alive(int(owner)):
+            raise OutputError(f"another rora process (pid {owner}) is training into {out}; wait for it or choose another --out")
+        if _latest_checkpoint(partial) is not None:
+            if resume or overwrite:
+                return out
+            raise OutputExistsError(
+                f"{out} has an interrupted run ({partial}); pass --resume to continue it or --overwrite to start again")
+    if out.exists() and not overwrite:
+        if not resume:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it (or choose another --out)")
+        what = "a finished recovery run" if (out / MANIFEST).is_file() else "not an interrupted rora recovery run"
+        raise OutputExistsError(f"nothing to resume: {out} is {what}; pass --overwrite to train again (or choose another --out)")
+    return out
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the base model's tensor names, shapes and a strided sample of their values, so --resume refuses a
+    checkpoint trained on another model (hashing every weight of a 7B model would take a minute)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progress: bool = False):
@@ -297,7 +375,7 @@ class _Run:
             raise TrainingError(
                 f"loss became {loss} at step {self.step + 1}; the update was not applied. "
                 + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "")
-                + "Lower --lr (or raise --warmup) and start again with --overwrite."
+                + "Lower --lr (or raise --warmup-steps) and start again with --overwrite."
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -494,17 +572,21 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _load_state(out: Path, identity: dict) -> Path | None:
-    """The checkpoint to resume from, after checking it was made with the same config and data."""
+    """The checkpoint to resume from, after checking it was made with the same config, data and base model."""
     ckpt = _latest_checkpoint(out) if out.is_dir() else None
     if ckpt is None:
         return None
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = read_json(ckpt / STATE_FILE, TrainingError)
+    if not isinstance(state, dict) or not all(k in state for k in ("config", "data_fingerprint", "step", "history")):
+        raise TrainingError(f"{ckpt / STATE_FILE} is incomplete or not a rora checkpoint; start again with --overwrite")
     old, new = state["config"], identity["config"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if state["data_fingerprint"] != identity["data_fingerprint"]:
         changed.append("training data differs")
     if state.get("teacher") != identity.get("teacher"):
         changed.append("teacher differs")
+    if state.get("model_fingerprint") != identity["model_fingerprint"]:
+        changed.append("the base model differs")
     if changed:
         raise TrainingError(
             f"cannot resume from {ckpt}: it was made with a different config ({'; '.join(changed)}); "

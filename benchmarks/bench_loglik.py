@@ -1,0 +1,267 @@
+"""The lm-eval protocol's log-likelihoods: rora's native engine (`rora-hf`) vs lm-eval-harness's HF backend (HFLM),
+side by side in one run, on smollm2-135m and on it pruned by 30%, all eight tasks.
+
+Each task runs as `rora eval --protocol lm-eval` runs it (evaluate(), one simple_evaluate per task, lm-eval's task
+YAMLs and metrics) once per engine on the same first N examples: examples/s end to end and in the log-likelihood
+calls alone, identical predictions, acc and acc_norm, the largest log-likelihood difference. Then the design check
+the engine's docstring cites: one packed row per example vs a KV cache of the context reused by per-choice rows,
+on the same requests. And the ceiling: the FLOPs the engine must do at the measured matmul peak.
+
+    .venv/bin/python benchmarks/bench_loglik.py [--n 100] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import environment, matmul_peak, write_outputs  # noqa: E402
+
+ENGINES = ("rora", "lm-eval")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100, help="first N examples of each task")
+    ap.add_argument("--small", action="store_true", help="3 examples per task, base model only (a smoke run)")
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    if args.small:
+        args.n = 3
+
+    import torch
+
+    from rora.config import ALL_TASKS, EvalConfig, PruneConfig
+    from rora.evaluation import lmeval_backend
+    from rora.evaluation.data import resolve_data_dir
+    from rora.evaluation.evaluate import evaluate
+    from rora.models import load_model
+    from rora.pruning.prune import prune
+
+    data_dir = resolve_data_dir(args.data_dir)
+    if data_dir is None:
+        sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
+    base, tok = load_model("smollm2-135m")
+    models = {"base": base}
+    if not args.small:
+        pruned = copy.deepcopy(base)
+        prune(pruned, tok, PruneConfig(ratio=0.3, num_samples=4, seed=42))
+        models["pruned 30%"] = pruned.eval()
+
+    # Time the log-likelihood calls alone (both backends reach them through HFLM.loglikelihood), and count the work
+    # the engine does (packed tokens, scored positions) for the ceiling.
+    from lm_eval.models.huggingface import HFLM
+
+    clock = {"s": 0.0}
+    work = {"nodes": 0, "scored": 0, "pair_tokens": 0}
+    inner = HFLM.loglikelihood
+
+    def timed_loglikelihood(self, requests, disable_tqdm=False):
+        start = time.perf_counter()
+        try:
+            return inner(self, requests, disable_tqdm=disable_tqdm)
+        finally:
+            clock["s"] += time.perf_counter() - start
+
+    HFLM.loglikelihood = timed_loglikelihood
+    score_rows = lmeval_backend.score_rows
+
+    def counted(model, rows, **kw):
+        work["nodes"] += sum(len(r.tokens) for r in rows)
+        work["scored"] += sum(len({n for s in r.scored for n, _ in s}) for r in rows)
+        # lm-eval's row for a pair: context + continuation[:-1], i.e. the depth of its last scored node + 1
+        work["pair_tokens"] += sum(r.depths[s[-1][0]] + 1 for r in rows for s in r.scored)
+        return score_rows(model, rows, **kw)
+
+    lmeval_backend.score_rows = counted
+
+    runs = {}
+    for label, model in models.items():
+        for task in ALL_TASKS:
+            cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=args.n)
+            found = {}
+            for engine in ENGINES:
+                clock["s"] = 0.0
+                res = evaluate(model, tok, cfg.replace(engine=engine), data_dir=data_dir, progress=False)
+                found[engine] = (res, clock["s"])
+            (ours, s_ours), (theirs, s_theirs) = found["rora"], found["lm-eval"]
+            r, h = ours.per_task[task], theirs.per_task[task]
+            same = sum(a["prediction"] == b["prediction"] for a, b in zip(ours.records, theirs.records))
+            diff = max(abs(x - y) for a, b in zip(ours.records, theirs.records)
+                       for x, y in zip(a["loglikelihoods"], b["loglikelihoods"]))
+            runs[(label, task)] = {
+                "n": r["n"], "eps": r["examples_per_s"], "hflm_eps": h["examples_per_s"],
+                "ll_s": s_ours, "hflm_ll_s": s_theirs, "seconds": r["seconds"], "hflm_seconds": h["seconds"],
+                "identical_predictions": same, "max_abs_loglik_diff": diff,
+                "metric_equal": all(r[k] == h[k] for k in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")),
+                "accuracy": r["accuracy"], "metric": r["metric"],
+            }
+            x = runs[(label, task)]
+            print(f"{label:>10} {task:>13}: rora {x['eps']:.2f} ex/s ({x['ll_s']:.1f} s in loglikelihood), "
+                  f"lm-eval {x['hflm_eps']:.2f} ex/s ({x['hflm_ll_s']:.1f} s); {same}/{r['n']} identical, "
+                  f"max diff {diff:.1e}", flush=True)
+    lmeval_backend.score_rows = score_rows
+    HFLM.loglikelihood = inner
+
+    design = _design_check(base, tok, data_dir, min(args.n, 10))
+    print(f"design: packed {design['packed_s']:.1f} s, KV cache {design['kv_s']:.1f} s "
+          f"(max diff {design['max_abs_diff']:.1e})", flush=True)
+    ceiling = _ceiling(base, work, runs, len(models))
+    data = {"n_per_task": args.n, "tasks": list(ALL_TASKS), "models": list(models),
+            "runs": {f"{m} / {t}": v for (m, t), v in runs.items()}, "design_check": design, "ceiling": ceiling,
+            "environment": environment()}
+    table = _table(runs, models, ALL_TASKS, design, ceiling)
+    write_outputs("loglik", title="lm-eval protocol: native log-likelihood engine vs lm-eval's HF backend",
+                  command="python benchmarks/bench_loglik.py" + (" --small" if args.small else f" --n {args.n}"),
+                  setting=f"smollm2-135m (base and pruned 30%, Taylor) fp32 on CPU, first {args.n} examples of "
+                          f"each of the eight tasks, each task evaluated by both engines in turn (rora first); "
+                          f"torch threads {torch.get_num_threads()}, a CPU shared with other work",
+                  table=table, data=data)
+    print(table)
+
+
+def _table(runs, models, tasks, design, ceiling) -> str:
+    lines = ["| model | task | n | rora ex/s | lm-eval ex/s | speedup (end to end) | speedup (log-likelihoods) | "
+             "identical predictions | max loglik diff |", "|---|---|---|---|---|---|---|---|---|"]
+    for label in models:
+        for task in tasks:
+            x = runs[(label, task)]
+            lines.append(f"| {label} | {task} | {x['n']} | {x['eps']:.2f} | {x['hflm_eps']:.2f} | "
+                         f"{x['eps'] / x['hflm_eps']:.1f}x | {x['hflm_ll_s'] / x['ll_s']:.1f}x | "
+                         f"{x['identical_predictions']}/{x['n']} | {x['max_abs_loglik_diff']:.1e} |")
+        sel = [runs[(label, t)] for t in tasks]
+        n = sum(x["n"] for x in sel)
+        ours, theirs = sum(x["seconds"] for x in sel), sum(x["hflm_seconds"] for x in sel)
+        ll, hll = sum(x["ll_s"] for x in sel), sum(x["hflm_ll_s"] for x in sel)
+        lines.append(f"| {label} | **suite** | {n} | {n / ours:.2f} | {n / theirs:.2f} | **{theirs / ours:.1f}x** | "
+                     f"**{hll / ll:.1f}x** | {sum(x['identical_predictions'] for x in sel)}/{n} | "
+                     f"{max(x['max_abs_loglik_diff'] for x in sel):.1e} |")
+    equal = all(x["metric_equal"] for x in runs.values())
+    lines += [
+        "",
+        f"acc, acc_norm and their standard errors identical on every task and model: {'yes' if equal else 'NO'}.",
+        "",
+        f"Design check ({design['examples']} examples of each task, base model, the engine's own batching): one "
+        f"packed row per example {design['packed_s']:.1f} s vs the context's KV cache reused by per-choice rows "
+        f"{design['kv_s']:.1f} s (same log-likelihoods to {design['max_abs_diff']:.0e}).",
+        "",
+        f"Ceiling: over the base model's suite the engine runs {ceiling['tokens']:,} packed tokens through the "
+        f"decoder and {ceiling['scored']:,} positions through the LM head, {ceiling['flop'] / 1e12:.2f} TFLOP; at "
+        f"the measured fp32 matmul peak ({ceiling['peak'] / 1e9:.0f} GFLOP/s) that is {ceiling['min_s']:.1f} s, "
+        f"against {ceiling['ll_s']:.1f} s measured in its log-likelihood calls ({ceiling['fraction']:.0%} of the "
+        f"peak). lm-eval's backend does {ceiling['hflm_flop'] / 1e12:.2f} TFLOP for the same numbers (one row per "
+        f"choice, the LM head at every position).",
+    ]
+    return "\n".join(lines)
+
+
+def _ceiling(model, work, runs, n_models) -> dict:
+    """FLOPs the engine must do (2 x parameters per token through the decoder's linear layers, 2 x the LM head's per
+    scored position; attention is small beside them at these lengths), against the measured matmul peak. The
+    counts are over all models' runs; the base model's share is taken in proportion (the same requests)."""
+    import torch
+
+    body = sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    head = model.get_output_embeddings().weight.numel()
+    tokens, scored, pair = (work[k] // n_models for k in ("nodes", "scored", "pair_tokens"))
+    flop = 2 * body * tokens + 2 * head * scored
+    peak = matmul_peak()
+    ll_s = sum(x["ll_s"] for (m, _), x in runs.items() if m == "base")
+    return {"tokens": tokens, "scored": scored, "flop": flop, "peak": peak, "min_s": flop / peak, "ll_s": ll_s,
+            "fraction": flop / peak / ll_s, "hflm_flop": 2 * (body + head) * pair}
+
+
+def _design_check(model, tok, data_dir, n) -> dict:
+    """The same lm-eval requests through the engine's packed rows and through a KV-cache variant (each context
+    encoded once, its cache copied for every choice's row), each with the same token budget."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from rora.config import ALL_TASKS
+    from rora.evaluation.lmeval_bridge import LMEVAL_DIR
+    from rora.evaluation.loglik import CPU_TOKENS, pack, score_rows
+    from rora.evaluation.tasks import TASKS
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    groups = []
+    for name in ALL_TASKS:
+        task = get_task_dict([TASKS[name].lmeval_task], manager)[TASKS[name].lmeval_task]
+        task.build_all_requests(limit=n, rank=0, world_size=1)
+        by_doc: dict = {}
+        for inst in task.instances:
+            by_doc.setdefault(inst.doc_id, []).append(inst)
+        for insts in by_doc.values():
+            groups.append([lm._encode_pair(*i.args) for i in insts])
+    rows = [pack(g) for g in groups]
+    score_rows(model, rows[:4])  # warm-up
+    start = time.perf_counter()
+    packed = score_rows(model, rows, max_tokens=CPU_TOKENS)
+    packed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    kv = _kv_cache_variant(model, groups, CPU_TOKENS, tok.pad_token_id or 0)
+    kv_s = time.perf_counter() - start
+    diff = max(abs(a[0] - b) for p, k in zip(packed, kv) for a, b in zip(p, k))
+    return {"examples": n, "packed_s": packed_s, "kv_s": kv_s, "max_abs_diff": diff}
+
+
+def _kv_cache_variant(model, groups, max_tokens, pad_id) -> list[list[float]]:
+    """The alternative design: per batch of examples, pass 1 encodes each distinct context once (right-padded)
+    into a KV cache; pass 2 runs every choice's continuation[:-1] over a copy of its context's cache rows."""
+    import torch
+    from transformers import DynamicCache
+
+    from rora.evaluation.loglik import batches, decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    # split groups into units sharing one context (WinoGrande's choices each have their own)
+    units = []
+    for g, pairs in enumerate(groups):
+        by_ctx: dict = {}
+        for k, (ctx, cont) in enumerate(pairs):
+            by_ctx.setdefault(tuple(ctx), []).append((k, cont))
+        units += [(g, list(ctx), conts) for ctx, conts in by_ctx.items()]
+    out = [[0.0] * len(p) for p in groups]
+    cost = [len(ctx) + sum(len(c) for _, c in conts) for _, ctx, conts in units]
+    with torch.inference_mode():
+        for chunk in batches(cost, max_tokens):
+            us = [units[i] for i in chunk]
+            width = max(len(u[1]) for u in us)
+            ids = torch.full((len(us), width), pad_id)
+            mask = torch.zeros((len(us), width), dtype=torch.long)
+            for b, (_, ctx, _) in enumerate(us):
+                ids[b, :len(ctx)] = torch.tensor(ctx)
+                mask[b, :len(ctx)] = 1
+            cache = DynamicCache(config=decoder.config)
+            hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+            first = torch.log_softmax(head(hidden[torch.arange(len(us)), mask.sum(1) - 1]).float(), -1)
+            tails = [(b, k, cont) for b, (_, _, conts) in enumerate(us) for k, cont in conts]
+            for b, k, cont in tails:
+                out[us[b][0]][k] = first[b, cont[0]].item()
+            long = [(b, k, cont) for b, k, cont in tails if len(cont) > 1]
+            if not long:
+                continue
+            tw = max(len(c) - 1 for _, _, c in long)
+            sel = torch.tensor([b for b, _, _ in long])
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.reorder_cache(sel)  # index_select over the batch: one cache copy per choice
+            tids = torch.full((len(long), tw), pad_id)
+            tmask = torch.zeros((len(long), tw), dtype=torch.long)
+            for r, (_, _, cont) in enumerate(long):
+                tids[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+                tmask[r, :len(cont) - 1] = 1
+            pos = mask.sum(1)[sel][:, None] + torch.arange(tw)[None]
+            h = decoder(input_ids=tids, attention_mask=torch.cat([mask[sel], tmask], 1), position_ids=pos,
+                        past_key_values=rows_cache, use_cache=True).last_hidden_state
+            for r, (b, k, cont) in enumerate(long):
+                lp = torch.log_softmax(head(h[r, :len(cont) - 1]).float(), -1)
+                out[us[b][0]][k] += lp[torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum().item()
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Honest numbers: standard errors of accuracies and paired comparisons of two models on the same examples.
+
+Accuracy is a mean of 0/1 outcomes, so its standard error is lm-eval's `acc_stderr`: the sample standard
+deviation over sqrt(n), i.e. sqrt(p (1 - p) / (n - 1)). The suite's figure is the plain mean of T task
+accuracies; the tasks are independent samples, so its standard error is sqrt(sum se_t^2) / T.
+
+Two models scored on the same examples are compared by the per-example difference d = b - a (in {-1, 0, 1}):
+its mean is the accuracy difference and its standard error uses the same formula on d. Pairing removes the
+variance the two models share (examples both get right or both get wrong), which is most of it, so a paired
+difference is often significant where the two unpaired intervals overlap. A paired bootstrap (resampling
+examples within each task, the same resample for both models) gives an interval that assumes no normality.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+Outcomes = Mapping[str, Sequence[float]]  # task -> per-example correctness (0/1), in a fixed example order
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) with the n - 1 sample variance, as lm-eval's mean_stderr."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def suite_se(per_task: Outcomes) -> tuple[float, float]:
+    """(average of the task means, its standard error): tasks weigh equally whatever their size."""
+    stats = [mean_se(v) for v in per_task.values()]
+    mean = sum(m for m, _ in stats) / len(stats)
+    return mean, math.sqrt(sum(se**2 for _, se in stats)) / len(stats)
+
+
+def accuracy_table(per_task: Outcomes) -> dict:
+    """{task: {"accuracy", "se", "n"}, "average": {"accuracy", "se", "n"}} for one model."""
+    out = {t: dict(zip(("accuracy", "se"), mean_se(v)), n=len(v)) for t, v in per_task.items()}
+    avg, se = suite_se(per_task)
+    out["average"] = {"accuracy": avg, "se": se, "n": sum(len(v) for v in per_task.values())}
+    return out
+
+
+def paired_difference(a: Outcomes, b: Outcomes, *, bootstrap: int = 2000, seed: int = 0) -> dict:
+    """b - a per task and for the suite average, each with its paired standard error, a 95% paired-bootstrap
+    interval and whether |difference| exceeds two standard errors. Both must hold the same tasks and examples."""
+    if list(a) != list(b) or any(len(a[t]) != len(b[t]) for t in a):
+        raise ValueError("paired comparison needs the same tasks and the same number of examples per task")
+    diffs = {t: [float(y) - float(x) for x, y in zip(a[t], b[t])] for t in a}
+    boot = _bootstrap_means(diffs, bootstrap, seed) if bootstrap else None
+    out = {}
+    for t, d in diffs.items():
+        mean, se = mean_se(d)
+        out[t] = _verdict(mean, se, boot[t] if boot else None)
+    mean, se = suite_se(diffs)
+    out["average"] = _verdict(mean, se, boot["average"] if boot else None)
+    return out
+
+
+def _verdict(mean: float, se: float, draws: list[float] | None) -> dict:
+    found = {"difference": mean, "se": se, "significant": bool(se == se and abs(mean) > 2 * se)}
+    if se == 0.0:  # identical on every example: no difference at all, not an infinitely precise one
+        found["significant"] = False
+    if draws:
+        draws = sorted(draws)
+        found["ci95"] = [draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]]
+    return found
+
+
+def _bootstrap_means(diffs: Mapping[str, Sequence[float]], iters: int, seed: int) -> dict[str, list[float]]:
+    """Bootstrap distribution of each task's mean difference and of their average (examples resampled within
+    each task: the suite average weighs tasks equally, so the resample keeps every task's size)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for t, d in diffs.items():
+        d = np.asarray(d, dtype=np.float64)
+        draws[t] = d[rng.integers(0, len(d), size=(iters, len(d)))].mean(axis=1)
+    draws["average"] = np.mean([draws[t] for t in diffs], axis=0)
+    return {k: v.tolist() for k, v in draws.items()}
+
+
+def gap_closed(base: float, pruned: float, recovered: float) -> float | None:
+    """Share of the pruning gap that recovery closed, (recovered - pruned) / (base - pruned); None without a gap.
+    Works for losses too (a negative gap: base lower than pruned)."""
+    gap = base - pruned
+    return None if gap == 0 else (recovered - pruned) / gap
+
+
+def outcomes_from_records(records: Sequence[Mapping]) -> dict[str, list[int]]:
+    """Per-example correctness by task, in example-index order, from evaluate()'s records."""
+    by_task: dict[str, list[tuple[int, int]]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append((int(r["index"]), int(bool(r["correct"]))))
+    return {t: [c for _, c in sorted(v)] for t, v in by_task.items()}
