@@ -11,7 +11,11 @@ adapter (RoRA r=16), same training examples (so the same tokens), batch size, op
 Each side runs in its own process (clean peak-memory figures). After training, every side's adapter is scored on
 the same held-out records with rora.recovery.distill.heldout_metrics (KL to the teacher, whole-text loss).
 
-    .venv/bin/python benchmarks/bench_distill.py [--small]
+    .venv/bin/python benchmarks/bench_distill.py [--small] [--gradient-checkpointing]
+
+`--gradient-checkpointing` runs every side with activation checkpointing (results/distill_checkpointing.*): the
+students' saved activations, which all sides share and which set the memory floor without it, then shrink, and
+what remains is what the loss itself costs.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from _common import RESULTS, environment, write_outputs  # noqa: E402
 from bench_recover import DATA_DIR, TASKS, PeakRSS, prune_model  # noqa: E402
 
 SETTINGS = {  # full run / --small
-    "full": dict(steps=4, batch=16, val=24, rank=16),  # micro-batch 16: the recipe's
+    "full": dict(steps=3, batch=16, val=16, rank=16),  # micro-batch 16: the recipe's
     "small": dict(steps=2, batch=4, val=8, rank=8),
 }
 LR, WARMUP, SEED, CUTOFF = 1e-3, 1, 42, 256
@@ -50,11 +54,15 @@ def load_split(n_train: int, n_val: int):
     return train[:n_train], val
 
 
+CHECKPOINTING = os.environ.get("RORA_BENCH_CHECKPOINTING") == "1"  # set by --gradient-checkpointing for every side
+
+
 def recover_config(s: dict, **kw):
     from rora.config import RecoverConfig
 
     return RecoverConfig(method="rora", rank=s["rank"], lr=LR, warmup_steps=WARMUP, seed=SEED, cutoff_len=CUTOFF,
-                         batch_size=s["batch"], micro_batch_size=s["batch"], max_steps=s["steps"], val_set_size=0, **kw)
+                         batch_size=s["batch"], micro_batch_size=s["batch"], max_steps=s["steps"], val_set_size=0,
+                         gradient_checkpointing=CHECKPOINTING, **kw)
 
 
 def run_side(side: str, model_dir: str, size: str) -> dict:
@@ -96,6 +104,8 @@ def _naive(model, teacher, tok, examples, s):
 
     torch.manual_seed(SEED)
     peft_model = get_peft_model(model, peft_config(recover_config(s), model))
+    if CHECKPOINTING:  # as recover does it
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher.requires_grad_(False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -127,14 +137,27 @@ def _naive(model, teacher, tok, examples, s):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="a smoke run")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="every side with activation checkpointing")
+    ap.add_argument("--render", help="rewrite the .md and .png of a results JSON this script wrote (no measuring)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = "small" if args.small else "full"
+    if args.render:
+        global CHECKPOINTING, THREADS
+        d = json.loads(Path(args.render).read_text())
+        CHECKPOINTING = d["settings"].get("gradient_checkpointing", False)
+        THREADS = d["settings"]["threads"]  # the run's, not this shell's
+        report(d["sides"], d["settings"]["pruning"], "small" if d["settings"]["batch"] == SETTINGS["small"]["batch"]
+               else "full", d["load_average_before"], d["total_seconds"], d["environment"])
+        return
     if args.side:
         print("RESULT " + json.dumps(run_side(args.side, args.model_dir, size)))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.gradient_checkpointing:
+        CHECKPOINTING = True
+        os.environ["RORA_BENCH_CHECKPOINTING"] = "1"  # read by the side processes
     t_start = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +173,7 @@ def main() -> None:
     report(sides, how, size, load_before, time.time() - t_start)
 
 
-def report(sides: dict, how: str, size: str, load_before, total_s: float) -> None:
+def report(sides: dict, how: str, size: str, load_before, total_s: float, env: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,12 +183,12 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
     speedup = k["tokens_per_second"] / n["tokens_per_second"]
     memory = k["peak_rss_gib"] / n["peak_rss_gib"]
     s = SETTINGS[size]
-    name = "distill" if size == "full" else "distill_small"
+    name = ("distill" if size == "full" else "distill_small") + ("_checkpointing" if CHECKPOINTING else "")
     goal = speedup >= 1.5 and memory <= 0.5
-    data = {"settings": {**s, "lr": LR, "warmup": WARMUP, "seed": SEED, "cutoff_len": CUTOFF, "tasks": TASKS,
+    data = {"settings": {**s, "gradient_checkpointing": CHECKPOINTING, "lr": LR, "warmup": WARMUP, "seed": SEED, "cutoff_len": CUTOFF, "tasks": TASKS,
                          "pruning": how, "threads": THREADS, "kd_chunk_size": 256},
             "sides": sides, "speedup": speedup, "peak_memory_ratio": memory, "goal_met": goal,
-            "load_average_before": load_before, "total_seconds": total_s, "environment": environment()}
+            "load_average_before": load_before, "total_seconds": total_s, "environment": env or environment()}
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     labels = ["naive KD\n(full logits)", "rora kd\n(chunked)", "rora sft"]
@@ -184,21 +207,29 @@ def report(sides: dict, how: str, size: str, load_before, total_s: float) -> Non
     rows.append(f"| peak RSS (GiB) | {n['peak_rss_gib']:.2f} | {k['peak_rss_gib']:.2f} | **{memory:.2f}** | {f['peak_rss_gib']:.2f} |")
     rows.append(f"| RSS growth while training (GiB) | {n['train_rss_gib']:.2f} | {k['train_rss_gib']:.2f} | "
                 f"{k['train_rss_gib'] / n['train_rss_gib']:.2f} | {f['train_rss_gib']:.2f} |")
+    extra_n, extra_k = n["peak_rss_gib"] - f["peak_rss_gib"], k["peak_rss_gib"] - f["peak_rss_gib"]
+    rows.append(f"| peak RSS above the sft run (GiB) | {extra_n:.2f} | {extra_k:.2f} | "
+                f"{extra_k / extra_n:.2f} | 0 |")
     rows.append(f"| held-out KL to the teacher | {n['heldout']['kl']:.4f} | {k['heldout']['kl']:.4f} | | {f['heldout']['kl']:.4f} |")
     rows.append(f"| held-out whole-text loss | {n['heldout']['loss']:.4f} | {k['heldout']['loss']:.4f} | | {f['heldout']['loss']:.4f} |")
     rows.append("")
     rows.append(f"Goal (kd >= 1.5x the naive loop's tokens/s at <= 0.5x its peak memory): {'met' if goal else 'NOT met'}. "
                 f"KD costs {f['tokens_per_second'] / k['tokens_per_second']:.2f}x the time per token of SFT here: it "
                 "runs the teacher's decoder and both LM heads on every position, where SFT runs one head on the "
-                "response tokens only.")
+                "response tokens only. Peak memory: the student's own saved activations, which every side holds "
+                "alike, bound the ratio from below (the sft column is that floor: its teacher is never run, so never "
+                "paged in); the 'above the sft run' row is what distillation adds (teacher weights and KL), as far as peaks sampled every 20 ms tell.")
     setting = (f"student smollm2-135m pruned 30% ({how}); teacher smollm2-135m (fp32); {k['examples']} training "
                f"examples from {', '.join(TASKS)} ({s['steps']} steps x batch {s['batch']} = micro-batch, "
                f"{k['real_tokens']:,} real tokens, cutoff {CUTOFF}); RoRA r={s['rank']}, lr {LR}, warmup {WARMUP} + "
                f"linear; held-out: {s['val']} records carved from the same files (seed {SEED}); torch threads "
                f"{THREADS} per side; load average {load_before[0]:.1f} at start; {total_s / 60:.1f} min in all")
-    cmd = "python benchmarks/bench_distill.py" + (" --small" if size == "small" else "")
-    write_outputs(name, title="Distillation trainer: `recover --objective kd` vs a naive KD loop", command=cmd,
-                  setting=setting, table="\n".join(rows), data=data, images=[f"{name}.png"])
+    cmd = ("python benchmarks/bench_distill.py" + (" --small" if size == "small" else "")
+           + (" --gradient-checkpointing" if CHECKPOINTING else ""))
+    title = "Distillation trainer: `recover --objective kd` vs a naive KD loop" + (
+        ", every side with gradient checkpointing" if CHECKPOINTING else "")
+    write_outputs(name, title=title, command=cmd,
+                  setting=setting + ("; gradient checkpointing on every side" if CHECKPOINTING else ""), table="\n".join(rows), data=data, images=[f"{name}.png"])
     print("\n".join(rows))
 
 

@@ -40,3 +40,16 @@ def test_kd_recovery_distils_the_unpruned_base(tmp_path, tiny_gqa, tokenizer):
     result = run_pipeline(cfg, progress=False)
     assert result.stages["prune"]["skipped"] is True and result.stages["recover"]["skipped"] is False
     assert json.loads(manifest.read_text())["teacher"] == base
+
+
+def test_run_objective_flag_reaches_the_recover_config():
+    import yaml
+    from click.testing import CliRunner
+
+    from rora.cli import main
+
+    done = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--objective", "kd", "--print-config"])
+    assert done.exit_code == 0, done.output
+    assert yaml.safe_load(done.output)["recover"]["objective"] == "kd"
+    bad = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--objective", "kl", "--print-config"])
+    assert bad.exit_code == 2 and "recover.objective must be one of sft, kd, kd+sft" in bad.output

@@ -120,7 +120,7 @@ def test_student_equal_to_teacher_has_zero_kl_and_zero_gradient(tokenizer):
     ids, labels, lengths = _batch(tokenizer)
     kd, _ = DistillLoss(student, teacher, 1.0, 5, sft=False)(ids, labels, lengths)
     kd.backward()
-    assert abs(float(kd)) < 1e-6
+    assert abs(float(kd.detach())) < 1e-6
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert grads and all(g is not None and float(g.abs().max()) == 0.0 for g in grads)
     m = heldout_metrics(teacher, teacher, tokenizer, records(6))
@@ -198,11 +198,14 @@ def test_sft_with_a_teacher_logs_the_kl_too(tokenizer):
     (lambda: make_model(), lambda: make_tokenizer(vocab_size=300), r"tokenizer differs.*300 tokens vs the student's 384"),
     (lambda: _base_model(), None, r"not a causal LM"),
     (lambda: None, None, r"objective 'kd' needs a teacher"),
+    ("student", None, r"teacher must be a separate model"),
 ])
 def test_bad_teacher_is_refused_before_anything_is_written(tokenizer, tmp_path, teacher, teacher_tok, match):
     out = tmp_path / "run"
+    student = make_model()
     with pytest.raises(ConfigError, match=match):
-        recover(make_model(), tokenizer, records(), kd_config(), out, progress=False, teacher=teacher(),
+        recover(student, tokenizer, records(), kd_config(), out, progress=False,
+                teacher=student if teacher == "student" else teacher(),
                 teacher_tokenizer=teacher_tok() if teacher_tok else None)
     assert not out.exists()
 

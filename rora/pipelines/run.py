@@ -273,7 +273,8 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
     holder = {}
 
     def work():
-        res = recover(model, tok, train_data, config.recover, rec_dir, resume=resume, overwrite=True,
+        data = None if config.recover.text else train_data  # a text file replaces the records
+        res = recover(model, tok, data, config.recover, rec_dir, resume=resume, overwrite=True,
                       progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model,
                       teacher=teacher)
         holder["model"] = res.model

@@ -38,13 +38,18 @@ class ChunkedKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s : s + chunk_size]
-            log_s = (F.linear(h, weight).float() / temperature).log_softmax(-1)
-            t = F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).float().to(hidden.device)
-            log_t = (t / temperature).log_softmax(-1)
-            total += F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+            log_s = _log_probs(F.linear(h, weight), temperature)
+            log_t = _log_probs(F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).to(hidden.device),
+                               temperature)
+            # KL = sum p_t (log p_t - log p_s): the difference in place, then one dot product; passes over a chunk's
+            # logits are memory-bound, so no [chunk x vocab] temporaries beyond p_t.
+            p_t = log_t.exp()
+            total += p_t.view(-1) @ log_t.sub_(log_s).view(-1)
             if need_h or need_w:
                 # d(T^2 KL)/d(logits) = T^2 * (p_s - p_t) / T, computed in place over the student's log-probs.
-                g = log_s.exp_().sub_(log_t.exp_()).mul_(temperature)
+                g = log_s.exp_().sub_(p_t)
+                if temperature != 1.0:
+                    g.mul_(temperature)
                 if need_h:
                     grad_h[s : s + chunk_size] = g.to(weight.dtype) @ weight
                 if need_w:
@@ -59,6 +64,11 @@ class ChunkedKL(torch.autograd.Function):
         return (grad_out * grad_h if grad_h is not None else None,
                 (grad_out * grad_w).to(ctx.weight_dtype) if grad_w is not None else None,
                 None, None, None, None)
+
+
+def _log_probs(logits, temperature: float):
+    logits = logits.float()
+    return (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
 
 
 def chunked_kl(hidden, head: nn.Linear, teacher_hidden, teacher_head: nn.Linear, temperature: float = 1.0,
@@ -215,6 +225,9 @@ def check_objective(config, has_teacher: bool) -> None:
 
 def check_teacher(teacher, student, tokenizer=None, teacher_tokenizer=None) -> None:
     """ConfigError unless `teacher` is a causal LM with the student's vocabulary (and tokenizer, when both given)."""
+    if teacher is student:
+        raise ConfigError("the teacher must be a separate model, e.g. copy.deepcopy(model): the student is wrapped "
+                          "with adapters in place")
     lm = causal_lm_of(teacher)
     head = lm.get_output_embeddings() if callable(getattr(lm, "get_output_embeddings", None)) else None
     if head is None or not callable(getattr(lm, "get_decoder", None)):

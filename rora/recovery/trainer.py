@@ -45,8 +45,8 @@ from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, pre
 from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
                       prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
-from .synthetic import synthetic_texts
 from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
+from .synthetic import synthetic_texts
 
 MANIFEST = "rora_recovery.json"
 STATE_FILE = "trainer_state.json"
