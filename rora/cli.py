@@ -164,7 +164,7 @@ def _csv(value):
 @model_argument
 @click.option("--data", help="Training records: JSON/JSONL file, directory of <task>/train.json, or hub id.")
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
-@click.option("--objective", help="sft (response cross-entropy, default), kd (distil --teacher on every token) or kd+sft.")
+@click.option("--objective", help="auto (default: kd with a --teacher, else sft), sft (response cross-entropy), kd (distil --teacher on every token) or kd+sft.")
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
 @click.option("--kd-temperature", type=float, help="Distillation temperature T (default 1; the KL is scaled by T^2).")
 @click.option("--kd-weight", type=float, help="kd+sft: the KD term's share of the loss, in (0, 1) (default 0.5).")
@@ -206,7 +206,7 @@ def recover(model, allow_pickle, data, out, target_modules, teacher, resume, ove
     from .recovery.distill import check_objective, teacher_dtype
 
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
-    cfg = cfg.replace(target_modules=_csv(target_modules), **flags)
+    cfg = cfg.replace(target_modules=_csv(target_modules), **flags).with_objective(teacher is not None)
     check_objective(cfg, teacher is not None)  # before loading anything
     from .models import load_model
     from .recovery.trainer import check_recover_output, recover as recover_adapter
@@ -292,7 +292,7 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, en
 @click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
-@click.option("--objective", help="Recovery objective: sft, kd (distil the unpruned model) or kd+sft.")
+@click.option("--objective", help="Recovery objective: auto (default: kd, the unpruned model is the teacher), sft, kd or kd+sft.")
 @click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
 @click.option("--tasks", help="'all' (default) or comma-separated tasks.")
 @click.option("--limit", type=int, help="Evaluate the first N examples per task.")

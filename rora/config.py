@@ -227,7 +227,10 @@ class RecoverConfig(StageConfig):
     seed: int = 42
     # The objective (rora.recovery.distill): sft = cross-entropy on the response tokens; kd = forward
     # KL(teacher || student) over every token of each text, times T^2; kd+sft = kd_weight*kd + (1-kd_weight)*sft.
-    objective: str = "sft"  # sft | kd | kd+sft
+    # auto (the default): kd when a teacher is given, else sft. Chosen on the measurements (BENCHMARKS.md,
+    # "Recovery objectives"): on the same records, sft teaches the answer format and damages the language model,
+    # kd brings the held-out whole-text loss back to the base model's; rora run always has the teacher.
+    objective: str = "auto"  # auto | sft | kd | kd+sft
     kd_temperature: float = 1.0  # T: both distributions are softened by T, the KL is scaled by T^2 (Hinton et al.)
     kd_weight: float = 0.5  # kd+sft only: the KD term's share of the loss, in (0, 1)
     teacher_dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
@@ -237,12 +240,18 @@ class RecoverConfig(StageConfig):
     synthetic_tokens: int = 128  # new tokens the teacher samples per text
     synthetic_temperature: float = 1.0  # sampling temperature of the teacher's texts
 
-    OBJECTIVES = ("sft", "kd", "kd+sft")
+    OBJECTIVES = ("auto", "sft", "kd", "kd+sft")
     TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.objective != "sft" or self.synthetic > 0
+        return self.objective in ("kd", "kd+sft") or self.synthetic > 0
+
+    def with_objective(self, has_teacher: bool) -> "RecoverConfig":
+        """The config with `auto` resolved: kd when there is a teacher, else sft."""
+        if self.objective != "auto":
+            return self
+        return dataclasses.replace(self, objective="kd" if has_teacher else "sft")
 
     def problems(self) -> list[str]:
         out = []

@@ -42,3 +42,12 @@ def test_flags_override_yaml_values():
 def test_bad_values_rejected(cls, kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cls(**kwargs)
+
+
+def test_objective_auto_is_kd_with_a_teacher_else_sft():
+    from rora.config import RecoverConfig
+
+    cfg = RecoverConfig()
+    assert cfg.objective == "auto" and not cfg.needs_teacher
+    assert cfg.with_objective(True).objective == "kd" and cfg.with_objective(False).objective == "sft"
+    assert RecoverConfig(objective="sft").with_objective(True).objective == "sft"

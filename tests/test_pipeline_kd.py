@@ -52,4 +52,4 @@ def test_run_objective_flag_reaches_the_recover_config():
     assert done.exit_code == 0, done.output
     assert yaml.safe_load(done.output)["recover"]["objective"] == "kd"
     bad = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--objective", "kl", "--print-config"])
-    assert bad.exit_code == 2 and "recover.objective must be one of sft, kd, kd+sft" in bad.output
+    assert bad.exit_code == 2 and "recover.objective must be one of auto, sft, kd, kd+sft" in bad.output

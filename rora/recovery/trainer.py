@@ -122,7 +122,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
-    config = RecoverConfig.coerce(config)
+    config = RecoverConfig.coerce(config).with_objective(teacher is not None)
     out = Path(out) if out is not None else None
     get_method(config.method)
     check_objective(config, teacher is not None)
