@@ -214,3 +214,18 @@ def test_registered_as_lmeval_backend(data_dir, tokenizer):
                           device="cpu", tasks=["rora_piqa"], task_manager=manager, limit=2, bootstrap_iters=1000)
     assert res["config"]["model"] == "rora-hf" and res["results"]["rora_piqa"]["acc_stderr,none"] >= 0
     assert len(res["samples"]["rora_piqa"]) == 2 and RoraLM.__name__ == "RoraLM"
+
+
+def test_sampled_offline_task_scores_the_same_docs_as_the_whole_task(data_dir, tokenizer):
+    # The offline loader builds only the sampled docs; they must be exactly the docs at those positions.
+    model = make_model()
+    seed = 1647  # its two openbookqa examples are at positions 1 and 3, so the first 4 hold them
+    picked = evaluate(model, tokenizer, EvalConfig(tasks=["openbookqa"], protocol="lm-eval", sample=2, seed=seed),
+                      data_dir=data_dir, progress=False)
+    first = evaluate(model, tokenizer, EvalConfig(tasks=["openbookqa"], protocol="lm-eval", limit=4),
+                     data_dir=data_dir, progress=False)
+    by_index = {r["index"]: r for r in first.records}
+    assert [r["index"] for r in picked.records] == [1, 3]
+    for r in picked.records:
+        assert r["loglikelihoods"] == pytest.approx(by_index[r["index"]]["loglikelihoods"], abs=1e-5)
+        assert r["correct"] == by_index[r["index"]]["correct"]

@@ -51,14 +51,18 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
     sources = {t.name: task_source(t, data_dir) for t in tasks}  # every file checked before any compute
     need_hub = any(kind == "hub" for _, kind in sources.values())
     with _quiet_lmeval():
-        meta = {"data_dir": str(data_dir) if data_dir else None, "rora_limit": limit}
+        meta = {"data_dir": str(data_dir) if data_dir else None, "rora_limit": limit, "rora_sample": sample,
+                "rora_seed": seed if sample is not None else None}
         manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=need_hub,
                               metadata={k: v for k, v in meta.items() if v is not None} or None)
+        # A sample's indices into each task's docs. Offline tasks build only those docs (the loader draws the same
+        # sample_indices), so their doc_ids count within the sample; hub tasks are built whole and subset here.
         subsets = {}
         if sample is not None:
             for task in tasks:
-                name, _ = sources[task.name]
-                subsets[task.name] = sample_indices(_task_size(name, manager), sample, seed, task.name)
+                name, kind = sources[task.name]
+                size = _offline_size(task, data_dir) if kind == "offline" else _task_size(name, manager)
+                subsets[task.name] = sample_indices(size, sample, seed, task.name)
         backend = {"rora": RoraLM, "lm-eval": HFLM}[engine]
         lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = {}
@@ -70,7 +74,8 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
                 # acc and acc_norm aggregate by mean, whose standard error lm-eval computes in closed form: any
                 # bootstrap_iters > 0 turns it on and no bootstrap runs (0 would switch the stderr off).
                 res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit, log_samples=True,
-                                      samples={name: subsets[task.name]} if sample is not None else None,
+                                      samples={name: subsets[task.name]} if sample is not None and kind == "hub"
+                                      else None,
                                       bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
         except Exception as exc:  # lm-eval raises plain errors for missing data (offline hub, bad files)
             hint = "" if kind == "offline" else " (no data directory given, so lm-eval's hub task was tried)"
@@ -91,9 +96,16 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
             "lmeval_task": name,
             "source": kind,
             "engine": engine,
-            "records": [_record(task, s) for s in sorted(samples, key=lambda s: s["doc_id"])],
+            "records": [_record(task, s, subsets[task.name][s["doc_id"]] if sample is not None and kind == "offline"
+                                else s["doc_id"]) for s in sorted(samples, key=lambda s: s["doc_id"])],
         }
     return out
+
+
+def _offline_size(task: Task, data_dir: Path) -> int:
+    """Examples in an offline task's file (its non-empty lines), without building the lm-eval task."""
+    with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _task_size(name: str, manager) -> int:
@@ -102,7 +114,7 @@ def _task_size(name: str, manager) -> int:
     return len(get_task_dict([name], manager)[name].eval_docs)
 
 
-def _record(task: Task, sample: dict) -> dict:
+def _record(task: Task, sample: dict, index: int) -> dict:
     """One example: the chosen choice under the task's metric, the gold choice, both metrics."""
     lls = [r[0] for r in sample["filtered_resps"]]
     choices = [a[1][1:] if a[1].startswith(" ") else a[1] for a in sample["arguments"]]  # drop the " " delimiter
@@ -116,7 +128,7 @@ def _record(task: Task, sample: dict) -> dict:
     gold = sample["target"]
     return {
         "task": task.name,
-        "index": sample["doc_id"],
+        "index": index,  # the example's position in the task's file
         "response": choices[pred],
         "prediction": pred,
         "answer": gold,

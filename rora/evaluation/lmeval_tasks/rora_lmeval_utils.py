@@ -19,7 +19,7 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
 )
 
 
-def _load(task, split, data_dir=None, rora_limit=None, **_):
+def _load(task, split, data_dir=None, rora_limit=None, rora_sample=None, rora_seed=0, **_):
     root = data_dir or os.environ.get("RORA_DATA_DIR")
     if not root:
         raise ValueError(
@@ -33,6 +33,10 @@ def _load(task, split, data_dir=None, rora_limit=None, **_):
         records = [json.loads(line) for line in f if line.strip()]
     if rora_limit:  # lm-eval's --limit takes the first N docs anyway; building only those is faster
         records = records[: int(rora_limit)]
+    elif rora_sample:  # likewise only the sampled docs (rora's --sample), so HellaSwag's 10k are not preprocessed
+        from rora.evaluation.data import sample_indices
+
+        records = [records[i] for i in sample_indices(len(records), int(rora_sample), int(rora_seed), task)]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
 
 
