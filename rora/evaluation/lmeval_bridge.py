@@ -140,14 +140,23 @@ def _record(task: Task, sample: dict, index: int) -> dict:
 
 
 class _quiet_lmeval:
-    """lm-eval logs every task build at INFO/WARNING; keep rora's output to the results table."""
+    """lm-eval logs every task build at INFO/WARNING, and datasets draws a bar for every document map; keep rora's
+    output to the engine's progress bar and the results table."""
 
     def __enter__(self):
+        import datasets
+
         self.loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
         self.levels = [lg.level for lg in self.loggers]
         for lg in self.loggers:
             lg.setLevel(logging.ERROR)
+        self.bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
 
     def __exit__(self, *exc):
+        import datasets
+
         for lg, level in zip(self.loggers, self.levels):
             lg.setLevel(level)
+        if self.bars:
+            datasets.enable_progress_bars()
