@@ -88,13 +88,32 @@ def test_gguf_f16_q8_0_within_looser_tolerance(tmp_path, tiny_gqa, tokenizer, dt
     assert 0 < diff(loaded, tiny_gqa) <= tolerance and report.max_abs_diff == pytest.approx(diff(loaded, tiny_gqa), rel=1e-3)
 
 
-def test_nonuniform_gguf_needs_padded(tmp_path, tiny_nonuniform, tokenizer):
+def _qwen2_nonuniform():
+    model = make_model("qwen2", heads=4, kv_heads=2)
+    keep_units(model.model.layers[0], model.config, keep_q=[1], keep_kv=[0], keep_channels=list(range(40)))
+    sync_config(model.config, layer_shapes(model))
+    return model
+
+
+def test_nonuniform_gguf_compact_is_deci_padded_is_llama(tmp_path, tiny_nonuniform, tokenizer):
+    from rora.pipelines.gguf import gguf_metadata, read_gguf_model, read_layer_shapes
+
+    report = export_model(tiny_nonuniform, tokenizer, ExportConfig(format="gguf"), tmp_path / "c.gguf")
+    meta = gguf_metadata(tmp_path / "c.gguf")
+    assert report.architecture == meta["general.architecture"] == "deci" and report.layout == "compact"
+    assert read_layer_shapes(meta) == layer_shapes(tiny_nonuniform)  # per-layer arrays, from the weights
+    assert [int(v) for v in meta["deci.attention.head_count"]] == [2, 4, 2]
+    assert diff(read_gguf_model(tmp_path / "c.gguf", tiny_nonuniform), tiny_nonuniform) <= 1e-5
+    padded = export_model(tiny_nonuniform, tokenizer, ExportConfig(format="gguf", layout="padded"), tmp_path / "p.gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="p.gguf", dtype=torch.float32)
+    assert padded.architecture == "llama" and diff(loaded, tiny_nonuniform) <= 1e-5
+    assert padded.size_bytes > report.size_bytes
+
+
+def test_nonuniform_qwen2_gguf_compact_refused(tmp_path, tokenizer):
     with pytest.raises(ExportError, match="--layout padded"):
-        export(tiny_nonuniform, tokenizer, ExportConfig(format="gguf"), tmp_path / "m.gguf")
+        export(_qwen2_nonuniform(), tokenizer, ExportConfig(format="gguf"), tmp_path / "m.gguf")
     assert not any(tmp_path.iterdir())
-    export(tiny_nonuniform, tokenizer, ExportConfig(format="gguf", layout="padded"), tmp_path / "m.gguf")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    assert diff(loaded, tiny_nonuniform) <= 1e-5
 
 
 def test_failed_verification_writes_nothing(tmp_path, tiny_gqa, tokenizer, monkeypatch):
@@ -138,18 +157,19 @@ def test_cli_export_padded_reports_overhead(tmp_path, tiny_nonuniform, tokenizer
 
 def test_cli_export_bad_inputs_exit_2_write_nothing(tmp_path, tiny_nonuniform, tokenizer):
     save_model_dir(tiny_nonuniform, tokenizer, tmp_path / "m")
+    save_model_dir(_qwen2_nonuniform(), tokenizer, tmp_path / "q")
     (tmp_path / "exists").mkdir()
     cases = [
         (["--format", "onnx", "--out", tmp_path / "o"], "export.format"),
         (["--format", "hf", "--layout", "sparse", "--out", tmp_path / "o"], "export.layout"),
         (["--format", "gguf", "--dtype", "q4_0", "--out", tmp_path / "o.gguf"], "export.dtype"),
         (["--format", "hf", "--out", tmp_path / "exists"], "--overwrite"),
-        (["--format", "gguf", "--out", tmp_path / "o.gguf"], "--layout padded"),
         (["--format", "gguf", "--layout", "padded", "--out", tmp_path / "o.bin"], "must end in .gguf"),
+        (["--format", "gguf", "--out", tmp_path / "o.gguf"], "--layout padded", "q"),
     ]
-    for args, message in cases:
+    for args, message, *model in cases:
         before = sorted(p.name for p in tmp_path.iterdir())
-        result = run("export", tmp_path / "m", *args)
+        result = run("export", tmp_path / (model[0] if model else "m"), *args)
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("rora: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
