@@ -180,3 +180,104 @@ def test_cli_export_bad_inputs_exit_2_write_nothing(tmp_path, tiny_nonuniform, t
 def test_export_config_rejects_wrong_dtype_for_format():
     with pytest.raises(ConfigError, match="export.dtype for hf"):
         ExportConfig(format="hf", dtype="q8_0")
+
+
+# --- #11 class 2: rora's own uniform prune whose head count does not divide hidden_size ----------------------------
+
+def _six_of_eight(tokenizer):
+    """A uniform 25% prune of 8 heads over hidden 64 (like LLaMA-7B's 32 -> 26): 6 heads, which LlamaConfig refuses."""
+    from rora.config import PruneConfig
+    from rora.pruning.prune import prune
+
+    model = make_model("llama", heads=8, kv_heads=8, hidden=64)
+    prune(model, tokenizer, PruneConfig(ratio=0.25, importance="l2", num_samples=2, holdout_samples=0, seq_len=16),
+          ["The capital of France is Paris. A cat sat on the mat.", "the correct answer is true"])
+    assert {(s.q_heads, s.kv_heads) for s in layer_shapes(model)} == {(6, 6)} and model.config.num_attention_heads == 8
+    return model
+
+
+@pytest.mark.parametrize("layout", ["compact", "padded"])
+def test_six_of_eight_heads_hf_loads_in_plain_transformers(tmp_path, tokenizer, layout):
+    model = _six_of_eight(tokenizer)
+    report = export_model(model, tokenizer, ExportConfig(format="hf", layout=layout), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert report.layout == "uniform" and config["num_attention_heads"] == 6 and config["head_dim"] == 8
+    assert config["model_type"] == "mistral" and config["sliding_window"] is None and "rora_layer_shapes" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # plain transformers, no rora
+    assert diff(plain, model) <= 1e-5 and report.max_abs_diff <= 1e-5
+    assert diff(load_model(tmp_path / "hf")[0], model) <= 1e-5
+
+
+def test_six_of_eight_heads_gguf_head_counts(tmp_path, tokenizer):
+    from rora.pipelines.gguf import gguf_metadata, read_gguf_model
+
+    model = _six_of_eight(tokenizer)
+    report = export_model(model, tokenizer, ExportConfig(format="gguf"), tmp_path / "m.gguf")
+    meta = gguf_metadata(tmp_path / "m.gguf")
+    assert report.architecture == "llama" and meta["llama.attention.head_count"] == 6  # not the config's stand-in 8
+    assert meta["llama.attention.head_count_kv"] == 6 and meta["llama.attention.key_length"] == 8
+    assert meta["llama.feed_forward_length"] == layer_shapes(model)[0].intermediate
+    assert report.verified_with.startswith("rora's GGUF reader")  # transformers' GGUF loader builds a LlamaConfig
+    assert diff(read_gguf_model(tmp_path / "m.gguf", model), model) <= 1e-5
+
+
+def test_cli_export_six_of_eight_heads(tmp_path, tokenizer):
+    save_model_dir(_six_of_eight(tokenizer), tokenizer, tmp_path / "m")
+    for args in (["--format", "hf", "--out", tmp_path / "hf"], ["--format", "hf", "--layout", "padded", "--out",
+                 tmp_path / "padded"], ["--format", "gguf", "--out", tmp_path / "m.gguf"]):
+        result = run("export", tmp_path / "m", *args)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+
+
+# --- tokenizer metadata -------------------------------------------------------------------------------------------
+
+def test_source_gguf_tokenizer_keys_survive_save_and_export(tmp_path, tiny_gqa, tokenizer):
+    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY, gguf_metadata
+
+    # what load_gguf records for a model that came from a GGUF (SmolLM2's file says smollm; the rebuilt tokenizer
+    # implies gpt-2)
+    source = {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.padding_token_id": 2}
+    setattr(tiny_gqa.config, GGUF_TOKENIZER_KEY, source)
+    save_model_dir(tiny_gqa, tokenizer, tmp_path / "m")
+    reloaded, tok = load_model(tmp_path / "m")  # the key travels in config.json through every stage
+    assert getattr(reloaded.config, GGUF_TOKENIZER_KEY) == source
+    export(reloaded, tok, ExportConfig(format="gguf"), tmp_path / "m.gguf")
+    meta = gguf_metadata(tmp_path / "m.gguf")
+    assert {k: meta[k] for k in source} == source and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+
+
+def test_smollm2_records_its_gguf_tokenizer_keys(smollm2):
+    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY
+
+    keys = getattr(smollm2[0].config, GGUF_TOKENIZER_KEY)
+    assert keys["tokenizer.ggml.pre"] == "smollm" and keys["tokenizer.ggml.add_bos_token"] is False
+
+
+# --- quantization -------------------------------------------------------------------------------------------------
+
+def test_kquant_without_llamacpp_says_how_to_install(tmp_path, tiny_gqa, tokenizer, monkeypatch):
+    import rora.pipelines.llamacpp as lc
+
+    monkeypatch.setattr(lc, "available", lambda: False)
+    save_model_dir(tiny_gqa, tokenizer, tmp_path / "m")
+    result = run("export", tmp_path / "m", "--format", "gguf", "--dtype", "q4_k_m", "--out", tmp_path / "o.gguf")
+    assert result.exit_code == 2 and "rora[edge]" in result.output and "Traceback" not in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_q8_0_quality_report_without_llamacpp(tmp_path, tiny_gqa, tokenizer, monkeypatch):
+    import rora.pipelines.llamacpp as lc
+
+    monkeypatch.setattr(lc, "available", lambda: False)
+    report = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype="q8_0"), tmp_path / "m.gguf")
+    q = report.quality
+    assert q["engine"].startswith("torch") and q["tokens"] > 100 and q["reference_ppl"] > 1
+    # a random tiny model's perplexity is near its vocabulary size, and int8 weights barely move it
+    assert 0 < abs(q["increase"]) < 0.01 and q["warning"] is None and report.notes[0].startswith("llama.cpp check skipped")
+    card = (tmp_path / "m.md").read_text()
+    assert "heldout_ppl_change" in card and "deploy this file" in card
+    # a threshold of 0 turns the same change into a warning and a recommendation against the file
+    strict = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype="q8_0", max_ppl_increase=0.0),
+                          tmp_path / "s.gguf")
+    assert (strict.quality["warning"] is None) == (strict.quality["increase"] <= 0)
