@@ -268,8 +268,6 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
                 diff = edge["max_abs_diff"]
             quality = quantization_quality(f32, tmp, model, loaded, tokenizer, config.max_ppl_increase, edge is not None)
             del loaded
-            if quality["warning"]:
-                notes.append(quality["warning"])
         if edge is not None:
             verified_with = f"{verified_with} and llama.cpp ({edge['version']})"
         params = count_parameters(model)
@@ -282,7 +280,7 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
         if quality:
             info.update({"heldout_ppl_unquantized": quality["reference_ppl"], "heldout_ppl": quality["ppl"],
                          "heldout_ppl_change": f"{quality['increase']:+.2%}", "recommendation": quality["recommendation"]})
-        info["checks"] = notes
+        info["checks"] = notes + ([quality["warning"]] if quality and quality["warning"] else [])
         card_text = render_card({**card, "export": {k: v for k, v in info.items() if v is not None}})
     card_path = out.with_suffix(".md")
     with atomic_file(card_path) as tmp_card:
