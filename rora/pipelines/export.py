@@ -364,7 +364,7 @@ def quantization_quality(reference_file, quantized_file, model, loaded, tokenize
                    f"{threshold:.0%}: this model does not survive this type well; deploy f16 or q8_0 instead")
         recommendation = "not recommended for deployment (see the perplexity change); export f16 or q8_0"
     else:
-        recommendation = f"deploy this file: {increase:+.1%} held-out perplexity for its size"
+        recommendation = f"deploy this file: {increase:+.2%} held-out perplexity for its size"
     return {"engine": engine, "reference_ppl": ref, "ppl": got, "increase": increase, "threshold": threshold,
             "tokens": sum(len(c) - 1 for c in chunks), "warning": warning, "recommendation": recommendation,
             "file": name}

@@ -44,11 +44,12 @@ class Runner:
         import llama_cpp
 
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                n_threads=threads or _threads(), n_threads_batch=threads or _threads(),
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
-            )
+            with _quiet():  # verbose=False still lets some context-creation lines through from C
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                    n_threads=threads or _threads(), n_threads_batch=threads or _threads(),
+                    type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
             raise ExportError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
 
@@ -115,7 +116,8 @@ def quantize(src: str | Path, dst: str | Path, qtype: str) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """llama_model_quantize logs every tensor to stderr from C; keep the one line a user needs visible."""
+    """llama.cpp logs from C straight to stderr (llama_model_quantize: every tensor); rora's own lines stay the
+    only output."""
     from llama_cpp._utils import suppress_stdout_stderr
 
     with suppress_stdout_stderr(disable=False):
