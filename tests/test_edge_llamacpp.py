@@ -44,11 +44,18 @@ def test_uniform_gguf_in_llamacpp(tmp_path, tokenizer, arch):
 
 
 def test_tokenizer_round_trip_through_llamacpp(tmp_path, tiny_gqa, tokenizer):
-    export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf"), tmp_path / "m.gguf")
-    text = "The capital of France is Paris. A cat sat on the mat, answer1 true"
-    with Runner(tmp_path / "m.gguf", n_ctx=64) as r:
+    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY
+
+    text = "Hello , world . The capital of France is Paris ; answer1 true ?"
+    export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf"), tmp_path / "derived.gguf")
+    setattr(tiny_gqa.config, GGUF_TOKENIZER_KEY, {"tokenizer.ggml.pre": "smollm"})  # as load_gguf records it
+    export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf"), tmp_path / "source.gguf")
+    with Runner(tmp_path / "source.gguf", n_ctx=64) as r:
         ids = r.tokenize(text)
         assert ids == tokenizer(text)["input_ids"] and r.detokenize(ids) == text
+    # the tag is what decides: gpt-2's cleans up spaces before punctuation on detokenisation (issue #14)
+    with Runner(tmp_path / "derived.gguf", n_ctx=64) as r:
+        assert r.detokenize(ids) == "Hello, world. The capital of France is Paris ; answer1 true?"
 
 
 def test_smollm2_tokenizer_metadata_in_llamacpp(tmp_path, smollm2):

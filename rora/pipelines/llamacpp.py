@@ -82,7 +82,19 @@ class Runner:
         return self.llm.tokenize(text.encode(), add_bos=add_bos, special=False)
 
     def detokenize(self, ids) -> str:
-        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+        """llama.cpp's own llama_detokenize, as llama-cli and llama-server use it (with the pre-tokenizer's space
+        clean-up); llama-cpp-python's `Llama.detokenize` joins token pieces and skips that step."""
+        import ctypes
+
+        import llama_cpp
+
+        tokens = (llama_cpp.llama_token * len(ids))(*[int(i) for i in ids])
+        size = 16 * len(ids) + 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(self.llm._model.vocab, tokens, len(ids), buf, size, False, False)
+        if n < 0:
+            raise ExportError(f"llama.cpp could not detokenize {len(ids)} tokens")
+        return buf.raw[:n].decode("utf-8", errors="replace")
 
 
 def nll(logits: np.ndarray, ids) -> float:
