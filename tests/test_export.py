@@ -159,6 +159,7 @@ def test_cli_export_bad_inputs_exit_2_write_nothing(tmp_path, tiny_nonuniform, t
     save_model_dir(tiny_nonuniform, tokenizer, tmp_path / "m")
     save_model_dir(_qwen2_nonuniform(), tokenizer, tmp_path / "q")
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
     cases = [
         (["--format", "onnx", "--out", tmp_path / "o"], "export.format"),
         (["--format", "hf", "--layout", "sparse", "--out", tmp_path / "o"], "export.layout"),
@@ -166,6 +167,7 @@ def test_cli_export_bad_inputs_exit_2_write_nothing(tmp_path, tiny_nonuniform, t
         (["--format", "hf", "--out", tmp_path / "exists"], "--overwrite"),
         (["--format", "gguf", "--layout", "padded", "--out", tmp_path / "o.bin"], "must end in .gguf"),
         (["--format", "gguf", "--out", tmp_path / "o.gguf"], "--layout padded", "q"),
+        (["--format", "gguf", "--out", tmp_path / "exists.gguf"], "--overwrite"),
     ]
     for args, message, *model in cases:
         before = sorted(p.name for p in tmp_path.iterdir())
@@ -174,7 +176,7 @@ def test_cli_export_bad_inputs_exit_2_write_nothing(tmp_path, tiny_nonuniform, t
         errors = [line for line in result.output.splitlines() if line.startswith("rora: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
         assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert not any((tmp_path / "exists").iterdir())
+    assert not any((tmp_path / "exists").iterdir()) and (tmp_path / "exists.gguf").read_bytes() == b"keep"
 
 
 def test_export_config_rejects_wrong_dtype_for_format():
