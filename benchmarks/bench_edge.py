@@ -43,7 +43,7 @@ def rora_cli(*args: str) -> None:
                    env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def make_models(work: Path, specs: list[str], nonuniform: bool) -> dict[str, tuple[str, str]]:
+def make_models(work: Path, specs: list[str], nonuniform: str | None) -> dict[str, tuple[str, str]]:
     """label -> (spec, layout). The default prunes come from the CLI, as a user makes them."""
     models = {}
     for item in specs or ["base=smollm2-135m", "pruned=PRUNE"]:
@@ -53,9 +53,10 @@ def make_models(work: Path, specs: list[str], nonuniform: bool) -> dict[str, tup
             rora_cli("prune", "smollm2-135m", "--ratio", str(RATIO), "--importance", "taylor", "--out", spec)
         models[label] = (spec, "compact")
     if nonuniform:
-        spec = str(work / "pruned-4-26")
-        rora_cli("prune", "smollm2-135m", "--ratio", str(RATIO), "--layers", "4:26", "--importance", "taylor",
-                 "--out", spec)
+        spec = nonuniform if nonuniform != "PRUNE" else str(work / "pruned-4-26")
+        if nonuniform == "PRUNE":
+            rora_cli("prune", "smollm2-135m", "--ratio", str(RATIO), "--layers", "4:26", "--importance", "taylor",
+                     "--out", spec)
         models["4:26 compact"] = (spec, "compact")
         models["4:26 padded"] = (spec, "padded")
     return models
@@ -167,7 +168,8 @@ def plot(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="label=spec (default: base=smollm2-135m pruned=<30%% Taylor prune>)")
-    parser.add_argument("--nonuniform", action="store_true", help="also a 4:26 prune, compact (deci) vs padded")
+    parser.add_argument("--nonuniform", nargs="?", const="PRUNE", metavar="DIR",
+                        help="also a 4:26 prune (made here, or DIR), compact (deci) vs padded, at q8_0")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", help="directory for the models and GGUF files (default: a temporary one)")

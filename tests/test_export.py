@@ -85,7 +85,9 @@ def test_gguf_f32_round_trip(tmp_path, tokenizer):
 def test_gguf_f16_q8_0_within_looser_tolerance(tmp_path, tiny_gqa, tokenizer, dtype, tolerance):
     report = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype=dtype), tmp_path / "m.gguf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    assert 0 < diff(loaded, tiny_gqa) <= tolerance and report.max_abs_diff == pytest.approx(diff(loaded, tiny_gqa), rel=1e-3)
+    assert 0 < diff(loaded, tiny_gqa) <= tolerance and 0 < report.max_abs_diff <= tolerance
+    if report.llamacpp is None:  # read back by transformers; with llama.cpp installed the figure is llama.cpp's
+        assert report.max_abs_diff == pytest.approx(diff(loaded, tiny_gqa), rel=1e-3)
 
 
 def _qwen2_nonuniform():

@@ -243,11 +243,13 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
         # Always an f32 file first: it is checked exactly, and it is the unquantized reference of the quality check.
         f32 = Path(work) / "f32.gguf"
         arch = write_gguf(model, tokenizer, f32, "F32", name=out.stem)
-        readers = _read_back(f32, model, arch, shapes)
-        f32_diff = _verify(readers[1], ids, reference, config, True, f"GGUF ({arch}, F32) read back by {readers[0]}")
-        edge = None
+        reader, f32_model = _read_back(f32, model, arch, shapes)
+        f32_diff = _verify(f32_model, ids, reference, config, True, f"GGUF ({arch}, F32) read back by {reader}")
+        del f32_model
+        edge = expected = None
         if llamacpp.available():
-            edge = _llamacpp_check(f32, model, ids, reference, strict=True)
+            expected = _greedy(model, ids[0, :8].tolist(), GREEDY_TOKENS)  # once: 16 full forward passes
+            edge = _llamacpp_check(f32, expected, ids, reference, strict=True)
         else:
             notes.append(f"llama.cpp check skipped (llama-cpp-python is not installed): {llamacpp.INSTALL_HINT}")
         if qtype == "F32":
@@ -258,15 +260,17 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
             write_gguf(model, tokenizer, tmp, qtype, name=out.stem)
         quality = None
         if qtype == "F32":
-            diff, verified_with = (edge or {}).get("max_abs_diff", f32_diff), readers[0]
+            diff, verified_with = (edge or {}).get("max_abs_diff", f32_diff), reader
+        elif edge is not None:
+            # The quantized file is checked where it will run; a torch read-back would model neither llama.cpp's
+            # fallback types' kernels nor its int8 activations, and costs a second full load.
+            edge = {**_llamacpp_check(tmp, expected, ids, reference, strict=False), "f32_max_abs_diff": edge["max_abs_diff"]}
+            diff, verified_with = edge["max_abs_diff"], reader
+            quality = quantization_quality(f32, tmp, model, None, tokenizer, config.max_ppl_increase, True)
         else:
-            loaded_name, loaded = _read_back(tmp, model, arch, shapes)
-            verified_with = loaded_name
+            verified_with, loaded = _read_back(tmp, model, arch, shapes)
             diff = _diff(loaded, ids, reference)
-            if edge is not None:
-                edge = {**_llamacpp_check(tmp, model, ids, reference, strict=False), "f32_max_abs_diff": edge["max_abs_diff"]}
-                diff = edge["max_abs_diff"]
-            quality = quantization_quality(f32, tmp, model, loaded, tokenizer, config.max_ppl_increase, edge is not None)
+            quality = quantization_quality(f32, tmp, model, loaded, tokenizer, config.max_ppl_increase, False)
             del loaded
         if edge is not None:
             verified_with = f"{verified_with} and llama.cpp ({edge['version']})"
@@ -280,7 +284,7 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
         if quality:
             info.update({"heldout_ppl_unquantized": quality["reference_ppl"], "heldout_ppl": quality["ppl"],
                          "heldout_ppl_change": f"{quality['increase']:+.2%}", "recommendation": quality["recommendation"]})
-        info["checks"] = notes + ([quality["warning"]] if quality and quality["warning"] else [])
+        info["checks"] = notes + ([quality["warning"]] if quality and quality["warning"] else []) or None
         card_text = render_card({**card, "export": {k: v for k, v in info.items() if v is not None}})
     card_path = out.with_suffix(".md")
     with atomic_file(card_path) as tmp_card:
@@ -306,8 +310,9 @@ def _diff(loaded, ids, reference) -> float:
     return float((logits_on(loaded, ids, torch.float64) - reference).abs().max())
 
 
-def _llamacpp_check(path: Path, model, ids, reference, strict: bool) -> dict:
-    """Run the file in llama.cpp: logits on the probe ids and greedy tokens, against the source model."""
+def _llamacpp_check(path: Path, expected: list[int], ids, reference, strict: bool) -> dict:
+    """Run the file in llama.cpp: logits on the probe ids and greedy tokens, against the source model's
+    (`reference` logits, `expected` greedy tokens after ids[0, :8])."""
     from . import llamacpp
 
     with llamacpp.Runner(path, n_ctx=ids.shape[1] + GREEDY_TOKENS) as runner:
@@ -315,7 +320,6 @@ def _llamacpp_check(path: Path, model, ids, reference, strict: bool) -> dict:
         prompt = ids[0, :8].tolist()
         tokens = runner.greedy(prompt, GREEDY_TOKENS)
     diff = float(np.abs(got - reference.numpy()).max())
-    expected = _greedy(model, prompt, GREEDY_TOKENS)
     match = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), GREEDY_TOKENS)
     if strict and not diff <= LLAMACPP_TOLERANCE:
         raise ExportError(
