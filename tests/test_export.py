@@ -285,3 +285,15 @@ def test_q8_0_quality_report_without_llamacpp(tmp_path, tiny_gqa, tokenizer, mon
     strict = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype="q8_0", max_ppl_increase=0.0),
                           tmp_path / "s.gguf")
     assert (strict.quality["warning"] is None) == (strict.quality["increase"] <= 0)
+
+
+def test_q8_0_names_matrices_left_f16(tmp_path, tokenizer):
+    # 30% of SmolLM2's 1536 channels leaves 1075: no whole 32-value blocks, so down_proj stays f16; say so
+    model = make_model("llama", heads=4, kv_heads=2, intermediate=96)
+    for layer in model.model.layers:
+        keep_units(layer, model.config, keep_q=[0, 1, 2, 3], keep_kv=[0, 1], keep_channels=list(range(67)))
+    sync_config(model.config, layer_shapes(model))
+    report = export_model(model, tokenizer, ExportConfig(format="gguf", dtype="q8_0"), tmp_path / "m.gguf")
+    assert any(n.startswith("2 matrices stay f16") and "of 67 values" in n for n in report.notes), report.notes
+    clean = export_model(make_model("llama"), tokenizer, ExportConfig(format="gguf", dtype="q8_0"), tmp_path / "c.gguf")
+    assert not any("stay f16" in n for n in clean.notes)

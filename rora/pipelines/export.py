@@ -272,6 +272,8 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
             diff = _diff(loaded, ids, reference)
             quality = quantization_quality(f32, tmp, model, loaded, tokenizer, config.max_ppl_increase, False)
             del loaded
+        if qtype not in ("F32", "F16"):
+            notes += _fallback_note(tmp, qtype)
         if edge is not None:
             verified_with = f"{verified_with} and llama.cpp ({edge['version']})"
         params = count_parameters(model)
@@ -292,6 +294,21 @@ def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params,
     return ExportReport(str(out), "gguf", layout, qtype.lower(), params, source_params, params / source_params - 1,
                         dir_size(out), diff, verified_with, card_path.name, architecture=arch, llamacpp=edge,
                         quality=quality, notes=notes)
+
+
+def _fallback_note(path: Path, qtype: str) -> list[str]:
+    """Matrices left in f16 because their rows are not whole quantization blocks (32 values; llama.cpp's K-quants
+    fall back to 32-value types below 256). Pruning causes this: 30% of SmolLM2's 1536 MLP channels leaves 1075,
+    so every down_proj stays f16, which costs the file size and speed the prune was for."""
+    from gguf import GGUFReader
+
+    # t.shape is ggml's order: shape[0] is the row length
+    rows = [int(t.shape[0]) for t in GGUFReader(str(path)).tensors if len(t.shape) == 2 and t.tensor_type.name == "F16"]
+    if not rows:
+        return []
+    return [f"{len(rows)} matrices stay f16 in this {qtype.lower()} file: their rows of "
+            f"{', '.join(map(str, sorted(set(rows))))} values are not whole 32-value quantization blocks; prune to a "
+            "multiple of 32 MLP channels to quantize them"]
 
 
 def _read_back(path: Path, model, arch: str, shapes):
