@@ -12,7 +12,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo test edge clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# llama.cpp for verified, quantized and benchmarked GGUF exports (rora[edge]). pip builds llama-cpp-python from
+# its sdist with CMake (~15 min on 2 cores); the flags build for any x86-64 CPU and skip llama.cpp's own tools.
+# `make test` does not need it: tests/test_edge_llamacpp.py skips unless llama_cpp is importable.
+edge: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" $(PIP) install -e ".[edge]"
+	$(PY) -m pytest -q tests/test_edge_llamacpp.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

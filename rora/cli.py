@@ -372,8 +372,13 @@ def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
 @model_argument
 @click.option("--format", "export_format", required=True, help="hf (safetensors directory) or gguf (one .gguf file).")
 @click.option("--out", required=True, help="Output directory (hf) or .gguf file path (gguf).")
-@click.option("--layout", help="Non-uniform models: padded (zero-padded, loads anywhere) or compact (default; rora.load_model only).")
-@click.option("--dtype", help="hf: float32 (default), float16, bfloat16. gguf: f32, f16, q8_0.")
+@click.option("--layout", help="Non-uniform models. compact (default): hf for rora.load_model only; gguf as llama.cpp's "
+              "deci architecture (per-layer head counts), which llama.cpp runs and transformers' GGUF loader cannot. "
+              "padded: zero-padded to one shape, same outputs; hf loads in plain transformers, gguf (llama) in llama.cpp, "
+              "transformers and any runtime that needs uniform layers.")
+@click.option("--dtype", help="hf: float32 (default), float16, bfloat16. gguf: f32, f16, q8_0; with llama-cpp-python "
+              "installed (pip install 'rora[edge]') also q6_k, q5_k_m, q4_k_m, quantized by llama.cpp itself. "
+              "Quantized GGUFs are reported with their held-out perplexity change.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with ExportConfig keys (flags win).")
 @handles_errors
@@ -403,4 +408,22 @@ def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, co
         f"max logit diff {r['max_abs_diff']:.3g} vs source, read back by {r['verified_with']}",
         f"size on disk   {r['size_bytes'] / 1e6:.1f} MB",
         f"saved          {r['path']} (card: {r['card']})",
-    ]))
+    ] + _edge_lines(r)))
+    if (r.get("quality") or {}).get("warning"):
+        click.echo(f"rora: warning: {r['quality']['warning']}", err=True)
+
+
+def _edge_lines(r: dict) -> list[str]:
+    """What llama.cpp said about a GGUF export, the quantization's perplexity change, and skipped checks."""
+    lines = []
+    if r.get("architecture"):
+        lines.append(f"architecture   {r['architecture']}")
+    if r.get("llamacpp"):
+        e = r["llamacpp"]
+        lines.append(f"llama.cpp      max logit diff {e['max_abs_diff']:.3g}, greedy tokens {e['greedy_match']}/"
+                     f"{len(e['greedy_tokens'])} equal to the source ({e['version']})")
+    if r.get("quality"):
+        q = r["quality"]
+        lines.append(f"perplexity     {q['reference_ppl']:.4g} (f32) -> {q['ppl']:.4g} ({q['increase']:+.2%}) on "
+                     f"{q['tokens']} held-out tokens, in {q['engine']}")
+    return lines + [f"note           {n}" for n in r.get("notes") or []]

@@ -372,10 +372,14 @@ class ExportConfig(StageConfig):
     SECTION = "export"
     format: str = "hf"  # hf | gguf
     layout: str = "compact"  # compact | padded (non-uniform models only)
-    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0 (float32/float16 also accepted)
+    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0, with llama.cpp also q6_k|q5_k_m|q4_k_m
     tolerance: float = 1e-4  # max |logit difference| exported (loaded back) vs source, enforced for fp32 exports
+    # Quantized gguf: warn when held-out perplexity rises more than this vs the f32 export. llama.cpp's own tables
+    # put q8_0 at ~0.1% and q4_k_m at ~1-3% on 7B models; 5% is past what a type costs a healthy model.
+    max_ppl_increase: float = 0.05
 
-    DTYPES = {"hf": ("float32", "float16", "bfloat16"), "gguf": ("f32", "f16", "q8_0", "float32", "float16")}
+    DTYPES = {"hf": ("float32", "float16", "bfloat16"),
+              "gguf": ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "float32", "float16")}
 
     def problems(self) -> list[str]:
         out = []
@@ -383,12 +387,14 @@ class ExportConfig(StageConfig):
             out.append(f"export.format must be hf or gguf, got {self.format!r}{did_you_mean(self.format, ('hf', 'gguf'))}")
         elif self.dtype not in self.DTYPES[self.format]:
             allowed = self.DTYPES[self.format]
-            out.append(f"export.dtype for {self.format} must be one of {', '.join(allowed[:3])}, got {self.dtype!r}"
+            out.append(f"export.dtype for {self.format} must be one of {', '.join(allowed[:6] if self.format == 'gguf' else allowed)}, got {self.dtype!r}"
                        f"{did_you_mean(self.dtype, allowed)}")
         if self.layout not in ("compact", "padded"):
             out.append(f"export.layout must be compact or padded, got {self.layout!r}{did_you_mean(self.layout, ('compact', 'padded'))}")
         if self.tolerance < 0:
             out.append(f"export.tolerance must be >= 0, got {self.tolerance}")
+        if not self.max_ppl_increase >= 0:  # `not >=` also catches NaN
+            out.append(f"export.max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
         return out
 
 

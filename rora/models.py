@@ -150,6 +150,7 @@ def _load_alias(alias: str, dtype):
     if manifest.is_file() and _cache_stamp(manifest, stamp) == stamp:
         model, tokenizer = load_hf_dir(cached, dtype)
         model.config.name_or_path = ALIASES[alias][2]
+        _record_gguf_tokenizer(model.config, gguf)  # caches written before the key existed lack it
         return model, tokenizer
     model, tokenizer = load_gguf(gguf, None)
     model.config.name_or_path = ALIASES[alias][2]
@@ -195,9 +196,19 @@ def load_gguf(path: Path, dtype=None):
     # The model is dense after dequantization; the GGUF quantization config would stop save_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _record_gguf_tokenizer(model.config, path)
     model.hf_quantizer = None
     model.is_quantized = False
     return model, tokenizer
+
+
+def _record_gguf_tokenizer(config, path: Path) -> None:
+    """Keep the source file's scalar tokenizer keys (pre-tokenizer tag, special ids, flags) in the config, which
+    every stage saves, so a later GGUF export writes what the source said, not what the rebuilt tokenizer implies."""
+    from .pipelines.gguf import GGUF_TOKENIZER_KEY, source_tokenizer_keys
+
+    if not getattr(config, GGUF_TOKENIZER_KEY, None):
+        setattr(config, GGUF_TOKENIZER_KEY, source_tokenizer_keys(path))
 
 
 def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False):

@@ -2,7 +2,8 @@
 
 The card is rendered from a plain dict; every section is optional and only what is present is rendered:
     base_model   str                         the model that was pruned
-    export       dict                        filled by export(): format, layout, dtype, parameters, size, loader
+    export       dict                        filled by export(): format, layout, dtype, parameters, size, loader,
+                                             and for quantized GGUF the perplexity change and a recommendation
     shapes       list of {q_heads, kv_heads, intermediate} per layer
     prune        dict                        PruneConfig (or any pruning statistics: ratio, parameters, ...)
     pruning      dict                        a pruning report (statistics), rendered like `prune`
@@ -54,7 +55,10 @@ def render_card(card: dict) -> str:
     )
     if export.get("loader"):
         lines += ["", "## How to load", "", export["loader"]]
-    lines += _table_section("Export", {k: v for k, v in export.items() if k not in ("loader", "name")})
+    if export.get("recommendation"):  # quantized GGUF: its held-out perplexity change decides
+        lines += ["", "## Which file to deploy", "", f"{export['recommendation']} (held-out perplexity "
+                  f"{export.get('heldout_ppl_unquantized', 0):.4g} unquantized, {export.get('heldout_ppl', 0):.4g} here)."]
+    lines += _table_section("Export", {k: v for k, v in export.items() if k not in ("loader", "name", "recommendation")})
     if card.get("shapes"):
         lines += ["", "## Per-layer shapes", "", "| layers | query heads | KV heads | MLP width |", "|---|---|---|---|"]
         lines += [f"| {span} | {q} | {kv} | {mlp} |" for span, (q, kv, mlp) in layer_runs(card["shapes"])]

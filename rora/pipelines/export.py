@@ -1,18 +1,23 @@
 """Deployment export: a Hugging Face safetensors directory or a GGUF file, each with a model card.
 
-hf    uniform layers: a standard config that plain `transformers.AutoModelForCausalLM.from_pretrained` loads.
+hf    uniform layers: a standard config that plain `transformers.AutoModelForCausalLM.from_pretrained` loads (a
+      uniform Llama whose head count does not divide hidden_size, which LlamaConfig refuses, is written as the
+      identical MistralConfig network; see structure.plain_config).
       non-uniform, layout=padded: heads and MLP channels zero-padded to one shape (structure.pad_layer), so the
       model computes the same function and loads anywhere, at a size overhead that is reported.
       non-uniform, layout=compact: the smallest weights, per-layer shapes in the config; only `rora.load_model`
       rebuilds it (plain transformers cannot).
-gguf  the llama architecture (qwen2 for Qwen2) as llama.cpp's convert_hf_to_gguf.py writes it: tensor names from
-      the gguf package's own name map, q/k rows permuted for llama.cpp's RoPE layout, the byte-level BPE
-      vocabulary, merges and token types. dtype f32 | f16 | q8_0. llama.cpp can read per-layer head counts, but
-      transformers' GGUF loader cannot, so non-uniform models need --layout padded.
+gguf  see gguf.py: llama (uniform, or non-uniform zero-padded with --layout padded: llama.cpp, transformers' GGUF
+      loader, and runtimes that need uniform shapes), deci (non-uniform, --layout compact: llama.cpp reads its
+      per-layer head counts and FFN widths), qwen2 (uniform). dtype f32 | f16 | q8_0, and with llama.cpp installed
+      its own q6_k | q5_k_m | q4_k_m.
 
 Every export is verified before it is kept: the written model is loaded back (plain transformers where the
-format promises that) and its logits on fixed probe inputs are compared with the source model's; in fp32 a
-difference above `ExportConfig.tolerance` is an ExportError and nothing is written.
+format promises that, rora's GGUF reader where transformers cannot read it) and its logits on fixed probe inputs
+are compared with the source model's; in fp32 a difference above `ExportConfig.tolerance` is an ExportError and
+nothing is written. When llama-cpp-python is installed, a GGUF is also run in llama.cpp (logits and greedy tokens
+against the source model, f32 KV cache), and a quantized GGUF's held-out perplexity is compared with the f32
+export's (a warning above `ExportConfig.max_ppl_increase`).
 """
 from __future__ import annotations
 
@@ -30,15 +35,13 @@ from ..artifacts import atomic_dir, atomic_file, check_output, count_parameters,
 from ..config import ExportConfig
 from ..errors import ExportError
 from ..models import resolve_dtype
-from ..pruning.structure import check_supported, head_dim, is_uniform, layer_shapes, pad_layer, padded_shape, sync_config
+from ..pruning.structure import (check_supported, head_dim, is_uniform, layer_shapes, pad_layer, padded_shape,
+                                 plain_config, sync_config)
 from ..recovery.merge import cast_parameters, logits_on, probe_inputs
 from .card import render_card
+from .gguf import GGUF_ARCHS, GGUF_DTYPES, write_gguf  # noqa: F401  (write_gguf: part of this module's API)
 
 MANIFEST = "rora_export.json"
-# --dtype names (checked by ExportConfig) -> GGML tensor type
-GGUF_DTYPES = {"f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "q8_0": "Q8_0"}
-# model_type -> (GGUF architecture, whether q/k rows are permuted for llama.cpp's RoPE), as convert_hf_to_gguf.py
-GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 
 @dataclass
@@ -56,6 +59,10 @@ class ExportReport:
     max_abs_diff: float  # max |logit difference|, written model (loaded back) vs the source model
     verified_with: str  # the loader that read the written model back
     card: str
+    architecture: str | None = None  # gguf: llama | deci | qwen2
+    llamacpp: dict | None = None  # gguf with llama.cpp installed: its logit difference and greedy tokens vs source
+    quality: dict | None = None  # quantized gguf: held-out perplexity vs the f32 export (quantization_quality)
+    notes: list = dataclasses.field(default_factory=list)  # checks skipped, warnings
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,12 +103,8 @@ def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwr
     if config.format == "gguf":
         if out.suffix != ".gguf":
             problems.append(f"a gguf export is one file: --out must end in .gguf, got {out}")
-        if not uniform and config.layout == "compact":
-            problems.append(
-                "this model's layers have different shapes; llama.cpp reads per-layer head counts but transformers' "
-                "GGUF loader cannot, so rora writes uniform GGUF only: pass --layout padded (zero-padded, same outputs)"
-            )
-        problems += _gguf_model_problems(model.config)
+        layout = "uniform" if uniform else config.layout
+        problems += _gguf_model_problems(model.config, layer_shapes(model), layout, GGUF_DTYPES[config.dtype])
     if problems:
         raise ExportError("; ".join(problems))
     check_output(out, overwrite)
@@ -169,6 +172,8 @@ def _write_hf(model, tokenizer, config, out, overwrite, layout, source_params, i
     model = _cast(model, resolve_dtype(config.dtype))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_model_dir(model, tokenizer, tmp)
+        if layout != "compact":
+            plain_config(model.config).save_pretrained(tmp)  # the model's own, or its MistralConfig twin
         if layout == "compact":
             loaded, verified_with = load_hf_dir(tmp)[0], "rora.load_model"
         else:
@@ -190,169 +195,214 @@ def _write_hf(model, tokenizer, config, out, overwrite, layout, source_params, i
 
 # --- gguf ---------------------------------------------------------------------------------------------------------
 
-def _gguf_model_problems(cfg) -> list[str]:
+# llama.cpp's f32 kernels sum in another order than torch; on SmolLM2's ~1e4 activations fp32 rounding alone moves
+# logits by ~1e-3 (recovery/merge.py), measured 2e-4 for SmolLM2 in llama.cpp. A wrong head count, permutation or
+# tensor is off by whole units, so 2e-3 separates the two with room on both sides.
+LLAMACPP_TOLERANCE = 2e-3
+GREEDY_TOKENS = 16
+HELDOUT = Path(__file__).with_name("heldout.txt")
+
+
+def _gguf_model_problems(cfg, shapes, layout: str, qtype: str) -> list[str]:
+    from . import llamacpp
+    from .gguf import LLAMACPP_ONLY, gguf_arch
+
     problems = []
     if cfg.model_type not in GGUF_ARCHS:
-        problems.append(f"GGUF export supports {', '.join(GGUF_ARCHS)}, not {cfg.model_type!r}; use --format hf")
+        return [f"GGUF export supports {', '.join(GGUF_ARCHS)}, not {cfg.model_type!r}; use --format hf"]
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         problems.append(f"GGUF export writes plain RoPE only; this model uses rope_type {rope['rope_type']!r}: use --format hf")
-    if cfg.model_type == "qwen2" and head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
-        problems.append(
-            "transformers' GGUF loader derives a qwen2 head size from hidden_size / heads, which pruning changed; "
-            "use --format hf"
-        )
+    if layout == "compact":
+        try:
+            gguf_arch(cfg, shapes)
+        except ExportError as exc:
+            problems.append(str(exc))
+    if qtype in LLAMACPP_ONLY and not llamacpp.available():
+        problems.append(f"--dtype {qtype.lower()} is quantized by llama.cpp's own quantizer, which is not installed: "
+                        f"{llamacpp.INSTALL_HINT}; or use --dtype q8_0")
     return problems
 
 
+def _transformers_reads(arch: str, cfg, shapes) -> bool:
+    """Whether transformers' GGUF loader rebuilds this file: it knows no deci, derives qwen2's head size from
+    hidden_size / heads, and builds a LlamaConfig, which refuses a head count that does not divide hidden_size."""
+    heads = shapes[0].q_heads
+    return arch in ("llama", "qwen2") and cfg.hidden_size % heads == 0 and (
+        arch == "llama" or head_dim(cfg) == cfg.hidden_size // heads)
+
+
 def _write_gguf(model, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card) -> ExportReport:
-    from transformers import AutoModelForCausalLM
+    from . import llamacpp
+    from .gguf import LLAMACPP_ONLY
 
     qtype = GGUF_DTYPES[config.dtype]
-    with atomic_file(out) as tmp:
-        write_gguf(model, tokenizer, tmp, qtype, name=out.stem)
-        loaded = AutoModelForCausalLM.from_pretrained(str(tmp.parent), gguf_file=str(tmp), dtype=torch.float32)
-        diff = _verify(loaded, ids, reference, config, qtype == "F32", f"GGUF ({qtype})")
-        del loaded
+    shapes = layer_shapes(model)
+    notes = []
+    with atomic_file(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        # Always an f32 file first: it is checked exactly, and it is the unquantized reference of the quality check.
+        f32 = Path(work) / "f32.gguf"
+        arch = write_gguf(model, tokenizer, f32, "F32", name=out.stem)
+        reader, f32_model = _read_back(f32, model, arch, shapes)
+        f32_diff = _verify(f32_model, ids, reference, config, True, f"GGUF ({arch}, F32) read back by {reader}")
+        del f32_model
+        edge = expected = None
+        if llamacpp.available():
+            expected = _greedy(model, ids[0, :8].tolist(), GREEDY_TOKENS)  # once: 16 full forward passes
+            edge = _llamacpp_check(f32, expected, ids, reference, strict=True)
+        else:
+            notes.append(f"llama.cpp check skipped (llama-cpp-python is not installed): {llamacpp.INSTALL_HINT}")
+        if qtype == "F32":
+            Path(f32).replace(tmp)
+        elif qtype in LLAMACPP_ONLY or (qtype == "Q8_0" and edge is not None):
+            llamacpp.quantize(f32, tmp, qtype)  # llama.cpp's own quantizer, fallbacks included
+        else:
+            write_gguf(model, tokenizer, tmp, qtype, name=out.stem)
+        quality = None
+        if qtype == "F32":
+            diff, verified_with = (edge or {}).get("max_abs_diff", f32_diff), reader
+        elif edge is not None:
+            # The quantized file is checked where it will run; a torch read-back would model neither llama.cpp's
+            # fallback types' kernels nor its int8 activations, and costs a second full load.
+            edge = {**_llamacpp_check(tmp, expected, ids, reference, strict=False), "f32_max_abs_diff": edge["max_abs_diff"]}
+            diff, verified_with = edge["max_abs_diff"], reader
+            quality = quantization_quality(f32, tmp, model, None, tokenizer, config.max_ppl_increase, True)
+        else:
+            verified_with, loaded = _read_back(tmp, model, arch, shapes)
+            diff = _diff(loaded, ids, reference)
+            quality = quantization_quality(f32, tmp, model, loaded, tokenizer, config.max_ppl_increase, False)
+            del loaded
+        if qtype not in ("F32", "F16"):
+            notes += _fallback_note(tmp, qtype)
+        if edge is not None:
+            verified_with = f"{verified_with} and llama.cpp ({edge['version']})"
         params = count_parameters(model)
-        loader = (
-            "llama.cpp: `llama-cli -m " + out.name + "`. transformers: "
-            f"`AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{out.name}\")` (dequantized on load)."
-        )
-        info = {"name": out.stem, "format": "gguf", "layout": layout, "dtype": qtype.lower(), "parameters": params,
-                "padding_overhead": _overhead(model, params, source_params, layout),
-                "max_logit_diff_vs_source": diff, "loader": loader}
+        info = {"name": out.stem, "format": "gguf", "architecture": arch, "layout": layout, "dtype": qtype.lower(),
+                "parameters": params, "padding_overhead": _overhead(model, params, source_params, layout),
+                "max_logit_diff_vs_source": diff, "loader": _gguf_loader(out.name, arch, model.config, shapes)}
+        if edge is not None:
+            info["llama.cpp"] = edge["version"]
+            info["greedy_tokens_equal_to_source"] = f"{edge['greedy_match']}/{GREEDY_TOKENS}"
+        if quality:
+            info.update({"heldout_ppl_unquantized": quality["reference_ppl"], "heldout_ppl": quality["ppl"],
+                         "heldout_ppl_change": f"{quality['increase']:+.2%}", "recommendation": quality["recommendation"]})
+        info["checks"] = notes + ([quality["warning"]] if quality and quality["warning"] else []) or None
         card_text = render_card({**card, "export": {k: v for k, v in info.items() if v is not None}})
     card_path = out.with_suffix(".md")
     with atomic_file(card_path) as tmp_card:
         tmp_card.write_text(card_text)
     return ExportReport(str(out), "gguf", layout, qtype.lower(), params, source_params, params / source_params - 1,
-                        dir_size(out), diff, "transformers (gguf_file)", card_path.name)
+                        dir_size(out), diff, verified_with, card_path.name, architecture=arch, llamacpp=edge,
+                        quality=quality, notes=notes)
 
 
-def write_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: str = "model") -> None:
-    """Write a uniform Llama-family `model` and its byte-level BPE `tokenizer` as a GGUF file at `path`."""
-    import gguf
+def _fallback_note(path: Path, qtype: str) -> list[str]:
+    """Matrices left in f16 because their rows are not whole quantization blocks (32 values; llama.cpp's K-quants
+    fall back to 32-value types below 256). Pruning causes this: 30% of SmolLM2's 1536 MLP channels leaves 1075,
+    so every down_proj stays f16, which costs the file size and speed the prune was for."""
+    from gguf import GGUFReader
 
-    cfg = model.config
-    arch, permute = GGUF_ARCHS[cfg.model_type]
-    writer = gguf.GGUFWriter(str(path), arch)
-    hd = head_dim(cfg)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_dimension_count(hd)
-    writer.add_key_length(hd)  # llama.cpp assumes hidden/heads otherwise, which pruning breaks
-    writer.add_value_length(hd)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                          "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
-    _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp omits output.weight for tied embeddings; readers tie them back
-        base, suffix = hf_name.rsplit(".", 1)
-        gguf_name = names.get_name(base)
-        if gguf_name is None:
-            raise ExportError(f"no GGUF name for tensor {hf_name}; GGUF export supports plain Llama-family models")
-        data = tensor.detach().float().cpu()
-        if permute and base.endswith("self_attn.q_proj"):
-            data = _permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif permute and base.endswith("self_attn.k_proj"):
-            data = _permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        _add_tensor(writer, f"{gguf_name}.{suffix}", data.numpy(), qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # t.shape is ggml's order: shape[0] is the row length
+    rows = [int(t.shape[0]) for t in GGUFReader(str(path)).tensors if len(t.shape) == 2 and t.tensor_type.name == "F16"]
+    if not rows:
+        return []
+    return [f"{len(rows)} matrices stay f16 in this {qtype.lower()} file: their rows of "
+            f"{', '.join(map(str, sorted(set(rows))))} values are not whole 32-value quantization blocks; prune to a "
+            "multiple of 32 MLP channels to quantize them"]
 
 
-def _permute(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
-    """llama.cpp's RoPE layout (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it on load."""
-    if n_head_kv != n_head:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _read_back(path: Path, model, arch: str, shapes):
+    """(reader name, torch model) of a written GGUF: transformers' loader where it can read the file, else rora's."""
+    from transformers import AutoModelForCausalLM
+
+    from .gguf import read_gguf_model
+
+    if _transformers_reads(arch, model.config, shapes):
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32)
+        return "transformers (gguf_file)", loaded
+    return "rora's GGUF reader", read_gguf_model(path, model)
 
 
-def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
-    import gguf
+def _diff(loaded, ids, reference) -> float:
+    return float((logits_on(loaded, ids, torch.float64) - reference).abs().max())
 
-    Q = gguf.GGMLQuantizationType
-    # As llama.cpp does: norms and biases stay f32; q8_0 needs rows in whole 32-value blocks, else f16.
-    if data.ndim == 1 or qtype == "F32":
-        writer.add_tensor(name, data.astype(np.float32))
-    elif qtype == "Q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-        writer.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), Q.Q8_0), raw_dtype=Q.Q8_0)
+
+def _llamacpp_check(path: Path, expected: list[int], ids, reference, strict: bool) -> dict:
+    """Run the file in llama.cpp: logits on the probe ids and greedy tokens, against the source model's
+    (`reference` logits, `expected` greedy tokens after ids[0, :8])."""
+    from . import llamacpp
+
+    with llamacpp.Runner(path, n_ctx=ids.shape[1] + GREEDY_TOKENS) as runner:
+        got = np.stack([runner.logits(row.tolist()) for row in ids])
+        prompt = ids[0, :8].tolist()
+        tokens = runner.greedy(prompt, GREEDY_TOKENS)
+    diff = float(np.abs(got - reference.numpy()).max())
+    match = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), GREEDY_TOKENS)
+    if strict and not diff <= LLAMACPP_TOLERANCE:
+        raise ExportError(
+            f"llama.cpp computes something else from the exported GGUF: max |logit difference| {diff:.3g} vs the "
+            f"source model (above {LLAMACPP_TOLERANCE:g}); nothing was written. This is a bug: please report it with "
+            "the model's `rora info`"
+        )
+    return {"version": llamacpp.version(), "max_abs_diff": diff, "greedy_match": match, "greedy_tokens": tokens,
+            "source_greedy_tokens": expected}
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(n):
+        nxt = int(logits_on(model, ids)[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def heldout_chunks(tokenizer, length: int = 128, max_chunks: int = 4) -> list[list[int]]:
+    """Token chunks of the packaged held-out prose (written for rora, so in no training set)."""
+    ids = tokenizer(HELDOUT.read_text())["input_ids"]
+    chunks = [ids[i:i + length] for i in range(0, len(ids) - 1, length)][:max_chunks]
+    return [c for c in chunks if len(c) > 1]
+
+
+def quantization_quality(reference_file, quantized_file, model, loaded, tokenizer, threshold: float,
+                         use_llamacpp: bool) -> dict:
+    """Held-out perplexity of the quantized export against the unquantized (f32) one, in llama.cpp when it is
+    installed, else in torch from the dequantized weights (llama.cpp's int8 activations are then not modelled)."""
+    from . import llamacpp
+
+    chunks = heldout_chunks(tokenizer)
+    if use_llamacpp:
+        ref, got, engine = llamacpp.perplexity(reference_file, chunks), llamacpp.perplexity(quantized_file, chunks), "llama.cpp"
     else:
-        writer.add_tensor(name, data.astype(np.float16))
+        ref, got, engine = _torch_ppl(model, chunks), _torch_ppl(loaded, chunks), "torch (dequantized weights)"
+    increase = got / ref - 1
+    name = Path(quantized_file).name
+    warning = None
+    if not increase <= threshold:
+        warning = (f"quantization raises held-out perplexity by {increase:+.1%} ({ref:.4g} -> {got:.4g}), above "
+                   f"{threshold:.0%}: this model does not survive this type well; deploy f16 or q8_0 instead")
+        recommendation = "not recommended for deployment (see the perplexity change); export f16 or q8_0"
+    else:
+        recommendation = f"deploy this file: {increase:+.2%} held-out perplexity for its size"
+    return {"engine": engine, "reference_ppl": ref, "ppl": got, "increase": increase, "threshold": threshold,
+            "tokens": sum(len(c) - 1 for c in chunks), "warning": warning, "recommendation": recommendation,
+            "file": name}
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """The vocabulary the way convert_hf_to_gguf.py writes a gpt2-style (byte-level BPE) tokenizer."""
-    import gguf
+@torch.no_grad()
+def _torch_ppl(model, chunks) -> float:
+    from .llamacpp import nll
 
-    if tokenizer is None:
-        raise ExportError("GGUF export needs the model's tokenizer (GGUF files carry their vocabulary)")
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = _pre_tokenizer_name(backend)
-    vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}")
-    by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")  # the model has more rows than the tokenizer has tokens
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    return float(np.exp(np.mean([nll(logits_on(model, torch.tensor([c]))[0].numpy(), c) for c in chunks])))
 
 
-def _pre_tokenizer_name(backend: dict) -> str:
-    """llama.cpp's name for how the text is split before BPE; refuse splits no GGUF reader would reproduce."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    model, pre = backend.get("model") or {}, backend.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if model.get("type") == "BPE" and kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and model.get("type") == "BPE":
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-        for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
-            if regex == pattern:
-                return name
-    raise ExportError(
-        f"GGUF export writes byte-level BPE tokenizers (gpt2 style); this one ({model.get('type')} model, "
-        f"pre-tokenizer {'+'.join(map(str, kinds))}) has no GGUF equivalent rora can vouch for: use --format hf"
-    )
+def _gguf_loader(name: str, arch: str, cfg, shapes) -> str:
+    text = f"llama.cpp: `llama-cli -m {name}` (architecture {arch}"
+    text += ", per-layer head counts and FFN widths)." if arch == "deci" else ")."
+    if _transformers_reads(arch, cfg, shapes):
+        text += f" transformers: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{name}\")` (dequantized on load)."
+    else:
+        text += " transformers' GGUF loader cannot read it; for transformers export `--format hf`."
+    return text

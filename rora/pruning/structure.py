@@ -122,6 +122,35 @@ def sync_config(config, shapes: list[LayerShape]) -> None:
         setattr(config, LAYER_SHAPES_KEY, [asdict(s) for s in shapes])
 
 
+def plain_config(config):
+    """A config from which plain transformers builds this uniform model's exact shapes, for saving it.
+
+    The model's own config when it is standard. A uniform Llama whose head count does not divide hidden_size
+    (LLaMA-7B's 32 heads pruned to 26) has none: LlamaConfig refuses it. MistralConfig with no sliding window is
+    the same network (same modules and weight names, RMSNorm, SiLU MLP, RoPE, scaling by head_dim) and takes an
+    explicit head_dim without that check, so the model is saved as a Mistral one.
+    """
+    if is_standard_config(config):
+        return config
+    shapes = config_layer_shapes(config)
+    if not is_uniform(shapes):
+        raise PruningError("plain_config needs uniform layers; pad a non-uniform model first (pad_layer)")
+    from transformers import MistralConfig
+
+    if config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError(
+            f"no standard config describes this {config.model_type} model ({shapes[0].q_heads} query heads over "
+            f"hidden size {config.hidden_size}); export it with --layout compact (rora.load_model reads it)"
+        )
+    fields = {k: v for k, v in config.to_dict().items()
+              if k not in ("model_type", "architectures", "attention_bias", "mlp_bias", "pretraining_tp",
+                           "transformers_version", LAYER_SHAPES_KEY)}
+    fields.update(num_attention_heads=shapes[0].q_heads, num_key_value_heads=shapes[0].kv_heads,
+                  intermediate_size=shapes[0].intermediate, head_dim=head_dim(config), sliding_window=None,
+                  architectures=["MistralForCausalLM"])
+    return MistralConfig(**fields)
+
+
 def is_standard_config(config) -> bool:
     """Whether plain transformers builds the right shapes from this config (no per-layer list needed)."""
     return not getattr(config, LAYER_SHAPES_KEY, None)
