@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ("rank_sweep", "recover", "eval", "prune")  # the claim first, then the speed figures
+ORDER = ("rank_sweep", "recover", "eval", "loglik", "prune")  # the claim first, then the speed figures
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
