@@ -251,7 +251,8 @@ def _kv_cache_variant(model, groups, max_tokens, pad_id) -> list[list[float]]:
                 ids[b, :len(ctx)] = torch.tensor(ctx)
                 mask[b, :len(ctx)] = 1
             cache = DynamicCache(config=decoder.config)
-            hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                             use_cache=True).last_hidden_state
             first = torch.log_softmax(head(hidden[torch.arange(len(us)), mask.sum(1) - 1]).float(), -1)
             tails = [(b, k, cont) for b, (_, _, conts) in enumerate(us) for k, cont in conts]
             for b, k, cont in tails:

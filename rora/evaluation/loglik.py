@@ -10,8 +10,8 @@ Why it is fast, and exact:
   position ids are the tokens' depths. Every token thus computes what it would compute alone in `context +
   continuation`, but a context (and any leading tokens its choices share) runs once. A packed row beat a KV cache
   of the context reused by per-choice rows on this CPU, 31.6 and 35.3 s vs 59.7 and 60.5 s on the same 80
-  examples in two runs (benchmarks/bench_loglik.py measures both): one forward pass instead of two, no cache copied per choice, and
-  the extra attention over a ~200-token row is a few % of the linear layers' work.
+  examples in two runs (benchmarks/bench_loglik.py measures both): one forward pass instead of two, no cache
+  copied per choice, and the extra attention over a ~200-token row is a few % of the linear layers' work.
 - Rows are sorted by length and batched up to a token budget, so a batch pads little and its matmuls are large.
 - A batch's common opening (the instruction header of the score prompts) is encoded once and reused through its
   KV cache.
