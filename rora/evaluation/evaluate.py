@@ -125,8 +125,8 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
 
     data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
     else the data is downloaded. `limit` keeps the first N examples of each task, `sample` a seeded random N
-    (`seed`). Existing outputs are replaced
-    unless `overwrite=False` (the CLI's default, checked before the model is loaded).
+    (`seed`). Existing outputs are replaced unless `overwrite=False` (the CLI's default, checked before the model
+    is loaded).
     """
     config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]

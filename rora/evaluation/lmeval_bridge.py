@@ -1,7 +1,7 @@
 """The `lm-eval` protocol: zero-shot multiple-choice log-likelihood through lm-eval-harness, on the in-memory model.
 
 lm-eval builds the requests and computes the metrics and standard errors; the log-likelihoods come from rora's
-engine (the `rora-hf` backend, lmeval_backend.py; same numbers, several times faster) or, with engine="lm-eval",
+engine (the `rora-hf` backend, lmeval_backend.py: the same numbers, about 2x faster on a CPU) or, with engine="lm-eval",
 from lm-eval's own HF backend. A task runs offline on the YAMLs shipped in lmeval_tasks/ (rora_<task>, over
 `<data_dir>/<task>/lmeval_<split>.jsonl`); without a data directory it runs lm-eval's own hub task. The shipped
 YAMLs work from the command line too:
@@ -21,9 +21,6 @@ from .data import sample_indices
 from .tasks import Task
 
 LMEVAL_DIR = Path(__file__).parent / "lmeval_tasks"
-
-
-ENGINES = ("rora", "lm-eval")
 
 
 def task_source(task: Task, data_dir: Path | None) -> tuple[str, str]:
