@@ -13,6 +13,101 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RORA_DATA_DIR") or REPO.parent / "shared" / "data" / "commonsense")
 
+def even_odd_records(n: int = 60) -> list[dict]:
+    """A learnable recovery task: the answer is 'true' for even numbers, 'false' for odd."""
+    return [{"instruction": f"Is {i} even? Answer true or false.", "input": "",
+             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}"} for i in range(n)]
+
+
+def tiny_recover_config(**kw):
+    """A RecoverConfig sized for tiny models: a few steps, checkpoints and evaluations every 2."""
+    from rora.config import RecoverConfig
+
+    base = dict(rank=4, max_steps=8, batch_size=4, micro_batch_size=2, val_set_size=8, eval_steps=2, save_steps=2,
+                warmup_steps=0, lr=5e-3, seed=7)
+    return RecoverConfig(**{**base, **kw})
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a test's child process: this checkout's rora, offline, one thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+# A child process that runs recover() (optionally with a teacher), for SIGKILL/resume and DDP tests.
+RECOVER_WORKER = """
+import json, os, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rora.config import RecoverConfig
+from rora.recovery.trainer import recover
+model_dir, teacher_dir, data, out, cfg = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+if os.environ.get("SLOW_STEPS"):  # make steps slow enough that the test can SIGKILL mid-run
+    step = torch.optim.AdamW.step
+    def slow(self, *a, **k):
+        time.sleep(float(os.environ["SLOW_STEPS"]))
+        return step(self, *a, **k)
+    torch.optim.AdamW.step = slow
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32) if teacher_dir != "-" else None
+tok = AutoTokenizer.from_pretrained(model_dir)
+r = recover(model, tok, data, RecoverConfig(**cfg), out, resume=os.environ.get("RESUME") == "1", progress=False,
+            teacher=teacher)
+if os.environ.get("RESULT_DIR"):  # one file per process: two processes' lines can interleave on a shared pipe
+    path = os.path.join(os.environ["RESULT_DIR"], "rank-" + os.environ.get("RANK", "0") + ".json")
+    with open(path, "w") as f:
+        json.dump(r.to_dict(), f)
+"""
+
+
+def recover_worker(root: Path, model_dir, teacher_dir, out, cfg: dict, **env):
+    """(argv, env) running RECOVER_WORKER (written to root/worker.py) on root/data.json into `out`."""
+    import json
+    import sys
+
+    worker = root / "worker.py"
+    if not worker.is_file():
+        worker.write_text(RECOVER_WORKER)
+    return [sys.executable, str(worker), str(model_dir), str(teacher_dir or "-"), str(root / "data.json"), str(out),
+            json.dumps(cfg)], subprocess_env(**env)
+
+
+def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, steps: int) -> tuple[dict, dict]:
+    """Run `worker(out, **env)` uninterrupted into `full`; run it into `killed`, SIGKILL it once step 4 is
+    checkpointed, resume it; the adapters must be bit-identical and the metrics must log each step once.
+    Returns the two manifests for the caller's own checks."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from rora.recovery.trainer import partial_dir
+
+    cmd, env = worker(full)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    cmd, env = worker(killed, SLOW_STEPS="0.4")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
+    cmd, env = worker(killed, RESUME="1")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
+        a, b = load_file(full / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    first, resumed = (json.loads((d / "rora_recovery.json").read_text()) for d in (full, killed))
+    assert (resumed["best_val_loss"], resumed["best_step"], resumed["steps"]) == (first["best_val_loss"], first["best_step"], steps)
+    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, steps + 1))  # the killed run's extra lines replaced
+    return first, resumed
+
+
 _CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction: Please answer the following question with true or false. ### Response:",

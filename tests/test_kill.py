@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, make_model
+from conftest import make_model, subprocess_env
 from safetensors.torch import load_file
 
 from rora.artifacts import save_model_dir
@@ -44,9 +44,7 @@ PAUSER = textwrap.dedent('''
 ''')
 
 
-def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1", **extra}
+_env = subprocess_env
 
 
 def killed_at(root, where, *argv):

@@ -7,7 +7,6 @@ from click.testing import CliRunner
 from rora.artifacts import save_model_dir
 from rora.cli import main
 from rora.config import PipelineConfig, load_preset, preset_names
-from rora.errors import ConfigError
 
 QUESTIONS = ["is the sky blue", "is fire cold", "do cats bark", "is water wet", "can fish swim", "is ice hot"]
 

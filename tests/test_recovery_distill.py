@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, make_model, make_tokenizer
+from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
+                      recover_worker, subprocess_env, tiny_recover_config)
 from safetensors.torch import load_file
 
 from rora.config import RecoverConfig
@@ -28,15 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PY = sys.executable
 
 
-def records(n=60):
-    return [{"instruction": f"Is {i} even? Answer true or false.", "input": "",
-             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}"} for i in range(n)]
+records = even_odd_records
 
 
 def kd_config(**kw):
-    base = dict(rank=4, max_steps=8, batch_size=4, micro_batch_size=2, val_set_size=8, eval_steps=2, save_steps=2,
-                warmup_steps=0, lr=5e-3, seed=7, objective="kd")
-    return RecoverConfig(**{**base, **kw})
+    return tiny_recover_config(**{"objective": "kd", **kw})
 
 
 def _student(model, seed=0):
@@ -323,31 +316,6 @@ def test_teacher_writes_from_seed_prompts_without_records(tokenizer, tmp_path, m
 
 
 # ---- SIGKILL + resume, 2-process data parallel, the CLI -----------------------------------------------------------
-WORKER = textwrap.dedent('''
-    import json, os, sys, time
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from rora.config import RecoverConfig
-    from rora.recovery.trainer import recover
-    model_dir, teacher_dir, data, out, cfg = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-    if os.environ.get("SLOW_STEPS"):  # make steps slow enough that the test can SIGKILL mid-run
-        step = torch.optim.AdamW.step
-        def slow(self, *a, **k):
-            time.sleep(float(os.environ["SLOW_STEPS"]))
-            return step(self, *a, **k)
-        torch.optim.AdamW.step = slow
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    r = recover(model, tok, data, RecoverConfig(**cfg), out, resume=os.environ.get("RESUME") == "1", progress=False,
-                teacher=teacher)
-    if os.environ.get("RESULT_DIR"):
-        path = os.path.join(os.environ["RESULT_DIR"], "rank-" + os.environ.get("RANK", "0") + ".json")
-        with open(path, "w") as f:
-            json.dump(r.to_dict(), f)
-''')
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("kd-worker")
@@ -357,48 +325,22 @@ def saved(tmp_path_factory):
     make_tokenizer().save_pretrained(root / "teacher")
     make_model(vocab=400).save_pretrained(root / "other-vocab")
     make_tokenizer(vocab_size=400).save_pretrained(root / "other-vocab")
-    (root / "worker.py").write_text(WORKER)
     (root / "data.json").write_text(json.dumps(records(40)))
     return root
 
 
-def _env(**extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    return {**env, **extra}
+_env = subprocess_env
 
 
 def _worker(root, out, cfg, **env):
-    return [PY, str(root / "worker.py"), str(root / "student"), str(root / "teacher"), str(root / "data.json"),
-            str(out), json.dumps(cfg)], _env(**env)
+    return recover_worker(root, root / "student", root / "teacher", out, cfg, **env)
 
 
 def test_kd_sigkilled_run_resumes_bit_identically(saved, tmp_path):
     cfg = kd_config(max_steps=8).to_dict()
-    cmd, env = _worker(saved, tmp_path / "full", cfg)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-
-    killed = tmp_path / "killed"
-    cmd, env = _worker(saved, killed, cfg, SLOW_STEPS="0.4")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
-
-    cmd, env = _worker(saved, killed, cfg, RESUME="1")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
-        a, b = load_file(tmp_path / "full" / name), load_file(killed / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    full, resumed = (json.loads((d / "rora_recovery.json").read_text()) for d in (tmp_path / "full", killed))
-    assert (resumed["best_val_loss"], resumed["best_step"], resumed["steps"]) == (full["best_val_loss"], full["best_step"], 8)
+    full, resumed = assert_sigkill_resume_is_bit_identical(lambda out, **env: _worker(saved, out, cfg, **env),
+                                                           tmp_path / "full", tmp_path / "killed", steps=8)
     assert resumed["val_metrics"] == full["val_metrics"] and "val_kl" in full["val_metrics"]
-    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))
 
 
 def test_kd_two_process_data_parallel_matches_one_process(saved, tmp_path):

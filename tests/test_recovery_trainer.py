@@ -3,17 +3,14 @@ NaN handling, a SIGKILLed run resumed bit-identically, 2-process data parallel, 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_model, make_tokenizer
+from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
+                      recover_worker, subprocess_env, tiny_recover_config)
 from safetensors.torch import load_file
 
 from rora.config import RecoverConfig
@@ -28,16 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PY = sys.executable
 
 
-def records(n=60):
-    """A learnable task: the answer is 'true' for even numbers, 'false' for odd."""
-    return [{"instruction": f"Is {i} even? Answer true or false.", "input": "",
-             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}"} for i in range(n)]
-
-
-def tiny_config(**kw):
-    base = dict(rank=4, max_steps=8, batch_size=4, micro_batch_size=2, val_set_size=8, eval_steps=2, save_steps=2,
-                warmup_steps=0, lr=5e-3, seed=7)
-    return RecoverConfig(**{**base, **kw})
+records, tiny_config = even_odd_records, tiny_recover_config
 
 
 def test_labelled_position_loss_equals_hf_loss(tokenizer):
@@ -146,77 +134,26 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(tokenizer
     assert all(torch.isfinite(t).all() for t in load_file(ckpt / "optimizer.safetensors").values())
 
 
-WORKER = textwrap.dedent('''
-    import json, os, sys, time
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from rora.config import RecoverConfig
-    from rora.recovery.trainer import recover
-    model_dir, data, out, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    if os.environ.get("SLOW_STEPS"):  # make steps slow enough that the test can SIGKILL mid-run
-        step = torch.optim.AdamW.step
-        def slow(self, *a, **k):
-            time.sleep(float(os.environ["SLOW_STEPS"]))
-            return step(self, *a, **k)
-        torch.optim.AdamW.step = slow
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    r = recover(model, tok, data, RecoverConfig(**cfg), out, resume=os.environ.get("RESUME") == "1", progress=False)
-    if os.environ.get("RESULT_DIR"):  # one file per process: two processes' lines can interleave on a shared pipe
-        path = os.path.join(os.environ["RESULT_DIR"], "rank-" + os.environ.get("RANK", "0") + ".json")
-        with open(path, "w") as f:
-            json.dump(r.to_dict(), f)
-''')
-
-
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("worker")
     make_model().save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "model")
-    (root / "worker.py").write_text(WORKER)
     (root / "data.json").write_text(json.dumps(records(40)))
     return root
 
 
-def _env(**extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    env.update(extra)
-    return env
+_env = subprocess_env
 
 
 def _worker(root, out, cfg, **env):
-    return [PY, str(root / "worker.py"), str(root / "model"), str(root / "data.json"), str(out), json.dumps(cfg)], _env(**env)
+    return recover_worker(root, root / "model", None, out, cfg, **env)
 
 
 def test_sigkilled_run_resumes_bit_identically(saved_model, tmp_path):
     cfg = tiny_config(max_steps=8).to_dict()
-    cmd, env = _worker(saved_model, tmp_path / "full", cfg)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-
-    killed = tmp_path / "killed"
-    cmd, env = _worker(saved_model, killed, cfg, SLOW_STEPS="0.4")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (trainer_mod.partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
-
-    cmd, env = _worker(saved_model, killed, cfg, RESUME="1")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
-        a, b = load_file(tmp_path / "full" / name), load_file(killed / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    full = json.loads((tmp_path / "full" / "rora_recovery.json").read_text())
-    resumed = json.loads((killed / "rora_recovery.json").read_text())
-    assert (resumed["best_val_loss"], resumed["best_step"], resumed["steps"]) == (full["best_val_loss"], full["best_step"], 8)
-    logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in logged if "loss" in r]
-    assert steps == list(range(1, 9))  # metrics logged by the killed run after its checkpoint were replaced
+    assert_sigkill_resume_is_bit_identical(lambda out, **env: _worker(saved_model, out, cfg, **env),
+                                           tmp_path / "full", tmp_path / "killed", steps=8)
 
 
 def test_two_process_data_parallel_writes_one_adapter(saved_model, tmp_path):
