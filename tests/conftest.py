@@ -108,6 +108,23 @@ def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, ste
     return first, resumed
 
 
+def run_two_processes(cmd: list[str], env: dict, result_dir: Path, port: int) -> list[dict]:
+    """Run a recover_worker command as 2 data-parallel processes (torchrun); each process's result, tokens/s
+    (its own clock) left out, in rank order."""
+    import json
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *cmd[1:]]
+    result_dir.mkdir()
+    done = subprocess.run(launch, env={**env, "RESULT_DIR": str(result_dir)}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(result_dir.glob("rank-*.json"))]
+    for r in results:
+        r.pop("tokens_per_second")
+    return results
+
+
 _CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction: Please answer the following question with true or false. ### Response:",

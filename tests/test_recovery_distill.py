@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
-                      recover_worker, subprocess_env, tiny_recover_config)
+                      recover_worker, run_two_processes, subprocess_env, tiny_recover_config)
 from safetensors.torch import load_file
 
 from rora.config import RecoverConfig
@@ -350,14 +350,7 @@ def test_kd_two_process_data_parallel_matches_one_process(saved, tmp_path):
     cmd, env = _worker(saved, single, cfg)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     cmd, env = _worker(saved, ddp, cfg)
-    launch = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", *cmd[1:]]
-    result_dir = tmp_path / "results"
-    result_dir.mkdir()
-    done = subprocess.run(launch, env={**env, "RESULT_DIR": str(result_dir)}, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted(result_dir.glob("rank-*.json"))]
-    for r in results:
-        r.pop("tokens_per_second")
+    results = run_two_processes(cmd, env, tmp_path / "results", port=29541)
     assert len(results) == 2 and results[0] == results[1]
     manifest = json.loads((ddp / "rora_recovery.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["objective"] == "kd"

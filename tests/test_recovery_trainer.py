@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
-                      recover_worker, subprocess_env, tiny_recover_config)
+                      recover_worker, run_two_processes, subprocess_env, tiny_recover_config)
 from safetensors.torch import load_file
 
 from rora.config import RecoverConfig
@@ -161,14 +161,7 @@ def test_two_process_data_parallel_writes_one_adapter(saved_model, tmp_path):
 
     out = tmp_path / "ddp"
     cmd, env = _worker(saved_model, out, tiny_config(max_steps=3, eval_steps=3, save_steps=2).to_dict())
-    launch = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *cmd[1:]]
-    result_dir = tmp_path / "results"
-    result_dir.mkdir()
-    done = subprocess.run(launch, env={**env, "RESULT_DIR": str(result_dir)}, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted(result_dir.glob("rank-*.json"))]
-    for r in results:
-        r.pop("tokens_per_second")  # each process's own clock
+    results = run_two_processes(cmd, env, tmp_path / "results", port=29533)
     assert len(results) == 2 and results[0] == results[1]  # both processes agree on loss, steps, tokens
     manifest = json.loads((out / "rora_recovery.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["steps"] == 3
