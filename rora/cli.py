@@ -116,6 +116,8 @@ def format_info(s: dict) -> str:
 @click.option("--gqa", help="within-group (query heads evenly per KV group, default) or whole-group.")
 @click.option("--num-samples", type=int, help="Calibration samples for importance (default 10).")
 @click.option("--calibration", help="'builtin' text, or training data: a JSON file or a dir of <task>/train.json.")
+@click.option("--channel-multiple", type=int, help="Keep a multiple of N MLP channels per layer (32 suits llama.cpp's "
+              "quantized GGUF; default 1).")
 @click.option("--seed", type=int, help="Seed for sample order and random importance.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")

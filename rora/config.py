@@ -172,10 +172,15 @@ class PruneConfig(StageConfig):
     num_samples: int = 10  # calibration samples for importance
     seq_len: int = 128  # calibration sequence length in tokens
     holdout_samples: int = 8  # held-out samples (disjoint from calibration) for loss before/after
+    # Keep a multiple of this many MLP channels per layer (the nearest to what `ratio` keeps). 32 fits llama.cpp's
+    # quantization blocks: a width that is not a multiple of 32 leaves every ffn_down in f16 in a q8_0 GGUF.
+    channel_multiple: int = 1
     seed: int = 42
 
     def problems(self) -> list[str]:
         out = []
+        if self.channel_multiple <= 0:
+            out.append(f"prune.channel_multiple must be > 0, got {self.channel_multiple}")
         if not 0.0 <= self.ratio < 1.0:
             out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
         for key, value, allowed in (

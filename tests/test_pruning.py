@@ -240,3 +240,18 @@ def test_head_count_not_dividing_hidden_size(arch, standard, tmp_path, tokenizer
     loaded, _ = load_model(out)
     ids = torch.randint(0, 384, (1, 8))
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_channel_multiple_keeps_a_multiple_nearest_the_ratio(tokenizer):
+    from rora.pruning.prune import removal_counts
+
+    # SmolLM2: 30% of 1536 keeps 1075 (not a multiple of 32, so llama.cpp keeps ffn_down in f16); 1088 is nearest.
+    shape = LayerShape(q_heads=9, kv_heads=3, intermediate=1536)
+    assert removal_counts(shape, cfg(ratio=0.3), 0)[2] == 461
+    assert removal_counts(shape, cfg(ratio=0.3, channel_multiple=32), 0)[2] == 1536 - 1088
+    assert removal_counts(shape, cfg(ratio=0.0, channel_multiple=32), 0)[2] == 0  # ratio 0 stays a no-op
+    model = make_model(intermediate=96)
+    prune(model, tokenizer, cfg(ratio=0.3, channel_multiple=32, importance="l2"), TEXTS)
+    assert [s.intermediate for s in layer_shapes(model)] == [64, 64]  # 96 - 29 = 67 kept -> 64
+    with pytest.raises(Exception, match="prune.channel_multiple must be > 0"):
+        cfg(channel_multiple=0)

@@ -166,6 +166,10 @@ def removal_counts(shape: LayerShape, config: PruneConfig, index: int) -> tuple[
                 )
     if config.mlp:
         channels = _round(config.ratio * shape.intermediate)
+        if config.channel_multiple > 1 and channels:  # round what is kept, not what is removed
+            m = config.channel_multiple
+            kept = min(max(m, m * _round((shape.intermediate - channels) / m)), shape.intermediate)
+            channels = shape.intermediate - kept
         if channels >= shape.intermediate:
             raise PruningError(f"ratio {config.ratio} would remove all {shape.intermediate} MLP channels of layer {index}")
     return per_group, groups, channels
