@@ -116,7 +116,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     train_data = config.data or data_dir
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
-    check_inputs(config, data_dir, train_data)
+    records = check_inputs(config, data_dir, train_data)
     result = PipelineResult(out=out, evaluation=describe_evaluation(config.eval))
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
@@ -124,7 +124,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     result.parameters["base"] = count_parameters(model)
     fp = st.fingerprint("model", config.model)
     eval_cfg = config.eval.to_dict()
-    heldout_texts = heldout_records(config, train_data)
+    heldout_texts = heldout_records(config, records)
     heldout_key = [train_data, config.recover.val_set_size, config.recover.seed, config.recover.cutoff_len]
 
     def evaluate_stage(stage: str, upstream: str, model_name: str, reference=None) -> None:
@@ -211,15 +211,15 @@ def describe_evaluation(cfg) -> str:
     return f"{cfg.protocol}, {subset}"
 
 
-def heldout_records(config: PipelineConfig, train_data) -> list[dict] | None:
-    """The recovery's validation records (carved from its training data, never a test set): the held-out text on
-    which every evaluated model's whole-text loss and KL to the base model are measured. None without recovery."""
-    if not (train_data and config.runs("recover")):
+def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[dict] | None:
+    """The recovery's validation records (carved from its training records, never a test set): the held-out text
+    on which every evaluated model's whole-text loss and KL to the base model are measured. None without them."""
+    if not records:
         return None
-    from ..recovery.data import load_records, split_train_val
+    from ..recovery.data import split_train_val
 
     rc = config.recover
-    return split_train_val(load_records(train_data), rc.val_set_size, rc.seed, rc.max_train_examples)[1] or None
+    return split_train_val(records, rc.val_set_size, rc.seed, rc.max_train_examples)[1] or None
 
 
 def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
@@ -242,12 +242,14 @@ def check_run_output(out: Path, overwrite: bool = False, inputs=()) -> None:
     check_output(out, overwrite=True, inputs=[i for i in inputs if i])
 
 
-def check_inputs(config: PipelineConfig, data_dir, train_data) -> None:
-    """Fail on missing or malformed training and evaluation data before the first stage, not after three."""
+def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | None:
+    """Fail on missing or malformed training and evaluation data before the first stage, not after three.
+    Returns the training records when recovery runs (None otherwise), so they are read once."""
+    records = None
     if config.runs("recover"):
         from ..recovery.data import load_records
 
-        load_records(train_data)
+        records = load_records(train_data)
     if any(config.runs(s) for s in SUMMARY_LABELS):
         from ..evaluation.data import load_examples, resolve_data_dir
         from ..evaluation.tasks import get_task
@@ -256,6 +258,7 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> None:
         if resolved is not None and config.eval.protocol != "lm-eval":  # lm-eval falls back to the hub per task
             for name in config.eval.tasks:
                 load_examples(get_task(name), resolved, config.eval.limit)
+    return records
 
 
 def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
