@@ -99,7 +99,7 @@ def format_info(s: dict) -> str:
     if "tokenizer" in s:
         t = s["tokenizer"]
         lines.append(f"tokenizer      {t['class']}, {t['vocab_size']} tokens, eos {t['eos_token']!r}, pad {t['pad_token']!r}")
-    from .pruning.structure import layer_runs
+    from .architecture import layer_runs
 
     lines.append("per layer      layer: q_heads/kv_heads mlp")
     lines += [f"  {span:>12}: {q}/{kv} {mlp}" for span, (q, kv, mlp) in layer_runs(s["per_layer"])]
@@ -331,7 +331,7 @@ def run(config_file, preset, export_format, print_config, overwrite, **flags):
 
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
-    from .pipelines.run import run_pipeline, summary_table
+    from .pipeline import run_pipeline, summary_table
 
     result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True), overwrite=overwrite)
     click.echo(summary_table(result))
@@ -396,8 +396,8 @@ def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, co
     from pathlib import Path
 
     from .models import load_model
-    from .pipelines.card import card_from_dir
-    from .pipelines.export import export_model
+    from .export.card import card_from_dir
+    from .export import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     card = card_from_dir(model) if Path(model).is_dir() else {}

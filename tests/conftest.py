@@ -212,7 +212,7 @@ def tiny_gqa():
 @pytest.fixture
 def tiny_nonuniform():
     """Different head counts and MLP widths per layer, as non-uniform pruning leaves a model."""
-    from rora.pruning.structure import keep_units, layer_shapes, sync_config
+    from rora.architecture import keep_units, layer_shapes, sync_config
 
     model = make_model("llama", layers=3, heads=4, kv_heads=2)
     layers = model.model.layers

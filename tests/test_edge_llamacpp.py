@@ -10,10 +10,10 @@ pytest.importorskip("llama_cpp")
 from conftest import make_model  # noqa: E402
 from rora.config import ExportConfig  # noqa: E402
 from rora.models import load_model  # noqa: E402
-from rora.pipelines.export import export_model  # noqa: E402
-from rora.pipelines.gguf import gguf_metadata  # noqa: E402
-from rora.pipelines.llamacpp import Runner  # noqa: E402
-from rora.recovery.merge import logits_on, probe_inputs  # noqa: E402
+from rora.export import export_model  # noqa: E402
+from rora.sources.gguf import gguf_metadata  # noqa: E402
+from rora.export.llamacpp import Runner  # noqa: E402
+from rora.numerics import logits_on, probe_inputs  # noqa: E402
 from test_export import _six_of_eight  # noqa: E402
 
 IDS = probe_inputs(384)
@@ -44,7 +44,7 @@ def test_uniform_gguf_in_llamacpp(tmp_path, tokenizer, arch):
 
 
 def test_tokenizer_round_trip_through_llamacpp(tmp_path, tiny_gqa, tokenizer):
-    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY
+    from rora.sources.gguf import GGUF_TOKENIZER_KEY
 
     text = "Hello , world . The capital of France is Paris ; answer1 true ?"
     export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf"), tmp_path / "derived.gguf")

@@ -15,7 +15,8 @@ from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
 from rora.evaluation.generate import _BeamLayer, _groups, _layout, generate_reference, generate_responses
-from rora.evaluation.score import (MIN_SHARED, _common_prefix, _plan, _shared_prefix, argmax, encode_pair,
+from rora.evaluation.loglik import MIN_SHARED, _common_prefix, _shared_prefix  # noqa: E402
+from rora.evaluation.score import (_plan, argmax, encode_pair,
                                    loglikelihoods)
 from rora.evaluation.tasks import (TASKS, eval_prompt, extract_answer, get_task, parse_tasks, record_labels,
                                    response_of)

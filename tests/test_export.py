@@ -12,9 +12,9 @@ from rora.cli import main
 from rora.config import ExportConfig
 from rora.errors import ConfigError, ExportError
 from rora.models import load_model
-from rora.pipelines.export import export, export_model, pad_model
-from rora.pruning.structure import is_uniform, keep_units, layer_shapes, sync_config
-from rora.recovery.merge import logits_on, probe_inputs
+from rora.export import export, export_model, pad_model
+from rora.architecture import is_uniform, keep_units, layer_shapes, sync_config
+from rora.numerics import logits_on, probe_inputs
 
 IDS = probe_inputs(384)
 
@@ -98,7 +98,7 @@ def _qwen2_nonuniform():
 
 
 def test_nonuniform_gguf_compact_is_deci_padded_is_llama(tmp_path, tiny_nonuniform, tokenizer):
-    from rora.pipelines.gguf import gguf_metadata, read_gguf_model, read_layer_shapes
+    from rora.sources.gguf import gguf_metadata, read_gguf_model, read_layer_shapes
 
     report = export_model(tiny_nonuniform, tokenizer, ExportConfig(format="gguf"), tmp_path / "c.gguf")
     meta = gguf_metadata(tmp_path / "c.gguf")
@@ -119,7 +119,8 @@ def test_nonuniform_qwen2_gguf_compact_refused(tmp_path, tokenizer):
 
 
 def test_failed_verification_writes_nothing(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.pipelines.export as ex
+    import rora.export as ex
+    import rora.export.common as common
 
     real = ex.logits_on
     calls = []
@@ -128,7 +129,8 @@ def test_failed_verification_writes_nothing(tmp_path, tiny_gqa, tokenizer, monke
         calls.append(1)
         return real(model, ids, dtype) + (len(calls) > 1)
 
-    monkeypatch.setattr(ex, "logits_on", off_by_one_on_reload)
+    monkeypatch.setattr(ex, "logits_on", off_by_one_on_reload)  # the reference
+    monkeypatch.setattr(common, "logits_on", off_by_one_on_reload)  # the read-back check
     with pytest.raises(ExportError, match="nothing was written"):
         export(tiny_gqa, tokenizer, ExportConfig(format="hf"), tmp_path / "hf")
     assert not any(tmp_path.iterdir())
@@ -213,7 +215,7 @@ def test_six_of_eight_heads_hf_loads_in_plain_transformers(tmp_path, tokenizer, 
 
 
 def test_six_of_eight_heads_gguf_head_counts(tmp_path, tokenizer):
-    from rora.pipelines.gguf import gguf_metadata, read_gguf_model
+    from rora.sources.gguf import gguf_metadata, read_gguf_model
 
     model = _six_of_eight(tokenizer)
     report = export_model(model, tokenizer, ExportConfig(format="gguf"), tmp_path / "m.gguf")
@@ -236,7 +238,7 @@ def test_cli_export_six_of_eight_heads(tmp_path, tokenizer):
 # --- tokenizer metadata -------------------------------------------------------------------------------------------
 
 def test_source_gguf_tokenizer_keys_survive_save_and_export(tmp_path, tiny_gqa, tokenizer):
-    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY, gguf_metadata
+    from rora.sources.gguf import GGUF_TOKENIZER_KEY, gguf_metadata
 
     # what load_gguf records for a model that came from a GGUF (SmolLM2's file says smollm; the rebuilt tokenizer
     # implies gpt-2)
@@ -252,7 +254,7 @@ def test_source_gguf_tokenizer_keys_survive_save_and_export(tmp_path, tiny_gqa, 
 
 
 def test_smollm2_records_its_gguf_tokenizer_keys(smollm2):
-    from rora.pipelines.gguf import GGUF_TOKENIZER_KEY
+    from rora.sources.gguf import GGUF_TOKENIZER_KEY
 
     keys = getattr(smollm2[0].config, GGUF_TOKENIZER_KEY)
     assert keys["tokenizer.ggml.pre"] == "smollm" and keys["tokenizer.ggml.add_bos_token"] is False
@@ -261,7 +263,7 @@ def test_smollm2_records_its_gguf_tokenizer_keys(smollm2):
 # --- quantization -------------------------------------------------------------------------------------------------
 
 def test_kquant_without_llamacpp_says_how_to_install(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.pipelines.llamacpp as lc
+    import rora.export.llamacpp as lc
 
     monkeypatch.setattr(lc, "available", lambda: False)
     save_model_dir(tiny_gqa, tokenizer, tmp_path / "m")
@@ -271,7 +273,7 @@ def test_kquant_without_llamacpp_says_how_to_install(tmp_path, tiny_gqa, tokeniz
 
 
 def test_q8_0_quality_report_without_llamacpp(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.pipelines.llamacpp as lc
+    import rora.export.llamacpp as lc
 
     monkeypatch.setattr(lc, "available", lambda: False)
     report = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype="q8_0"), tmp_path / "m.gguf")

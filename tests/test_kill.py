@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # stage's temporary directory are written (prune, merge, export) or after a recovery checkpoint.
 PAUSER = textwrap.dedent('''
     import os, pathlib, sys, time
-    import rora.pipelines.export as E, rora.pruning.prune as P, rora.recovery.merge as M
+    import rora.export.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
     from rora.recovery import trainer as T
     where, flag = os.environ.get("PAUSE_AT", ""), os.environ.get("PAUSE_FLAG", "")
     def pausing(real, name):
@@ -165,7 +165,7 @@ def _records(n):
 
 def test_sigkill_at_several_points_of_run_then_rerun_equals_uninterrupted(root):
     from rora.config import PipelineConfig
-    from rora.pipelines.run import run_pipeline
+    from rora.pipeline import run_pipeline
 
     (root / "data" / "boolq").mkdir(parents=True)
     (root / "data" / "boolq" / "train.json").write_text(json.dumps(_records(24)))

@@ -13,7 +13,8 @@ from rora.cli import main
 from rora.config import MergeConfig
 from rora.errors import MergeError
 from rora.models import load_model
-from rora.recovery.merge import check_fit, logits_on, merge, probe_inputs, save_merged
+from rora.numerics import logits_on, probe_inputs
+from rora.recovery.merge import check_fit, merge, save_merged
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4

@@ -6,7 +6,7 @@ import torch
 from rora.artifacts import save_model_dir
 from rora.errors import ModelLoadError, UnsupportedModelError
 from rora.models import describe, load_model
-from rora.pruning.structure import is_uniform, layer_shapes
+from rora.architecture import is_uniform, layer_shapes
 
 
 def _logits(model, ids):

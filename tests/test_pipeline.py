@@ -50,10 +50,10 @@ def _config(root, **changes):
 
 
 def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
-    from rora.pipelines import run as run_mod
+    import rora.pipeline as run_mod
 
     cfg = _config(tiny_setup)
-    import rora.pipelines.export as export_mod
+    import rora.export as export_mod
 
     calls = []
     real_export = export_mod.export
@@ -113,7 +113,7 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
 
 
 def test_changed_rank_reruns_recovery_but_keeps_pruning(tiny_setup):
-    from rora.pipelines.run import run_pipeline
+    from rora.pipeline import run_pipeline
 
     run_pipeline(_config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"]), progress=False)
     cfg = _config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"])

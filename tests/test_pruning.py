@@ -11,7 +11,7 @@ from rora.errors import DataError, PruningError, UnsupportedModelError
 from rora.models import load_model
 from rora.pruning.importance import UNIT_AXIS, projections, taylor_scores
 from rora.pruning.prune import MANIFEST, prune, save_pruned
-from rora.pruning.structure import LayerShape, head_dim, is_uniform, layer_shapes
+from rora.architecture import LayerShape, head_dim, is_uniform, layer_shapes
 
 TEXTS = [f"sample {i}: the cat sat on the mat and the answer is true false option{i % 3}" for i in range(12)]
 

@@ -9,7 +9,7 @@ from conftest import make_model
 from rora.artifacts import save_model_dir
 from rora.cli import main
 from rora.models import load_model
-from rora.pruning.structure import LayerShape, layer_shapes
+from rora.architecture import LayerShape, layer_shapes
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from rora.artifacts import save_model_dir
 from rora.errors import DataError, ModelLoadError
 from rora.models import load_model
 from rora.pruning.calibration import BUILTIN, encode, load_calibration, split_pool
-from rora.pruning.structure import LAYER_SHAPES_KEY, LayerShape, keep_units, layer_shapes
+from rora.architecture import LAYER_SHAPES_KEY, LayerShape, keep_units, layer_shapes
 
 
 def _records(n, tag):

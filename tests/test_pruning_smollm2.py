@@ -4,7 +4,7 @@ import math
 from rora.config import PruneConfig
 from rora.models import load_model
 from rora.pruning.prune import prune
-from rora.pruning.structure import LayerShape, layer_shapes
+from rora.architecture import LayerShape, layer_shapes
 
 
 def test_smollm2_taylor_30_percent():

@@ -137,7 +137,7 @@ def test_heldout_metrics_loss_is_the_whole_text_nll(tokenizer):
 
 
 def _pruned(teacher):
-    from rora.pruning.structure import keep_units, layer_shapes, sync_config
+    from rora.architecture import keep_units, layer_shapes, sync_config
 
     student = copy.deepcopy(teacher)
     for layer in student.model.layers:

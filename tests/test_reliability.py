@@ -172,7 +172,7 @@ def test_readme_reliability_promises_name_real_tests():
 def test_run_into_a_foreign_dir_needs_overwrite_which_reruns_every_stage(tokenizer, tmp_path):
     from rora.config import PipelineConfig
     from rora.errors import OutputExistsError
-    from rora.pipelines.run import run_pipeline
+    from rora.pipeline import run_pipeline
 
     save_model_dir(make_model(), tokenizer, tmp_path / "model")
     (tmp_path / "out").mkdir()

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .loglik import shared_prefix_length
+from .loglik import progress_bar, shared_prefix_length
 from .tasks import response_of
 
 
@@ -39,7 +39,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, num_beams: i
     # Longest first: similar lengths share a batch (little padding) and memory peaks at the start, not the end.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
-    bar = _progress(len(prompts), progress, "generate")
+    bar = progress_bar(len(prompts), progress, "generate")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, mask, cache = _prefill(model, [encoded[i] for i in chunk], config.pad_token_id, num_beams,
@@ -217,9 +217,3 @@ class _quiet_generate:
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)

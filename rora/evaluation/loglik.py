@@ -149,7 +149,6 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
                max_rows: int | None = None, progress: bool = False, desc: str = "loglikelihood"
                ) -> list[list[tuple[float, bool]]]:
     """For each row and each of its pairs: (summed log-prob of the continuation, every token the argmax)."""
-    from .generate import _progress
 
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
@@ -159,7 +158,7 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     eager = getattr(decoder.config, "_attn_implementation", "sdpa") == "eager"
     out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(r.scored) for r in rows]
-    bar = _progress(len(rows), progress, desc)
+    bar = progress_bar(len(rows), progress, desc)
     for chunk in batches([len(r.tokens) for r in rows], max_tokens, max_rows):
         group = [rows[i] for i in chunk]
         first_scored = min(node for r in group for s in r.scored for node, _ in s)
@@ -219,3 +218,9 @@ def _ancestors(parents: list[int], start: int, width: int) -> np.ndarray:
     anc[idx, idx] = True
     return anc
 
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar that leaves no line behind (disabled: a no-op bar)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)

@@ -1,1 +1,1 @@
-"""Pruning stage: importance scores, the Llama-family structure, and prune()."""
+"""Pruning stage: importance scores and prune() (the Llama-family layout is rora.architecture)."""

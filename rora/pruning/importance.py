@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import PruningError
-from .structure import ATTENTION_PROJ, MLP_PROJ, decoder_layers, head_dim
+from ..architecture import ATTENTION_PROJ, MLP_PROJ, decoder_layers, head_dim
 
 # The weight dimension that indexes a unit's channels: rows for projections out of the unit, columns into it.
 UNIT_AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 0, "up_proj": 0, "down_proj": 1}

@@ -14,7 +14,7 @@ Units and ratio (R = `PruneConfig.ratio`, applied to every pruned layer; roundin
 
 Layers: "uniform" prunes every layer alike, so the config stays standard (plain `from_pretrained` loads it);
 "START:END" prunes layers START..END-1 (LLM-Pruner's default is 4:30) and leaves a non-uniform model whose config
-lists per-layer shapes (see structure.py). Importance is computed for all pruned layers before any surgery, so
+lists per-layer shapes (see rora/architecture.py). Importance is computed for all pruned layers before any surgery, so
 scores are of the original model, as in LLM-Pruner's one-shot mode.
 
 The held-out loss is measured before and after on calibration-pool texts disjoint from those used for importance.
@@ -34,7 +34,7 @@ from ..config import PruneConfig
 from ..errors import PruningError
 from .calibration import encode, load_calibration, split_pool
 from .importance import SCORERS, UnitScores, needs_samples
-from .structure import (
+from ..architecture import (
     LayerShape, check_supported, decoder_layers, is_standard_config, keep_units, layer_shapes, sync_config,
 )
 

@@ -24,7 +24,8 @@ import torch
 from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_manifest
 from ..config import MergeConfig
 from ..errors import MergeError
-from ..models import resolve_dtype, weights_files
+from ..models import weights_files
+from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
 MANIFEST = "rora_merge.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,40 +56,6 @@ class MergeReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def probe_inputs(vocab_size: int, *, batch: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
-    """Fixed, deterministic token ids (same on every machine) used to compare two models' logits."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, length), generator=gen)
-
-
-@torch.no_grad()
-def logits_on(model, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """float64 copy of the logits of `model` on `ids` (eval mode, on the model's device).
-
-    With `dtype`, the parameters are cast to it for this forward pass and cast back afterwards (exact when
-    `dtype` is wider), so a comparison can run in float64 without keeping a second copy of the model.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    original = {p: p.dtype for p in model.parameters()} if dtype is not None else {}
-    try:
-        for p in original:
-            p.data = p.data.to(dtype)
-        return model(input_ids=ids.to(device)).logits.double().cpu()
-    finally:
-        for p, dt in original.items():
-            p.data = p.data.to(dt)
-
-
-
-def cast_parameters(model, dtype: torch.dtype):
-    """Cast the weights only: `model.to(bf16)` would also round RoPE's fp32 inv_freq buffer, which a model
-    loaded from disk in bf16 keeps in fp32, so the in-memory model would differ from the saved one."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
 
 
 def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: torch.Tensor | None = None,

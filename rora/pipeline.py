@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import check_output, count_parameters, dir_size, read_json, write_json
-from ..config import PipelineConfig
-from ..errors import ConfigError, OutputError, OutputExistsError
-from ..evaluation.stats import accuracy_table, gap_closed, outcomes_from_records, paired_difference
+from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
+from .config import PipelineConfig
+from .errors import ConfigError, OutputError, OutputExistsError
+from .evaluation.stats import accuracy_table, gap_closed, outcomes_from_records, paired_difference
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
 
@@ -107,7 +107,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     A rerun into the same `config.out` skips finished stages and resumes an interrupted recovery; an existing
     `out` that is not a rora run is refused unless `overwrite`, which also reruns every stage (each stage's
     output is replaced only once its new one is complete). Every input is checked before anything is written."""
-    from ..models import load_model
+    from .models import load_model
 
     config = PipelineConfig.coerce(config)
     out = Path(config.out)
@@ -132,7 +132,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         itself) on the held-out records."""
         if not config.runs(stage):
             return
-        from ..evaluation.evaluate import evaluate
+        from .evaluation.evaluate import evaluate
 
         sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir, "outcomes", heldout_key)
         target = out / stage / "results.json"
@@ -157,7 +157,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     teacher = None
 
     if config.runs("prune"):
-        from ..pruning.prune import prune, save_pruned
+        from .pruning.prune import prune, save_pruned
 
         fp = st.fingerprint("prune", fp, config.prune.to_dict())
         pruned_dir = out / "pruned"
@@ -190,7 +190,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
         efp = st.fingerprint("export", fp, config.export.to_dict())
         export_path = out / ("export" if config.export.format == "hf" else "model.gguf")
         if not st.done("export", efp):
-            from .card import card_from_dir
+            from .export.card import card_from_dir
 
             card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,
                     "recover": config.recover.to_dict() if config.runs("recover") else None,
@@ -216,7 +216,7 @@ def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[
     on which every evaluated model's whole-text loss and KL to the base model are measured. None without them."""
     if not records:
         return None
-    from ..recovery.data import split_train_val
+    from .recovery.data import split_train_val
 
     rc = config.recover
     return split_train_val(records, rc.val_set_size, rc.seed, rc.max_train_examples)[1] or None
@@ -225,7 +225,7 @@ def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[
 def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
     if not texts:
         return None
-    from ..recovery.distill import heldout_metrics
+    from .recovery.distill import heldout_metrics
 
     found = heldout_metrics(model, reference, tok, texts, cutoff_len=cutoff_len)
     return {**found, "kl": 0.0 if reference is None else found["kl"]}  # the base model is its own reference
@@ -247,12 +247,12 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
     Returns the training records when recovery runs (None otherwise), so they are read once."""
     records = None
     if config.runs("recover"):
-        from ..recovery.data import load_records
+        from .recovery.data import load_records
 
         records = load_records(train_data)
     if any(config.runs(s) for s in SUMMARY_LABELS):
-        from ..evaluation.data import load_examples, resolve_data_dir
-        from ..evaluation.tasks import get_task
+        from .evaluation.data import load_examples, resolve_data_dir
+        from .evaluation.tasks import get_task
 
         resolved = resolve_data_dir(data_dir)
         if resolved is not None and config.eval.protocol != "lm-eval":  # lm-eval falls back to the hub per task
@@ -264,7 +264,7 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
 def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
     from peft import PeftModel
 
-    from ..recovery.trainer import recover
+    from .recovery.trainer import recover
 
     fp = st.fingerprint("recover", fp, config.recover.to_dict(), train_data)
     rec_dir = st.out / "recovery"
@@ -288,8 +288,8 @@ def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progres
 
 
 def _merge_stage(config, st: _Stages, fp: str, model, tok):
-    from ..models import load_model
-    from ..recovery.merge import merge, save_merged
+    from .models import load_model
+    from .recovery.merge import merge, save_merged
 
     fp = st.fingerprint("merge", fp, config.merge.to_dict())
     merged_dir = st.out / "merged"

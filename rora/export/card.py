@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..artifacts import read_json
 from ..errors import ModelLoadError
-from ..pruning.structure import layer_runs
+from ..architecture import layer_runs
 
 MANIFESTS = {"merge": ("rora_merge.json", "merge"), "pruning": ("rora_pruning.json", "report")}
 _RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "target_modules", "max_abs_diff")

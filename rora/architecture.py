@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..errors import PruningError, UnsupportedModelError
+from .errors import ModelLoadError, PruningError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -225,6 +225,22 @@ def keep_units(layer: nn.Module, config, keep_q: list[int], keep_kv: list[int], 
     new = LayerShape(len(keep_q), len(keep_kv), len(keep_channels))
     attn.num_key_value_groups = new.group_size
     return new
+
+
+def build_from_state_dict(config, state_dict: dict, dtype=None):
+    """Build the modules the config describes (per-layer shapes included) and load `state_dict` strictly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    apply_shapes(model, config_layer_shapes(config))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(
+            f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    return model
 
 
 def padded_shape(shapes: list[LayerShape]) -> LayerShape:

@@ -4,7 +4,7 @@ LLM-Pruner saves `torch.save({'model': module, 'tokenizer': tokenizer})`: a pick
 config still carries the ORIGINAL head counts and MLP width. Loading it runs code from the file, so
 `rora.models.load_model` only calls this with `allow_pickle=True`. Here the per-layer shapes are read from the
 weights, the config is synced to them, and the model is rebuilt from a plain state dict with
-`models.build_from_state_dict` — the result saves as safetensors with a truthful config and flows into the later
+`architecture.build_from_state_dict` — the result saves as safetensors with a truthful config and flows into the later
 stages like any other model.
 """
 from __future__ import annotations
@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .structure import check_supported, decoder_layers, layer_shapes, sync_config
+from ..architecture import build_from_state_dict, check_supported, decoder_layers, layer_shapes, sync_config
 
 
 def load_llm_pruner_checkpoint(path: str | Path, dtype=None):
     """(model, tokenizer) from an LLM-Pruner `torch.save` checkpoint at `path` (trusted input only)."""
-    from ..models import build_from_state_dict
-
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling can fail in many ways (missing classes, truncated file, ...)

@@ -1,4 +1,4 @@
-"""GGUF files for llama.cpp: the writer, and a reader that rebuilds the torch model from a written file.
+"""GGUF files for llama.cpp: the writer (the reader is rora.sources.gguf).
 
 Writer: tensors named by the gguf package's own name map, q/k rows permuted for llama.cpp's RoPE layout, the
 byte-level BPE vocabulary, merges and token types, as llama.cpp's convert_hf_to_gguf.py writes them. Head counts,
@@ -26,18 +26,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ..architecture import LayerShape, head_dim, is_uniform, layer_shapes
 from ..errors import ExportError
-from ..pruning.structure import LayerShape, head_dim, is_uniform, layer_shapes
+from ..sources.gguf import GGUF_ARCHS, GGUF_TOKENIZER_KEY, permute, permuted_heads
 
-GGUF_TOKENIZER_KEY = "rora_gguf_tokenizer"
 # --dtype names (checked by ExportConfig) -> GGML file type name. The K-quants are llama.cpp's own quantizer only.
 GGUF_DTYPES = {"f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "q8_0": "Q8_0",
                "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M"}
 LLAMACPP_ONLY = ("Q6_K", "Q5_K_M", "Q4_K_M")
-# model_type -> (GGUF architecture, whether q/k rows are permuted for llama.cpp's RoPE), as convert_hf_to_gguf.py
-GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 
 def gguf_arch(cfg, shapes: list[LayerShape]) -> str:
@@ -63,7 +60,7 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: str
     cfg = model.config
     shapes = layer_shapes(model)
     arch = gguf_arch(cfg, shapes)
-    permute = GGUF_ARCHS[cfg.model_type][1]
+    rope_rows = GGUF_ARCHS[cfg.model_type][1]
     uniform = is_uniform(shapes)
     writer = gguf.GGUFWriter(str(path), arch)
     hd = head_dim(cfg)
@@ -95,32 +92,15 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", name: str
         if gguf_name is None:
             raise ExportError(f"no GGUF name for tensor {hf_name}; GGUF export supports plain Llama-family models")
         data = tensor.detach().float().cpu()
-        heads = _permuted_heads(base, shapes) if permute else None
+        heads = permuted_heads(base, shapes) if rope_rows else None
         if heads:
-            data = _permute(data, heads)
+            data = permute(data, heads)
         _add_tensor(writer, f"{gguf_name}.{suffix}", data.numpy(), qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return arch
-
-
-def _permuted_heads(base: str, shapes: list[LayerShape]) -> int | None:
-    """How many heads of this layer's q or k projection to permute (None: not a q/k projection)."""
-    if not base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
-        return None
-    shape = shapes[int(base.split(".layers.")[1].split(".")[0])]
-    return shape.q_heads if base.endswith("q_proj") else shape.kv_heads
-
-
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's RoPE layout (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it on load."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
@@ -211,77 +191,3 @@ def pre_tokenizer_name(backend: dict) -> str:
     )
 
 
-def source_tokenizer_keys(path: str | Path) -> dict:
-    """A GGUF file's scalar `tokenizer.*` keys (pre-tokenizer tag, special ids, flags, chat template), to record in
-    the config of a model loaded from it. The token, type and merge arrays are rebuilt from the tokenizer."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(path))
-    keys = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.") and field.types and field.types[0] != GGUFValueType.ARRAY:
-            value = field.contents()
-            keys[key] = value.item() if hasattr(value, "item") else value
-    return keys
-
-
-# --- reading back -------------------------------------------------------------------------------------------------
-
-def gguf_metadata(path: str | Path) -> dict:
-    """The scalar and small-array keys of a GGUF file (not the vocabulary), and its tensors' GGML types."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.") or len(f.data) < 64}
-    meta["tensor_types"] = {t.name: t.tensor_type.name for t in reader.tensors}
-    return meta
-
-
-def read_layer_shapes(meta: dict) -> list[LayerShape]:
-    """Per-layer shapes as a GGUF file declares them (a scalar means every layer alike)."""
-    arch = meta["general.architecture"]
-    n = int(meta[f"{arch}.block_count"])
-
-    def each(key):
-        value = meta[f"{arch}.{key}"]
-        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n
-
-    return [LayerShape(q, kv, ff) for q, kv, ff in
-            zip(each("attention.head_count"), each("attention.head_count_kv"), each("feed_forward_length"))]
-
-
-def read_gguf_model(path: str | Path, like):
-    """The torch model a GGUF file written by `write_gguf` (or quantized from one by llama.cpp) holds, built on a
-    copy of `like`'s config: tensors dequantized, q/k rows un-permuted, layer shapes from the file's own keys.
-
-    This verifies the file's contents where transformers' GGUF loader cannot read it (deci, head counts that do
-    not divide hidden_size); what llama.cpp computes from it is checked separately (llamacpp.py)."""
-    import copy
-
-    import gguf
-
-    from ..models import build_from_state_dict
-    from ..pruning.structure import sync_config
-
-    meta = gguf_metadata(path)
-    arch = meta["general.architecture"]
-    shapes = read_layer_shapes(meta)
-    config = copy.deepcopy(like.config)
-    config.head_dim = int(meta[f"{arch}.attention.key_length"])
-    config.num_hidden_layers = len(shapes)
-    sync_config(config, shapes)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), len(shapes))
-    hf_names = {}
-    for hf_name in like.state_dict():
-        base, suffix = hf_name.rsplit(".", 1)
-        hf_names[f"{names.get_name(base)}.{suffix}"] = hf_name
-    permute = GGUF_ARCHS[config.model_type][1]
-    state = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if t.name not in hf_names:
-            raise ExportError(f"{path}: unexpected tensor {t.name}")
-        data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        hf_name = hf_names[t.name]
-        heads = _permuted_heads(hf_name.rsplit(".", 1)[0], shapes) if permute else None
-        state[hf_name] = _unpermute(data, heads) if heads else data
-    return build_from_state_dict(config, state)

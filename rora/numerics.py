@@ -1,0 +1,50 @@
+"""Numerics every stage's verification shares: dtype names, fixed probe inputs, float64 logits, weight casts."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ModelLoadError
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def probe_inputs(vocab_size: int, *, batch: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """Fixed, deterministic token ids (same on every machine) used to compare two models' logits."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def logits_on(model, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float64 copy of the logits of `model` on `ids` (eval mode, on the model's device).
+
+    With `dtype`, the parameters are cast to it for this forward pass and cast back afterwards (exact when
+    `dtype` is wider), so a comparison can run in float64 without keeping a second copy of the model.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    original = {p: p.dtype for p in model.parameters()} if dtype is not None else {}
+    try:
+        for p in original:
+            p.data = p.data.to(dtype)
+        return model(input_ids=ids.to(device)).logits.double().cpu()
+    finally:
+        for p, dt in original.items():
+            p.data = p.data.to(dt)
+
+
+
+def cast_parameters(model, dtype: torch.dtype):
+    """Cast the weights only: `model.to(bf16)` would also round RoPE's fp32 inv_freq buffer, which a model
+    loaded from disk in bf16 keeps in fp32, so the in-memory model would differ from the saved one."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model

@@ -1,1 +1,0 @@
-"""Pipelines: run() composes the stages; export formats."""
