@@ -2,6 +2,9 @@
 
     base model -> eval_base -> prune -> eval_pruned -> recover -> merge -> eval_recovered -> export
 
+The stages are the rows of STAGES: each names what its fingerprint covers, runs (inputs -> outputs and the record
+kept in `<out>/stages/<stage>.json`) and, when an earlier run finished it, restores its outputs from disk. What
+flows between them (the model, the base model as teacher and reference, the upstream fingerprint) is a _Flow.
 Objects flow in memory from stage to stage; nothing is re-read from disk unless a stage was skipped because a
 previous run already finished it. A stage is done when `<out>/stages/<stage>.json` exists and its fingerprint (a
 hash of the stage's config and of every upstream fingerprint) matches the current config: change the rank and the
@@ -14,9 +17,9 @@ merged model computes what the adapter model computes, and the merged model is f
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,9 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
-from .config import PipelineConfig
+from .config import PIPELINE_STAGES, PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError
-from .evaluation.stats import accuracy_table, gap_closed, outcomes_from_records, paired_difference
+from .evaluation.stats import outcomes_from_records
+from .summary import evaluation_statistics, heldout_statistics, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
 
@@ -45,6 +49,13 @@ class PipelineResult:
     evaluation: str = ""  # how the accuracies were measured, e.g. "lm-eval, first 40 examples per task"
     model: object = None  # the final (merged) model, in memory
     tokenizer: object = None
+
+    def collect(self, label: str, record: dict) -> None:
+        """An evaluation stage's record, run now or read back from its done marker."""
+        self.evals[label] = {**record["accuracy"], "average": record["average"]}
+        self.outcomes[label] = record["outcomes"]
+        if record.get("heldout"):
+            self.heldout[label] = record["heldout"]
 
     def to_dict(self) -> dict:
         return {
@@ -88,16 +99,61 @@ class _Stages:
         started = self.out / "stages" / f"{stage}.started.json"
         return not self.fresh and started.is_file() and read_json(started).get("fingerprint") == fp
 
-    def run(self, stage: str, fp: str, fn: Callable[[], dict | None]) -> dict:
+    def run(self, stage: str, fp: str, fn: Callable[..., dict | None], *args) -> dict:
+        """`fn(*args)`, timed, between a started marker and the done marker that keeps its record."""
         self.say(f"[{stage}] running")
         write_json(self.out / "stages" / f"{stage}.started.json", {"fingerprint": fp})
         start = time.perf_counter()
-        extra = fn() or {}
+        extra = fn(*args) or {}
         seconds = time.perf_counter() - start
         write_json(self.out / "stages" / f"{stage}.json", {"fingerprint": fp, "seconds": seconds, **extra})
         self.timings[stage] = {"seconds": seconds, "skipped": False}
         self.say(f"[{stage}] finished in {seconds:.1f} s")
         return extra
+
+
+@dataclass
+class _Context:
+    """What every stage may read: the run's settings, where it writes, and the result it fills in."""
+
+    config: PipelineConfig
+    stages: _Stages
+    data_dir: str | None  # evaluation data
+    train_data: str | None  # recovery records
+    heldout: list | None  # held-out records for loss and KL (heldout_records)
+    progress: bool
+    result: PipelineResult
+
+    @property
+    def out(self) -> Path:
+        return self.stages.out
+
+
+@dataclass
+class _Flow:
+    """What flows from stage to stage: the current model, the untouched base model (the recovery's teacher and
+    the reference of every held-out KL; None until a stage needs it) and the fingerprint of everything upstream."""
+
+    model: object
+    tokenizer: object
+    fingerprint: str
+    teacher: object = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline: run(ctx, flow, fp) does the work and returns the record kept in
+    stages/<name>.json; restore(ctx, flow, record) rebuilds the flow from the stage's outputs when an earlier run
+    finished it. The fingerprint covers `settings(ctx)` and, through `flow.fingerprint`, everything upstream."""
+
+    name: str
+    settings: Callable[[_Context], list]
+    run: Callable[[_Context, _Flow, str], dict]
+    restore: Callable[[_Context, _Flow, dict], None] = lambda ctx, flow, record: None
+    needs: tuple = ()  # other stages that must run for this one to
+    changes_model: bool = True  # False for evaluations: later fingerprints do not depend on them
+    output: Callable[[_Context], Path] | None = None  # its output, whose size the summary reports ...
+    output_label: str = ""  # ... under this name
 
 
 def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda msg: None, progress: bool = True,
@@ -121,87 +177,32 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
     st = _Stages(out, say, fresh=overwrite)  # only now, with every input known good, is anything created
+    ctx = _Context(config, st, data_dir, train_data, heldout_records(config, records), progress, result)
+    flow = _Flow(model, tok, st.fingerprint("model", config.model))
     result.parameters["base"] = count_parameters(model)
-    fp = st.fingerprint("model", config.model)
-    eval_cfg = config.eval.to_dict()
-    heldout_texts = heldout_records(config, records)
-    heldout_key = [train_data, config.recover.val_set_size, config.recover.seed, config.recover.cutoff_len]
-
-    def evaluate_stage(stage: str, upstream: str, model_name: str, reference=None) -> None:
-        """Accuracy on the suite, and whole-text loss and KL to the base model (`reference`; None for the base
-        itself) on the held-out records."""
-        if not config.runs(stage):
-            return
-        from .evaluation.evaluate import evaluate
-
-        sfp = st.fingerprint(stage, upstream, eval_cfg, data_dir, "outcomes", heldout_key)
-        target = out / stage / "results.json"
-        data = st.done(stage, sfp)
-        if data is None:
-            def work():
-                res = evaluate(model, tok, config.eval, data_dir=data_dir, out=target, model_name=model_name, progress=progress)
-                return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
-                        "outcomes": outcomes_from_records(res.records),
-                        "heldout": _heldout(model, reference, tok, heldout_texts, config.recover.cutoff_len)}
-
-            data = st.run(stage, sfp, work)
-        label = SUMMARY_LABELS[stage]
-        result.evals[label] = {**data["accuracy"], "average": data["average"]}
-        result.outcomes[label] = data["outcomes"]
-        if data.get("heldout"):
-            result.heldout[label] = data["heldout"]
-
-    evaluate_stage("eval_base", fp, config.model)
-    # The recovery's teacher (kd) and the reference of its held-out KL (every objective): the unpruned base model.
-    # One untouched copy, since pruning works in place and PEFT wraps the student in place.
-    teacher = None
-
-    if config.runs("prune"):
-        from .pruning.prune import prune, save_pruned
-
-        fp = st.fingerprint("prune", fp, config.prune.to_dict())
-        pruned_dir = out / "pruned"
-        if st.done("prune", fp):
-            teacher = model  # the pruned model comes from disk: no copy needed
-            model, tok = load_model(pruned_dir)
-        else:
-            teacher = copy.deepcopy(model) if config.runs("recover") or config.runs("eval_pruned") else None
-            def work():
-                report = prune(model, tok, config.prune)
-                save_pruned(model, tok, report, pruned_dir, overwrite=True, source=config.model)
-                return {"report": report.to_dict()}
-
-            st.run("prune", fp, work)
-        result.sizes["pruned"] = dir_size(pruned_dir)
-    result.parameters["pruned"] = count_parameters(model)
-    evaluate_stage("eval_pruned", fp, str(out / "pruned") if config.runs("prune") else config.model, teacher)
-
-    if config.runs("recover"):
-        if teacher is None:  # no pruning: distil the base model into an adapter on a copy of itself
-            teacher = copy.deepcopy(model)
-        model, fp = _recover_stage(config, st, fp, model, tok, train_data, progress, teacher)
-        model, fp = _merge_stage(config, st, fp, model, tok)
-        result.sizes["merged"] = dir_size(out / "merged")
-        evaluate_stage("eval_recovered", fp, str(out / "merged"), teacher)
-
-    if config.runs("export"):
-        from .export import export
-
-        efp = st.fingerprint("export", fp, config.export.to_dict())
-        export_path = out / ("export" if config.export.format == "hf" else "model.gguf")
-        if not st.done("export", efp):
-            from .export.card import card_from_dir
-
-            card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,
-                    "recover": config.recover.to_dict() if config.runs("recover") else None,
-                    **card_from_dir(out / "pruned"), **card_from_dir(out / "merged")}
-            st.run("export", efp, lambda: {"path": str(export(model, tok, config.export, export_path, overwrite=True, card=card))})
-        result.sizes["export"] = dir_size(export_path)
-
+    for stage in STAGES:
+        if config.runs(stage.name) and all(config.runs(n) for n in stage.needs):
+            _run_stage(ctx, flow, stage)
+    result.parameters["pruned"] = count_parameters(flow.model)  # merging adds no parameters
     result.stages = st.timings
-    result.model, result.tokenizer = model, tok
+    result.model, result.tokenizer = flow.model, flow.tokenizer
     write_summary(result)
     return result
+
+
+def _run_stage(ctx: _Context, flow: _Flow, stage: Stage) -> None:
+    fp = ctx.stages.fingerprint(stage.name, flow.fingerprint, *stage.settings(ctx))
+    record = ctx.stages.done(stage.name, fp)
+    if record is None:
+        record = ctx.stages.run(stage.name, fp, stage.run, ctx, flow, fp)
+    else:
+        stage.restore(ctx, flow, record)
+    if stage.changes_model:
+        flow.fingerprint = fp
+    if stage.name in SUMMARY_LABELS:
+        ctx.result.collect(SUMMARY_LABELS[stage.name], record)
+    if stage.output is not None:
+        ctx.result.sizes[stage.output_label] = dir_size(stage.output(ctx))
 
 
 def describe_evaluation(cfg) -> str:
@@ -261,153 +262,114 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
     return records
 
 
-def _recover_stage(config, st: _Stages, fp: str, model, tok, train_data, progress: bool, teacher=None):
-    from peft import PeftModel
+# ---- the stages ------------------------------------------------------------------------------------------------
 
+def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
+    """Accuracy on the suite, and whole-text loss and KL to the base model (none for the base itself) on the
+    held-out records."""
+    from .evaluation.evaluate import evaluate
+
+    names = {"base": ctx.config.model, "pruned": str(ctx.out / "pruned") if ctx.config.runs("prune") else ctx.config.model,
+             "recovered": str(ctx.out / "merged")}
+    reference = None if label == "base" else flow.teacher
+    res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
+                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress)
+    return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
+            "outcomes": outcomes_from_records(res.records),
+            "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
+
+
+def _eval_settings(ctx: _Context) -> list:
+    rc = ctx.config.recover
+    return [ctx.config.eval.to_dict(), ctx.data_dir, "outcomes", [ctx.train_data, rc.val_set_size, rc.seed, rc.cutoff_len]]
+
+
+def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
+    from .pruning.prune import prune, save_pruned
+
+    # The recovery's teacher and the held-out KL's reference: one untouched copy, since pruning works in place.
+    if ctx.config.runs("recover") or ctx.config.runs("eval_pruned"):
+        flow.teacher = copy.deepcopy(flow.model)
+    report = prune(flow.model, flow.tokenizer, ctx.config.prune)
+    save_pruned(flow.model, flow.tokenizer, report, ctx.out / "pruned", overwrite=True, source=ctx.config.model)
+    return {"report": report.to_dict()}
+
+
+def _load_pruned(ctx: _Context, flow: _Flow, record: dict) -> None:
+    from .models import load_model
+
+    flow.teacher = flow.model  # the pruned model comes from disk: the base model in memory needs no copy
+    flow.model, flow.tokenizer = load_model(ctx.out / "pruned")
+
+
+def _teacher(flow: _Flow):
+    """Without pruning, the base model is distilled into an adapter on a copy of itself (PEFT wraps in place)."""
+    if flow.teacher is None:
+        flow.teacher = copy.deepcopy(flow.model)
+    return flow.teacher
+
+
+def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     from .recovery.trainer import recover
 
-    fp = st.fingerprint("recover", fp, config.recover.to_dict(), train_data)
-    rec_dir = st.out / "recovery"
-    if st.done("recover", fp):
-        return PeftModel.from_pretrained(model, rec_dir / "adapter"), fp
+    config = ctx.config
     # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
-    resume = st.interrupted("recover", fp)
-    holder = {}
-
-    def work():
-        data = None if config.recover.text else train_data  # a text file replaces the records
-        res = recover(model, tok, data, config.recover, rec_dir, resume=resume, overwrite=True,
-                      progress=progress, source=str(st.out / "pruned") if config.runs("prune") else config.model,
-                      teacher=teacher)
-        holder["model"] = res.model
-        return {"best_val_loss": res.best_val_loss, "best_step": res.best_step, "effective_scale": res.effective_scale}
-
-    st.run("recover", fp, work)
-    return holder["model"], fp
+    res = recover(flow.model, flow.tokenizer, None if config.recover.text else ctx.train_data, config.recover,
+                  ctx.out / "recovery", resume=ctx.stages.interrupted("recover", fp), overwrite=True,
+                  progress=ctx.progress, source=str(ctx.out / "pruned") if config.runs("prune") else config.model,
+                  teacher=_teacher(flow))
+    flow.model = res.model
+    return {"best_val_loss": res.best_val_loss, "best_step": res.best_step, "effective_scale": res.effective_scale}
 
 
-def _merge_stage(config, st: _Stages, fp: str, model, tok):
-    from .models import load_model
+def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
+    from peft import PeftModel
+
+    _teacher(flow)
+    flow.model = PeftModel.from_pretrained(flow.model, ctx.out / "recovery" / "adapter")
+
+
+def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
     from .recovery.merge import merge, save_merged
 
-    fp = st.fingerprint("merge", fp, config.merge.to_dict())
-    merged_dir = st.out / "merged"
-    if st.done("merge", fp):
-        return load_model(merged_dir)[0], fp
-    holder = {}
-
-    def work():
-        merged, report = merge(model, config=config.merge)
-        save_merged(merged, tok, report, merged_dir, overwrite=True, source=str(st.out / "recovery" / "adapter"))
-        holder["model"] = merged
-        return {"report": report.to_dict()}
-
-    st.run("merge", fp, work)
-    return holder["model"], fp
+    flow.model, report = merge(flow.model, config=ctx.config.merge)
+    save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True,
+                source=str(ctx.out / "recovery" / "adapter"))
+    return {"report": report.to_dict()}
 
 
-COMPARISONS = (("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
+def _load_merged(ctx: _Context, flow: _Flow, record: dict) -> None:
+    from .models import load_model
+
+    flow.model = load_model(ctx.out / "merged")[0]
 
 
-def evaluation_statistics(outcomes: dict) -> dict:
-    """Standard errors per model, paired differences between models scored on the same examples, and the share
-    of the pruning gap in average accuracy that recovery closed."""
-    if not outcomes:
-        return {}
-    stats = {"accuracy": {label: accuracy_table(o) for label, o in outcomes.items()}, "comparisons": {}}
-    for b, a in COMPARISONS:
-        if a in outcomes and b in outcomes and list(outcomes[a]) == list(outcomes[b]):
-            stats["comparisons"][f"{b} - {a}"] = paired_difference(outcomes[a], outcomes[b])
-    if {"base", "pruned", "recovered"} <= set(outcomes):
-        avg = {k: stats["accuracy"][k]["average"]["accuracy"] for k in ("base", "pruned", "recovered")}
-        stats["gap_closed"] = {"accuracy": gap_closed(avg["base"], avg["pruned"], avg["recovered"])}
-    return stats
+def _export_path(ctx: _Context) -> Path:
+    return ctx.out / ("export" if ctx.config.export.format == "hf" else "model.gguf")
 
 
-def heldout_statistics(heldout: dict) -> dict:
-    """The share of the pruning gap in held-out loss that recovery closed (its KL is in `heldout` itself)."""
-    if not {"base", "pruned", "recovered"} <= set(heldout):
-        return {}
-    return {"heldout_gap_closed": {"loss": gap_closed(*(heldout[k]["loss"] for k in ("base", "pruned", "recovered")))}}
+def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
+    from .export import export
+    from .export.card import card_from_dir
+
+    config, result = ctx.config, ctx.result
+    card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,
+            "recover": config.recover.to_dict() if config.runs("recover") else None,
+            **card_from_dir(ctx.out / "pruned"), **card_from_dir(ctx.out / "merged")}
+    return {"path": str(export(flow.model, flow.tokenizer, config.export, _export_path(ctx), overwrite=True, card=card))}
 
 
-def _pm(x: float, se: float, signed: bool = False) -> str:
-    value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
-    return value if se != se else f"{value} ± {100 * se:.1f}"
-
-
-def summary_table(result: PipelineResult) -> str:
-    """Markdown: per-task accuracy ± standard error of each evaluated model and the paired differences (marked *
-    beyond two standard errors), then the gap closed, parameters, sizes and stage times."""
-    stats = evaluation_statistics(result.outcomes)
-    lines = []
-    if stats:
-        acc, comps = stats["accuracy"], stats["comparisons"]
-        labels = list(acc)
-        tasks = list(acc[labels[0]])
-        lines += [f"Accuracy (%, ± standard error), {result.evaluation}:", ""]
-        head = ["task", *labels, *comps]
-        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        for t in tasks:
-            row = [_pm(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
-            row += [_pm(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
-                    for c in comps.values()]
-            lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(row) + " |")
-        lines += ["", "Differences are paired (same examples); * marks those larger than two standard errors. "
-                  "Anything without * is inside the noise."]
-        if stats.get("gap_closed", {}).get("accuracy") is not None:
-            lines.append(f"Share of the pruning gap in average accuracy closed by recovery: "
-                         f"{100 * stats['gap_closed']['accuracy']:.0f}%.")
-        lines.append("")
-    if result.heldout:
-        lines += ["Held-out text (the recovery's validation records), per token:", "",
-                  "| model | whole-text loss | perplexity | KL to base (nats) |", "|---|---|---|---|"]
-        for label, h in result.heldout.items():
-            kl = "-" if h.get("kl") is None else f"{h['kl']:.3f}"
-            lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} |")
-        closed = heldout_statistics(result.heldout).get("heldout_gap_closed", {})
-        if closed.get("loss") is not None:
-            lines += ["", f"Share of the pruning gap in held-out loss closed by recovery: {100 * closed['loss']:.0f}%."]
-        lines.append("")
-    for name, n in result.parameters.items():
-        lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
-    for name, b in result.sizes.items():
-        lines.append(f"- size on disk, {name}: {b / 2**20:.1f} MiB")
-    for stage, t in result.stages.items():
-        lines.append(f"- time, {stage}: {t['seconds']:.1f} s{' (done earlier)' if t['skipped'] else ''}")
-    return "\n".join(lines)
-
-
-def write_summary(result: PipelineResult) -> None:
-    """summary.json, summary.md and summary.png (accuracy per task for base, pruned and recovered)."""
-    write_json(result.out / "summary.json", result.to_dict())
-    (result.out / "summary.md").write_text(summary_table(result) + "\n")
-    if result.outcomes:
-        plot_summary(evaluation_statistics(result.outcomes)["accuracy"], result.out / "summary.png", result.evaluation)
-
-
-def plot_summary(accuracy: dict, path: Path, evaluation: str = "") -> None:
-    """Bars of accuracy per task and model, error bars of one standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(accuracy)
-    tasks = list(accuracy[labels[0]])
-    width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2, 4))
-    for i, label in enumerate(labels):
-        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(tasks))]
-        ys = [100 * accuracy[label][t]["accuracy"] for t in tasks]
-        errs = [100 * accuracy[label][t]["se"] for t in tasks]
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%), ± 1 standard error")
-    ax.set_title("Before pruning, after pruning, after recovery" + (f"\n{evaluation}" if evaluation else ""),
-                 fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+STAGES = (
+    Stage("eval_base", _eval_settings, functools.partial(_evaluate, label="base"), changes_model=False),
+    Stage("prune", lambda ctx: [ctx.config.prune.to_dict()], _prune, _load_pruned,
+          output=lambda ctx: ctx.out / "pruned", output_label="pruned"),
+    Stage("eval_pruned", _eval_settings, functools.partial(_evaluate, label="pruned"), changes_model=False),
+    Stage("recover", lambda ctx: [ctx.config.recover.to_dict(), ctx.train_data], _recover, _load_adapter),
+    Stage("merge", lambda ctx: [ctx.config.merge.to_dict()], _merge, _load_merged, needs=("recover",),
+          output=lambda ctx: ctx.out / "merged", output_label="merged"),
+    Stage("eval_recovered", _eval_settings, functools.partial(_evaluate, label="recovered"), needs=("recover",),
+          changes_model=False),
+    Stage("export", lambda ctx: [ctx.config.export.to_dict()], _export, output=_export_path, output_label="export"),
+)
+assert tuple(s.name for s in STAGES) == PIPELINE_STAGES  # config.py names them for validation

@@ -174,8 +174,10 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         loss_module = DistillLoss(peft_model, teacher, config.kd_temperature, config.kd_chunk_size,
                                   sft=config.objective == "kd+sft")
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
-    run = _Run(config, work, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
-               tokenizer, identity, total_steps, progress, teacher)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = _Run(config=config, out=work, acc=accelerator, peft_model=peft_model, loss_module=loss_module,
+               wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, data=tokenized, pad_id=pad_id,
+               identity=identity, total_steps=total_steps, progress=progress, teacher=teacher)
     if state is not None:
         _restore(run, state)
     try:
@@ -286,27 +288,38 @@ def _n_targets(e: Example) -> int:
     return sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
 
 
+@dataclass(eq=False)
 class _Run:
-    """The state of one training run: the loop, evaluation, checkpoints, metrics and final outputs."""
+    """The state of one training run: the loop, evaluation, checkpoints, metrics and final outputs. Built with
+    keywords from what `recover` prepared; the counters below it are what a checkpoint saves and restores."""
 
-    def __init__(self, config, out, accelerator, peft_model, loss_module, wrapped, optimizer, scheduler, tokenized,
-                 tokenizer, identity, total_steps, progress, teacher=None):
-        self.config, self.out, self.acc = config, out, accelerator
-        self.teacher, self.kd = teacher, config.objective != "sft"
-        self.peft_model, self.loss_module, self.wrapped = peft_model, loss_module, wrapped
-        self.optimizer, self.scheduler, self.data = optimizer, scheduler, tokenized
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.identity, self.total_steps, self.progress = identity, total_steps, progress
-        lengths = [len(e) for e in tokenized.train]
-        self.plan = step_plan(lengths, config.micro_batch_size, config.batch_size // config.micro_batch_size,
-                              total_steps, config.seed, config.group_by_length)
-        self.step = 0
-        self.best_val_loss: float | None = None
-        self.best_step: int | None = None
-        self.best_weights: dict | None = None  # in memory when there is no output directory
-        self.train_tokens = 0
-        self.train_seconds = 0.0
-        self.history: list[dict] = []
+    config: RecoverConfig
+    out: Path | None  # the .partial work directory (None: in memory only)
+    acc: object  # the accelerate.Accelerator
+    peft_model: object
+    loss_module: torch.nn.Module
+    wrapped: torch.nn.Module  # loss_module as accelerate prepared it (DDP on several processes)
+    optimizer: object
+    scheduler: object
+    data: object  # the tokenized train/val split
+    pad_id: int
+    identity: dict  # what a checkpoint must match to be resumed
+    total_steps: int
+    progress: bool
+    teacher: object = None
+    step: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_weights: dict | None = None  # in memory when there is no output directory
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.kd = cfg.objective != "sft"
+        self.plan = step_plan([len(e) for e in self.data.train], cfg.micro_batch_size,
+                              cfg.batch_size // cfg.micro_batch_size, self.total_steps, cfg.seed, cfg.group_by_length)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> None:

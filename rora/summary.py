@@ -1,0 +1,115 @@
+"""The summary of a pipeline run: accuracy ± standard error per model, paired differences, the share of the
+pruning gap closed, held-out loss and KL; as summary.json, summary.md and summary.png."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .artifacts import write_json
+from .evaluation.stats import accuracy_table, gap_closed, paired_difference
+
+
+COMPARISONS = (("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
+
+
+def evaluation_statistics(outcomes: dict) -> dict:
+    """Standard errors per model, paired differences between models scored on the same examples, and the share
+    of the pruning gap in average accuracy that recovery closed."""
+    if not outcomes:
+        return {}
+    stats = {"accuracy": {label: accuracy_table(o) for label, o in outcomes.items()}, "comparisons": {}}
+    for b, a in COMPARISONS:
+        if a in outcomes and b in outcomes and list(outcomes[a]) == list(outcomes[b]):
+            stats["comparisons"][f"{b} - {a}"] = paired_difference(outcomes[a], outcomes[b])
+    if {"base", "pruned", "recovered"} <= set(outcomes):
+        avg = {k: stats["accuracy"][k]["average"]["accuracy"] for k in ("base", "pruned", "recovered")}
+        stats["gap_closed"] = {"accuracy": gap_closed(avg["base"], avg["pruned"], avg["recovered"])}
+    return stats
+
+
+def heldout_statistics(heldout: dict) -> dict:
+    """The share of the pruning gap in held-out loss that recovery closed (its KL is in `heldout` itself)."""
+    if not {"base", "pruned", "recovered"} <= set(heldout):
+        return {}
+    return {"heldout_gap_closed": {"loss": gap_closed(*(heldout[k]["loss"] for k in ("base", "pruned", "recovered")))}}
+
+
+def _pm(x: float, se: float, signed: bool = False) -> str:
+    value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+    return value if se != se else f"{value} ± {100 * se:.1f}"
+
+
+def summary_table(result) -> str:
+    """Markdown: per-task accuracy ± standard error of each evaluated model and the paired differences (marked *
+    beyond two standard errors), then the gap closed, parameters, sizes and stage times."""
+    stats = evaluation_statistics(result.outcomes)
+    lines = []
+    if stats:
+        acc, comps = stats["accuracy"], stats["comparisons"]
+        labels = list(acc)
+        tasks = list(acc[labels[0]])
+        lines += [f"Accuracy (%, ± standard error), {result.evaluation}:", ""]
+        head = ["task", *labels, *comps]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for t in tasks:
+            row = [_pm(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
+            row += [_pm(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
+                    for c in comps.values()]
+            lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(row) + " |")
+        lines += ["", "Differences are paired (same examples); * marks those larger than two standard errors. "
+                  "Anything without * is inside the noise."]
+        if stats.get("gap_closed", {}).get("accuracy") is not None:
+            lines.append(f"Share of the pruning gap in average accuracy closed by recovery: "
+                         f"{100 * stats['gap_closed']['accuracy']:.0f}%.")
+        lines.append("")
+    if result.heldout:
+        lines += ["Held-out text (the recovery's validation records), per token:", "",
+                  "| model | whole-text loss | perplexity | KL to base (nats) |", "|---|---|---|---|"]
+        for label, h in result.heldout.items():
+            kl = "-" if h.get("kl") is None else f"{h['kl']:.3f}"
+            lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} |")
+        closed = heldout_statistics(result.heldout).get("heldout_gap_closed", {})
+        if closed.get("loss") is not None:
+            lines += ["", f"Share of the pruning gap in held-out loss closed by recovery: {100 * closed['loss']:.0f}%."]
+        lines.append("")
+    for name, n in result.parameters.items():
+        lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
+    for name, b in result.sizes.items():
+        lines.append(f"- size on disk, {name}: {b / 2**20:.1f} MiB")
+    for stage, t in result.stages.items():
+        lines.append(f"- time, {stage}: {t['seconds']:.1f} s{' (done earlier)' if t['skipped'] else ''}")
+    return "\n".join(lines)
+
+
+def write_summary(result) -> None:
+    """summary.json, summary.md and summary.png (accuracy per task for base, pruned and recovered)."""
+    write_json(result.out / "summary.json", result.to_dict())
+    (result.out / "summary.md").write_text(summary_table(result) + "\n")
+    if result.outcomes:
+        plot_summary(evaluation_statistics(result.outcomes)["accuracy"], result.out / "summary.png", result.evaluation)
+
+
+def plot_summary(accuracy: dict, path: Path, evaluation: str = "") -> None:
+    """Bars of accuracy per task and model, error bars of one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(accuracy)
+    tasks = list(accuracy[labels[0]])
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2, 4))
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(tasks))]
+        ys = [100 * accuracy[label][t]["accuracy"] for t in tasks]
+        errs = [100 * accuracy[label][t]["se"] for t in tasks]
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%), ± 1 standard error")
+    ax.set_title("Before pruning, after pruning, after recovery" + (f"\n{evaluation}" if evaluation else ""),
+                 fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
