@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import sys
-import warnings
 
 import click
 
@@ -57,10 +56,8 @@ def main():
     Models:  a hub id, a local HF directory, a .gguf file, an LLM-Pruner checkpoint (--allow-pickle),
              or the embedded alias smollm2-135m.
     """
-    # transformers' per-file "Loading weights" bars would bury the one line a user needs among our own progress
-    # bars; PEFT calls a transformers API that warns of its own deprecation on every run.
+    # transformers' per-file "Loading weights" bars would bury the one line a user needs among our own progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def model_argument(fn):

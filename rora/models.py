@@ -114,6 +114,18 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around PEFT's wrapping of a model (get_peft_model, PeftModel.from_pretrained). PEFT 0.21 (the newest) reads
+    transformers' deprecated `is_gradient_checkpointing` there (peft_model.py), which warns on every run; the
+    warning is about PEFT's code, so it is silenced only around those calls, and rora itself uses neither name."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _ensure_pad_token(tokenizer) -> None:
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

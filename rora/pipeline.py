@@ -326,8 +326,11 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
     from peft import PeftModel
 
+    from .models import peft_wrapping
+
     _teacher(flow)
-    flow.model = PeftModel.from_pretrained(flow.model, ctx.out / "recovery" / "adapter")
+    with peft_wrapping():
+        flow.model = PeftModel.from_pretrained(flow.model, ctx.out / "recovery" / "adapter")
 
 
 def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:

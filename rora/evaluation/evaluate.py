@@ -238,7 +238,7 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    from ..models import weights_files
+    from ..models import peft_wrapping, weights_files
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -246,7 +246,8 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
     if not weights_files(adapter_dir, allow_pickle, "adapter"):
         raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         found = _MISMATCH.search(str(exc))
         if not found:

@@ -45,7 +45,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, num_beams: i
         input_ids, mask, cache = _prefill(model, [encoded[i] for i in chunk], config.pad_token_id, num_beams,
                                           max_new_tokens)
         with _quiet_generate():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+            out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
                                  generation_config=config)
         # Decode the whole row like the reference (pads are special tokens and vanish), then split.
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
@@ -96,7 +96,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(prefix):
             cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), i)
-        model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+        model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
               use_cache=True, logits_to_keep=1)
         return [(layer.keys, layer.values) for layer in cache.layers]
 

@@ -116,7 +116,7 @@ def _shared_prefix(decoder, rows: list[list[int]], first_scored: int, device):
     if not shared:
         return 0, None
     cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True)
+    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=cache, use_cache=True)
     return shared, cache
 
 
@@ -182,7 +182,7 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
         if prefix is not None:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(len(group))
-            kwargs = {"past_key_values": cache, "use_cache": True}
+            kwargs = {"cache": cache, "use_cache": True}
         with autocast:
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                              **kwargs).last_hidden_state

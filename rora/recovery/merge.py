@@ -24,7 +24,7 @@ import torch
 from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_manifest
 from ..config import MergeConfig
 from ..errors import MergeError
-from ..models import weights_files
+from ..models import peft_wrapping, weights_files
 from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
 MANIFEST = "rora_merge.json"
@@ -126,7 +126,8 @@ def _attach(model, adapter, allow_pickle: bool = False):
     adapter = Path(adapter)
     check_fit(model, adapter, allow_pickle)
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, str(adapter))
     except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:  # PEFT's own checks
         raise MergeError(f"cannot attach the adapter {adapter} to the model: {str(exc).splitlines()[0]}") from None
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..artifacts import atomic_dir, check_output, process_alive, read_json, replace_dir, write_json, write_manifest
 from ..config import RecoverConfig
+from ..models import peft_wrapping
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
 from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
@@ -161,7 +162,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     accelerator.wait_for_everyone()
 
     torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
-    peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
     use_sparse_dropout(peft_model)  # same distribution as nn.Dropout, a fraction of its cost on CPU
     if config.gradient_checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
