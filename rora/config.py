@@ -1,6 +1,7 @@
 """One dataclass per stage, with validation in __post_init__ and a YAML round trip.
 
-Precedence is defaults < YAML < flags: the CLI loads YAML with `from_dict`, then applies flags with `replace`.
+Precedence is defaults < YAML < flags: the CLI loads YAML with `from_dict`, then applies flags with `replace`
+(rora run: `with_settings`, for its --set section.key=value before its flags).
 Every problem of a config is collected before raising, so a user fixes them in one go.
 
 Each field's metadata holds its help text ("help", which the CLI's options show) and, for a field that holds names,
