@@ -3,12 +3,18 @@ API function. No logic lives here beyond that; heavy imports happen inside comma
 RoraError (and click's usage errors) become one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
+import types
+import typing
 
 import click
+from click.core import ParameterSource
+
+from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, RecoverConfig
 
 
 def _fail(message: str) -> None:
@@ -44,6 +50,61 @@ def handles_errors(fn):
             _fail(f"cannot access {where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}")
 
     return wrapper
+
+
+# ---- options generated from the config dataclasses: each field's name, type, help and default live once, in
+# rora.config, and every command that exposes the field shows the same option.
+def _csv(value: str | None) -> list[str] | None:
+    """'a, b' -> ['a', 'b']; None or '' -> None (not given)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def config_options(cls, *paths: str, required: tuple[str, ...] = ()):
+    """Options --key-name for fields of the config class `cls`: a path is `key`, or `section.key` for a field of one
+    of `cls`'s sections. The command receives each as `key`: None when not given, so the YAML's (or the dataclass's)
+    value stays; the dataclass default is what --help shows."""
+    fields = {path: _field(cls, path) for path in paths}
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(**kwargs):
+            ctx = click.get_current_context()
+            for _, f in fields.values():  # the default is only there for --help to show it
+                if ctx.get_parameter_source(f.name) is ParameterSource.DEFAULT:
+                    kwargs[f.name] = None
+            return fn(**kwargs)
+
+        for path in reversed(paths):
+            command = _option(*fields[path], path in required)(command)
+        return command
+
+    return decorate
+
+
+def _field(cls, path: str):
+    """(the dataclass that declares the field at `path`, the field)."""
+    *section, key = path.split(".")
+    owner = typing.get_type_hints(cls)[section[0]] if section else cls
+    return owner, next(f for f in dataclasses.fields(owner) if f.name == key)
+
+
+def _option(owner, f: dataclasses.Field, required: bool):
+    hint = typing.get_type_hints(owner)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: None is the default, not a type
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    flag = "--" + f.name.replace("_", "-")
+    kwargs = {"help": f.metadata["help"], "required": required}
+    if hint is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    elif typing.get_origin(hint) is list:  # comma-separated on the command line
+        default = ",".join(default) or None
+        kwargs["callback"] = lambda ctx, param, value: _csv(value)
+    else:
+        kwargs["type"] = hint
+    if not required and default is not None:
+        kwargs.update(default=default, show_default=True)
+    return click.option(flag, f.name, **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -105,27 +166,19 @@ def format_info(s: dict) -> str:
 
 @main.command()
 @model_argument
-@click.option("--ratio", type=float, help="Fraction of heads/channels to remove in each pruned layer, in [0, 1).")
+@config_options(PruneConfig, "ratio")
 @click.option("--out", required=True, help="Output directory for the pruned model.")
-@click.option("--layers", help="'uniform' (every layer alike, default) or START:END (e.g. 4:30, LLM-Pruner's default).")
-@click.option("--importance", help="l1, l2, taylor (default) or random.")
-@click.option("--taylor", help="Taylor variant: vectorwise (default), element1 or element2.")
-@click.option("--gqa", help="within-group (query heads evenly per KV group, default) or whole-group.")
-@click.option("--num-samples", type=int, help="Calibration samples for importance (default 10).")
-@click.option("--calibration", help="'builtin' text, or training data: a JSON file or a dir of <task>/train.json.")
-@click.option("--channel-multiple", type=int, help="Keep a multiple of N MLP channels per layer (32 suits llama.cpp's "
-              "quantized GGUF; default 1).")
-@click.option("--seed", type=int, help="Seed for sample order and random importance.")
+@config_options(PruneConfig, "layers", "importance", "taylor", "gqa", "num_samples", "calibration", "channel_multiple",
+                "seed")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")
 @handles_errors
-def prune(model, allow_pickle, ratio, out, overwrite, config_file, **flags):
+def prune(model, allow_pickle, out, overwrite, config_file, **flags):
     """Prune whole attention heads and MLP channels of MODEL and save it to --out."""
     from .artifacts import check_output
-    from .config import PruneConfig
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
-    cfg = cfg.replace(ratio=ratio, **flags)
+    cfg = cfg.replace(**flags)
     check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
@@ -155,57 +208,29 @@ def format_prune(r: dict, path) -> str:
     return "\n".join(lines)
 
 
-def _csv(value):
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 @main.command()
 @model_argument
 @click.option("--data", help="Training records: JSON/JSONL file, directory of <task>/train.json, or hub id.")
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
-@click.option("--objective", help="auto (default: kd with a --teacher, else sft), sft (response cross-entropy), kd (distil --teacher on every token) or kd+sft.")
+@config_options(RecoverConfig, "objective")
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
-@click.option("--kd-temperature", type=float, help="Distillation temperature T (default 1; the KL is scaled by T^2).")
-@click.option("--kd-weight", type=float, help="kd+sft: the KD term's share of the loss, in (0, 1) (default 0.5).")
-@click.option("--teacher-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16.")
-@click.option("--text", type=click.Path(dir_okay=False), help="Plain-text training data instead of --data: .txt, or "
-                                                              ".jsonl with a 'text' field; packed to --cutoff-len.")
-@click.option("--synthetic", type=int, help="Data-free: the teacher writes N training texts (continuing the --data "
-                                            "prompts, or short seed prompts); cached for reruns.")
-@click.option("--synthetic-tokens", type=int, help="New tokens the teacher samples per synthetic text (default 128).")
-@click.option("--method", help="Adapter method: rora (alpha/sqrt(r), default), lora (alpha/r) or dora.")
-@click.option("--rank", type=int, help="Adapter rank (default 32).")
-@click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
-@click.option("--scaling-exponent", type=float, help="b in scale = alpha / rank**b (default: the method's; 1 lora, 0.5 rora).")
-@click.option("--target-modules", help="Comma-separated modules (default q_proj,k_proj,v_proj,up_proj,down_proj).")
-@click.option("--lr", type=float, help="Learning rate (default 2e-4).")
-@click.option("--epochs", type=float, help="Epochs (default 3).")
-@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=int, help="Examples per optimizer step (default 16).")
-@click.option("--micro-batch-size", type=int, help="Examples per forward pass (default 16).")
-@click.option("--cutoff-len", type=int, help="Max tokens per example; longer ones are dropped and counted (default 256).")
-@click.option("--val-set-size", type=int, help="Validation examples carved from the training data (default 120).")
-@click.option("--max-train-examples", type=int, help="Use only the first N training examples (after the seeded shuffle).")
-@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup steps (default 100).")
-@click.option("--eval-steps", type=int, help="Evaluate every N steps (default 80).")
-@click.option("--save-steps", type=int, help="Checkpoint every N steps (default 80).")
-@click.option("--seed", type=int, help="Seed for the split, data order and dropout (default 42).")
-@click.option("--train-on-inputs", is_flag=True, default=None, help="Loss on the prompt tokens too (LLM-Adapters' default).")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
+@config_options(RecoverConfig, "kd_temperature", "kd_weight", "teacher_dtype", "text", "synthetic", "synthetic_tokens",
+                "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "epochs", "max_steps",
+                "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",
+                "eval_steps", "save_steps", "seed", "train_on_inputs", "gradient_checkpointing")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run into --out from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again: replace --out (once the new run is complete) and any interrupted run.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
-def recover(model, allow_pickle, data, out, target_modules, teacher, resume, overwrite, config_file, **flags):
+def recover(model, allow_pickle, data, out, teacher, resume, overwrite, config_file, **flags):
     """Train a RoRA/LoRA/DoRA adapter on MODEL with --data (or --text, or --synthetic with a --teacher); the best
     adapter lands in --out/adapter.
 
     The run trains in .OUT.partial beside --out and takes the place of --out when it completes."""
-    from .config import RecoverConfig
     from .recovery.distill import check_objective, teacher_dtype
 
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
-    cfg = cfg.replace(target_modules=_csv(target_modules), **flags).with_objective(teacher is not None)
+    cfg = cfg.replace(**flags).with_objective(teacher is not None)
     check_objective(cfg, teacher is not None)  # before loading anything
     from .models import load_model
     from .recovery.trainer import check_recover_output, recover as recover_adapter
@@ -239,33 +264,20 @@ def format_recover(r: dict, cfg) -> str:
 @main.command("eval")
 @model_argument
 @click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory to load onto MODEL.")
-@click.option("--tasks", help="'all' (default) or a comma list: boolq,piqa,social_i_qa,hellaswag,winogrande,"
-                              "ARC-Easy,ARC-Challenge,openbookqa.")
-@click.option("--protocol", help="generate (LLM-Adapters beam search + match), score (constrained log-likelihood, "
-                                 "default) or lm-eval (lm-eval-harness zero-shot).")
-@click.option("--limit", type=int, help="Evaluate the first N examples of each task (file order).")
-@click.option("--sample", type=int, help="Evaluate a seeded random N examples of each task (instead of --limit).")
-@click.option("--seed", type=int, help="Seed of --sample (default 0): the same N and seed give the same examples.")
-@click.option("--engine", help="lm-eval protocol: rora (native log-likelihood engine, default; lm-eval's numbers, "
-                               "faster) or lm-eval (lm-eval-harness's own HF backend).")
-@click.option("--batch-size", type=int, help="Prompts (generate), examples (score) or rows (--engine lm-eval) per forward "
-                                     "pass; the rora engine batches by a token budget.")
+@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, engine, batch_size, data_dir, out,
-          overwrite, config_file):
+def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_file, **flags):
     """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
-    from .config import EvalConfig
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
     cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
-    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, protocol=protocol, limit=limit, sample=sample,
-                      seed=seed, engine=engine, batch_size=batch_size)
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, **flags)
     check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
     from .evaluation.evaluate import evaluate, load_adapter
     from .models import load_model
@@ -278,51 +290,40 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, en
     click.echo(results.to_markdown())
 
 
+# rora run's short flags: fields of the pipeline (a top-level key or section.key); every other key takes --set.
+RUN_FLAGS = ("model", "out", "data", "data_dir", "prune.ratio", "recover.method", "recover.rank", "recover.alpha",
+             "recover.lr", "recover.max_steps", "recover.objective", "eval.protocol", "eval.tasks", "eval.limit",
+             "export.format", "skip", "allow_pickle")
+
+
 @main.command()
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", help="A shipped preset: quickstart (the demo, CPU) or paper (Sheared-LLaMA-1.3B, GPU).")
-@click.option("--model", help="Model spec to start from (overrides the config).")
-@click.option("--out", help="Output directory; one subdirectory per stage.")
-@click.option("--data", help="Recovery training data (file, directory of <task>/train.json, or hub id).")
-@click.option("--data-dir", help="Evaluation data directory (default: $RORA_DATA_DIR, else the hub).")
-@click.option("--ratio", type=float, help="Pruning ratio in [0, 1).")
-@click.option("--method", help="Adapter method: rora, lora or dora.")
-@click.option("--rank", type=int, help="Adapter rank.")
-@click.option("--alpha", type=float, help="Adapter alpha (default 2 * rank).")
-@click.option("--lr", type=float, help="Learning rate.")
-@click.option("--max-steps", type=int, help="Cap recovery at this many optimizer steps.")
-@click.option("--objective", help="Recovery objective: auto (default: kd, the unpruned model is the teacher), sft, kd or kd+sft.")
-@click.option("--protocol", help="Evaluation protocol: score, generate or lm-eval.")
-@click.option("--tasks", help="'all' (default) or comma-separated tasks.")
-@click.option("--limit", type=int, help="Evaluate the first N examples per task.")
-@click.option("--format", "export_format", help="Export format: hf or gguf.")
-@click.option("--skip", help="Comma-separated stages to skip: eval_base, prune, eval_pruned, recover, merge, eval_recovered, export.")
-@click.option("--allow-pickle", is_flag=True, default=None, help="Allow a pickled (LLM-Pruner) checkpoint as the model.")
+@config_options(PipelineConfig, *RUN_FLAGS)
+@click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Set any key, e.g. recover.rank=8, prune.channel_multiple=32 or skip=[prune] (a YAML value; a "
+                   "top-level key has no section). Repeatable.")
 @click.option("--overwrite", is_flag=True, help="Run into an --out that is not a rora run, and rerun every stage.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @handles_errors
-def run(config_file, preset, export_format, print_config, overwrite, **flags):
+def run(config_file, preset, settings, print_config, overwrite, **flags):
     """Prune -> evaluate -> recover -> merge -> evaluate -> export, in one resumable run.
 
-    Settings come from CONFIG_FILE or --preset (defaults < YAML < flags). Each stage writes its own directory
-    under --out; rerunning skips stages already done with the same settings and resumes an interrupted recovery.
+    Settings come from CONFIG_FILE or --preset, then --set, then the flags (defaults < YAML < --set < flags). Each
+    stage writes its own directory under --out; rerunning skips stages already done with the same settings and
+    resumes an interrupted recovery.
     """
-    from .config import PipelineConfig, load_preset
+    from .config import load_preset, parse_setting
     from .evaluation.tasks import parse_tasks
 
     if config_file and preset:
         raise click.UsageError("give a CONFIG_FILE or --preset, not both")
     cfg = load_preset(preset) if preset else PipelineConfig.from_yaml(config_file) if config_file else PipelineConfig()
-    cfg = cfg.replace(
-        model=flags["model"], out=flags["out"], data=flags["data"], data_dir=flags["data_dir"],
-        allow_pickle=flags["allow_pickle"], skip=_csv(flags["skip"]),
-        prune=cfg.prune.replace(ratio=flags["ratio"]),
-        recover=cfg.recover.replace(method=flags["method"], rank=flags["rank"], alpha=flags["alpha"], lr=flags["lr"],
-                                    max_steps=flags["max_steps"], objective=flags["objective"]),
-        eval=cfg.eval.replace(protocol=flags["protocol"], tasks=parse_tasks(flags["tasks"]) if flags["tasks"] else None,
-                            limit=flags["limit"]),
-        export=cfg.export.replace(format=export_format),
-    )
+    cfg = cfg.with_settings(dict(parse_setting(s) for s in settings))
+    if flags["tasks"]:
+        flags["tasks"] = parse_tasks(flags["tasks"])
+    given = {path: flags[path.rpartition(".")[2]] for path in RUN_FLAGS}
+    cfg = cfg.with_settings({path: value for path, value in given.items() if value is not None})
     if print_config:
         import yaml
 
@@ -340,16 +341,16 @@ def run(config_file, preset, export_format, print_config, overwrite, **flags):
 @model_argument
 @click.option("--adapter", required=True, type=click.Path(), help="PEFT adapter directory (e.g. RUN/recovery/adapter).")
 @click.option("--out", required=True, help="Output directory for the merged model.")
-@click.option("--dtype", help="Dtype of the merged weights: float32 (default), float16 or bfloat16. Merging is always fp32.")
+@config_options(MergeConfig, "dtype", "compute_dtype")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with MergeConfig keys (flags win).")
 @handles_errors
-def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
-    """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in float64 (logits within 1e-4), then cast; nothing is written unless it matches."""
+def merge(model, allow_pickle, adapter, out, overwrite, config_file, **flags):
+    """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in --compute-dtype (logits within the
+    tolerance), then cast to --dtype; nothing is written unless it matches."""
     from .artifacts import check_output
-    from .config import MergeConfig
 
-    cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(dtype=dtype)
+    cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(**flags)
     check_output(out, overwrite, inputs=[model, adapter])  # before any work: bad input writes nothing
     from .artifacts import dir_size
     from .models import load_model
@@ -363,31 +364,22 @@ def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
     click.echo("\n".join([
         f"merged         {r['method']} rank {r['rank']} alpha {r['alpha']:g} ({scale})",
         f"modules        {r['merged_modules']} ({', '.join(r['target_modules'])})",
-        f"max logit diff {r['max_abs_diff']:.3g} vs adapter model (tolerance {r['tolerance']:g}, fp32)",
+        f"max logit diff {r['max_abs_diff']:.3g} vs adapter model (tolerance {r['tolerance']:g}, {r['compute_dtype']})",
         f"saved          {path} ({r['dtype']}, {dir_size(path) / 1e6:.1f} MB)",
     ]))
 
 
 @main.command()
 @model_argument
-@click.option("--format", "export_format", required=True, help="hf (safetensors directory) or gguf (one .gguf file).")
+@config_options(ExportConfig, "format", required=("format",))
 @click.option("--out", required=True, help="Output directory (hf) or .gguf file path (gguf).")
-@click.option("--layout", help="Non-uniform models. compact (default): hf for rora.load_model only; gguf as llama.cpp's "
-              "deci architecture (per-layer head counts), which llama.cpp runs and transformers' GGUF loader cannot. "
-              "padded: zero-padded to one shape, same outputs; hf loads in plain transformers, gguf (llama) in llama.cpp, "
-              "transformers and any runtime that needs uniform layers.")
-@click.option("--dtype", help="hf: float32 (default), float16, bfloat16. gguf: f32, f16, q8_0; with llama-cpp-python "
-              "installed (pip install 'rora[edge]') also q6_k, q5_k_m, q4_k_m, quantized by llama.cpp itself. "
-              "Quantized GGUFs are reported with their held-out perplexity change.")
+@config_options(ExportConfig, "layout", "dtype")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with ExportConfig keys (flags win).")
 @handles_errors
-def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, config_file):
+def export(model, allow_pickle, out, overwrite, config_file, **flags):
     """Export MODEL as a Hugging Face directory or a GGUF file, with a model card; verified by loading it back."""
-    from .config import ExportConfig
-
-    cfg = (ExportConfig.from_yaml(config_file) if config_file else ExportConfig()).replace(
-        format=export_format, layout=layout, dtype=dtype)
+    cfg = (ExportConfig.from_yaml(config_file) if config_file else ExportConfig()).replace(**flags)
     from .artifacts import check_output
 
     check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing

@@ -1,12 +1,15 @@
 """One dataclass per stage, with validation in __post_init__ and a YAML round trip.
 
-Precedence is defaults < YAML < flags: the CLI loads YAML with `from_dict`, then applies flags with `replace`.
+Precedence is defaults < YAML < flags: the CLI loads YAML with `from_dict`, then applies flags with `replace`
+(rora run: `with_settings`, for its --set section.key=value before its flags).
 Every problem of a config is collected before raising, so a user fixes them in one go.
+
+Each field's metadata holds its help text ("help", which the CLI's options show) and, for a field that holds names,
+the registry table they must come from ("names", rora.registry).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -17,14 +20,26 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .registry import (COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS,
+                       OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, SCHEDULERS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
+                       Registry, did_you_mean)
 
-ALL_TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+
+def setting(default: Any, help: str, names: Registry | None = None):
+    """A config field with its help text and, for a name-valued field, its registry table. A list or dataclass
+    default becomes a factory, so instances never share it."""
+    metadata = {"help": help, **({"names": names} if names is not None else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
-    """' (did you mean X?)' for the closest known name, or ''."""
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _listing(names: typing.Iterable[str]) -> str:
+    """'a, b or c', for help texts."""
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def _check_type(value: Any, hint: Any) -> bool:
@@ -69,7 +84,10 @@ class StageConfig:
             elif isinstance(value, float) and not math.isfinite(value):  # NaN and inf pass every `x <= 0` check
                 found.append(f"{self.section}.{f.name} must be a finite number, got {value}")
         if not found:
-            found = self.problems()
+            found = [p for f in dataclasses.fields(self) if "names" in f.metadata
+                     for value in _as_list(getattr(self, f.name))
+                     for p in f.metadata["names"].problem(f"{self.section}.{f.name}", value)]
+            found += self.problems()
         if found:
             raise ConfigError("invalid config: " + "; ".join(found))
 
@@ -145,6 +163,10 @@ def _numeric_string(value: Any, hint: Any) -> Any:
     return value
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _dataclass_in(hint: Any):
     for h in (hint, *typing.get_args(hint)):
         if isinstance(h, type) and dataclasses.is_dataclass(h):
@@ -161,21 +183,23 @@ class PruneConfig(StageConfig):
     """Structured pruning (LLM-Pruner's method): whole attention heads and MLP channels."""
 
     SECTION = "prune"
-    ratio: float = 0.2  # fraction of prunable units to remove in each pruned layer
-    importance: str = "taylor"  # l1 | l2 | random | taylor
-    taylor: str = "vectorwise"  # vectorwise | element1 | element2 (LLM-Pruner's Taylor variants)
-    layers: str = "uniform"  # "uniform" (every layer alike) or "START:END" (LLM-Pruner's 4:30 style)
-    attention: bool = True  # prune attention heads
-    mlp: bool = True  # prune MLP intermediate channels
-    gqa: str = "within-group"  # within-group: query heads evenly per KV group | whole-group: whole KV groups
-    calibration: str = "builtin"  # builtin text, or a path to training data (recovery format)
-    num_samples: int = 10  # calibration samples for importance
-    seq_len: int = 128  # calibration sequence length in tokens
-    holdout_samples: int = 8  # held-out samples (disjoint from calibration) for loss before/after
-    # Keep a multiple of this many MLP channels per layer (the nearest to what `ratio` keeps). 32 fits llama.cpp's
-    # quantization blocks: a width that is not a multiple of 32 leaves every ffn_down in f16 in a q8_0 GGUF.
-    channel_multiple: int = 1
-    seed: int = 42
+    ratio: float = setting(0.2, "Fraction of heads/channels to remove in each pruned layer, in [0, 1).")
+    importance: str = setting("taylor", f"Importance scorer: {_listing(IMPORTANCE)}.", IMPORTANCE)
+    taylor: str = setting("vectorwise", f"Taylor variant (LLM-Pruner's): {_listing(TAYLOR_VARIANTS)}.", TAYLOR_VARIANTS)
+    layers: str = setting("uniform", "'uniform' (every layer alike) or START:END (e.g. 4:30, LLM-Pruner's default).")
+    attention: bool = setting(True, "Prune attention heads.")
+    mlp: bool = setting(True, "Prune MLP intermediate channels.")
+    gqa: str = setting("within-group", "within-group (query heads evenly per KV group) or whole-group (whole KV groups).",
+                       GQA_MODES)
+    calibration: str = setting("builtin", "'builtin' text, or training data: a JSON file or a dir of <task>/train.json.")
+    num_samples: int = setting(10, "Calibration samples for importance.")
+    seq_len: int = setting(128, "Calibration sequence length in tokens.")
+    holdout_samples: int = setting(8, "Held-out samples (disjoint from calibration) for the loss before/after.")
+    # 32 fits llama.cpp's quantization blocks: a width that is not a multiple of 32 leaves every ffn_down in f16 in a
+    # q8_0 GGUF.
+    channel_multiple: int = setting(1, "Keep a multiple of N MLP channels per layer, the nearest to what ratio keeps "
+                                       "(32 suits llama.cpp's quantized GGUF).")
+    seed: int = setting(42, "Seed for sample order and random importance.")
 
     def problems(self) -> list[str]:
         out = []
@@ -183,13 +207,6 @@ class PruneConfig(StageConfig):
             out.append(f"prune.channel_multiple must be > 0, got {self.channel_multiple}")
         if not 0.0 <= self.ratio < 1.0:
             out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
-        for key, value, allowed in (
-            ("importance", self.importance, ("l1", "l2", "random", "taylor")),
-            ("taylor", self.taylor, ("vectorwise", "element1", "element2")),
-            ("gqa", self.gqa, ("within-group", "whole-group")),
-        ):
-            if value not in allowed:
-                out.append(f"prune.{key} must be one of {', '.join(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
         if self.layers != "uniform":
             start, sep, end = self.layers.partition(":")
             if not (sep and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
@@ -207,46 +224,51 @@ class RecoverConfig(StageConfig):
     """Adapter training; defaults follow the DoRA commonsense recipe (../shared/PROTOCOL.md)."""
 
     SECTION = "recover"
-    method: str = "rora"  # rora | lora | dora (registry in rora.recovery.methods)
-    rank: int = 32
-    alpha: float | None = None  # None: 2 * rank
-    scaling_exponent: float | None = None  # scale = alpha / rank**b; None: the method's own b
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    dropout: float = 0.05
-    lr: float = 2e-4
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16  # examples per optimizer step
-    micro_batch_size: int = 16  # examples per forward pass; batch_size / micro_batch_size accumulation steps
-    cutoff_len: int = 256
-    val_set_size: int = 120  # carved from the training data, never from a test set
-    max_train_examples: int | None = None  # first N after the seeded shuffle; None: all
-    eval_steps: int = 80
-    save_steps: int = 80
-    warmup_steps: int = 100
-    scheduler: str = "linear"  # linear | cosine
-    weight_decay: float = 0.0
-    train_on_inputs: bool = False  # True: loss on the prompt too, as LLM-Adapters does
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    seed: int = 42
-    # The objective (rora.recovery.distill): sft = cross-entropy on the response tokens; kd = forward
-    # KL(teacher || student) over every token of each text, times T^2; kd+sft = kd_weight*kd + (1-kd_weight)*sft.
-    # auto (the default): kd when a teacher is given, else sft. Chosen on the measurements (BENCHMARKS.md,
-    # "Recovery objectives"): on the same records, sft teaches the answer format and damages the language model,
-    # kd brings the held-out whole-text loss back to the base model's; rora run always has the teacher.
-    objective: str = "auto"  # auto | sft | kd | kd+sft
-    kd_temperature: float = 1.0  # T: both distributions are softened by T, the KL is scaled by T^2 (Hinton et al.)
-    kd_weight: float = 0.5  # kd+sft only: the KD term's share of the loss, in (0, 1)
-    teacher_dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    kd_chunk_size: int = 256  # positions whose [chunk x vocab] logits are live at once in the KL
-    text: str | None = None  # plain-text training data instead of records: .txt, or .jsonl with a "text" field
-    synthetic: int = 0  # data-free: the teacher writes this many training texts (0: off)
-    synthetic_tokens: int = 128  # new tokens the teacher samples per text
-    synthetic_temperature: float = 1.0  # sampling temperature of the teacher's texts
-
-    OBJECTIVES = ("auto", "sft", "kd", "kd+sft")
-    TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+    method: str = setting("rora", "Adapter method: rora (scale alpha/sqrt(r)), lora (alpha/r) or dora (weight-decomposed "
+                                  "LoRA, alpha/r).", METHODS)
+    rank: int = setting(32, "Adapter rank.")
+    alpha: float | None = setting(None, "Adapter alpha; unset: 2 * rank.")
+    scaling_exponent: float | None = setting(None, "b in scale = alpha / rank**b; unset: the method's own (1 lora, "
+                                                   "0.5 rora).")
+    target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                                        "Modules to adapt (comma-separated on the command line).")
+    dropout: float = setting(0.05, "Adapter dropout probability, in [0, 1).")
+    lr: float = setting(2e-4, "Learning rate.")
+    epochs: float = setting(3.0, "Epochs (max_steps overrides them).")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = setting(16, "Examples per optimizer step.")
+    micro_batch_size: int = setting(16, "Examples per forward pass; batch_size / micro_batch_size accumulation steps.")
+    cutoff_len: int = setting(256, "Max tokens per example; longer ones are dropped and counted.")
+    val_set_size: int = setting(120, "Validation examples carved from the training data (never from a test set).")
+    max_train_examples: int | None = setting(None, "Use only the first N training examples (after the seeded "
+                                                   "shuffle); unset: all.")
+    eval_steps: int = setting(80, "Evaluate every N steps.")
+    save_steps: int = setting(80, "Checkpoint every N steps.")
+    warmup_steps: int = setting(100, "Linear learning-rate warmup steps.")
+    scheduler: str = setting("linear", f"Learning-rate decay after the warmup: {_listing(SCHEDULERS)}.", SCHEDULERS)
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    train_on_inputs: bool = setting(False, "Loss on the prompt tokens too (LLM-Adapters' default).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations to save memory.")
+    group_by_length: bool = setting(True, "Batch examples of similar length together.")
+    seed: int = setting(42, "Seed for the split, data order and dropout.")
+    # The objective (rora.recovery.distill). auto resolves to kd when a teacher is given, else sft. Chosen on the
+    # measurements (BENCHMARKS.md, "Recovery objectives"): on the same records, sft teaches the answer format and
+    # damages the language model, kd brings the held-out whole-text loss back to the base model's.
+    objective: str = setting("auto", "Recovery objective: auto (kd with a teacher, which rora run always has, else "
+                                     "sft), sft (response cross-entropy), kd (forward KL to the teacher on every token, "
+                                     "times T^2) or kd+sft (kd_weight * kd + (1 - kd_weight) * sft).", OBJECTIVES)
+    kd_temperature: float = setting(1.0, "Distillation temperature T: both distributions are softened by T, the KL is "
+                                         "scaled by T^2 (Hinton et al.).")
+    kd_weight: float = setting(0.5, "kd+sft only: the KD term's share of the loss, in (0, 1).")
+    teacher_dtype: str = setting("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or "
+                                         "float16.", TEACHER_DTYPES)
+    kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.")
+    text: str | None = setting(None, "Plain-text training data instead of records: .txt, or .jsonl with a 'text' "
+                                     "field; packed to cutoff_len.")
+    synthetic: int = setting(0, "Data-free: the teacher writes N training texts (continuing the data prompts, or "
+                                "short seed prompts); cached for reruns. 0: off.")
+    synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.")
+    synthetic_temperature: float = setting(1.0, "Sampling temperature of the teacher's synthetic texts.")
 
     @property
     def needs_teacher(self) -> bool:
@@ -260,18 +282,12 @@ class RecoverConfig(StageConfig):
 
     def problems(self) -> list[str]:
         out = []
-        if self.objective not in self.OBJECTIVES:
-            out.append(f"recover.objective must be one of {', '.join(self.OBJECTIVES)}, got {self.objective!r}"
-                       f"{did_you_mean(self.objective, self.OBJECTIVES)}")
         for key in ("kd_temperature", "synthetic_temperature"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):  # nan > 0 is False too, but say "finite" for inf
                 out.append(f"recover.{key} must be a finite number > 0, got {value}")
         if not (math.isfinite(self.kd_weight) and 0 < self.kd_weight < 1):
             out.append(f"recover.kd_weight must be in (0, 1), got {self.kd_weight}")
-        if self.teacher_dtype not in self.TEACHER_DTYPES:
-            out.append(f"recover.teacher_dtype must be one of {', '.join(self.TEACHER_DTYPES)}, got "
-                       f"{self.teacher_dtype!r}{did_you_mean(self.teacher_dtype, self.TEACHER_DTYPES)}")
         for key in ("kd_chunk_size", "synthetic_tokens"):
             if getattr(self, key) <= 0:
                 out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
@@ -288,8 +304,6 @@ class RecoverConfig(StageConfig):
                 f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
                 f"recover.micro_batch_size ({self.micro_batch_size})"
             )
-        if self.scheduler not in ("linear", "cosine"):
-            out.append(f"recover.scheduler must be linear or cosine, got {self.scheduler!r}")
         for key in ("lr", "epochs", "cutoff_len", "save_steps", "eval_steps"):
             if getattr(self, key) <= 0:
                 out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
@@ -316,34 +330,27 @@ class EvalConfig(StageConfig):
     """Commonsense-suite evaluation."""
 
     SECTION = "eval"
-    tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
-    protocol: str = "score"  # generate | score | lm-eval
-    limit: int | None = None  # first N examples per task; None: all
-    sample: int | None = None  # instead of limit: a seeded random N examples per task (same N, seed: same examples)
-    seed: int = 0  # the seed of `sample`
-    engine: str = "rora"  # lm-eval protocol's log-likelihoods: rora (the native engine) | lm-eval (lm-eval's HFLM)
-    batch_size: int = 16
-    num_beams: int = 4
-    max_new_tokens: int = 32
+    tasks: list[str] = setting(list(TASKS), "Tasks to evaluate: 'all' or a comma list.", TASKS)
+    protocol: str = setting("score", "generate (LLM-Adapters beam search + match), score (constrained log-likelihood) "
+                                     "or lm-eval (lm-eval-harness zero-shot).", PROTOCOLS)
+    limit: int | None = setting(None, "Evaluate the first N examples of each task (file order); unset: all.")
+    sample: int | None = setting(None, "Evaluate a seeded random N examples of each task (instead of limit).")
+    seed: int = setting(0, "Seed of sample: the same N and seed give the same examples.")
+    engine: str = setting("rora", "lm-eval protocol: rora (native log-likelihood engine; lm-eval's numbers, faster) or "
+                                  "lm-eval (lm-eval-harness's own HF backend).", ENGINES)
+    batch_size: int = setting(16, "Prompts (generate), examples (score) or rows (engine lm-eval) per forward pass; the "
+                                  "rora engine batches by a token budget.")
+    num_beams: int = setting(4, "Beams of the generate protocol's beam search.")
+    max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.")
 
     def problems(self) -> list[str]:
         out = []
-        unknown = [t for t in self.tasks if t not in ALL_TASKS]
-        if unknown:
-            out.append(
-                f"eval.tasks: unknown task(s) {', '.join(unknown)}{did_you_mean(unknown[0], ALL_TASKS)}; "
-                f"known: {', '.join(ALL_TASKS)}"
-            )
-        if self.protocol not in ("generate", "score", "lm-eval"):
-            out.append(f"eval.protocol must be generate, score or lm-eval, got {self.protocol!r}")
         if self.limit is not None and self.limit <= 0:
             out.append(f"eval.limit must be > 0, got {self.limit}")
         if self.sample is not None and self.sample <= 0:
             out.append(f"eval.sample must be > 0, got {self.sample}")
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
-        if self.engine not in ("rora", "lm-eval"):
-            out.append(f"eval.engine must be rora or lm-eval, got {self.engine!r}")
         for key in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, key) <= 0:
                 out.append(f"eval.{key} must be > 0, got {getattr(self, key)}")
@@ -352,22 +359,16 @@ class EvalConfig(StageConfig):
 
 @dataclass
 class MergeConfig(StageConfig):
-    """Merging adapters into dense weights (computed in float64 by default, then cast; see recovery/merge.py)."""
+    """Merging adapters into dense weights (computed in compute_dtype, then cast; see recovery/merge.py)."""
 
     SECTION = "merge"
-    dtype: str = "float32"  # float32 | float16 | bfloat16: the merged model's weights
-    compute_dtype: str = "float64"  # float64 | float32: the merge and its verification
-    tolerance: float = 1e-4  # max |logit difference| merged vs adapter model, in compute_dtype
+    dtype: str = setting("float32", f"Dtype of the merged weights: {_listing(MERGE_DTYPES)}.", MERGE_DTYPES)
+    compute_dtype: str = setting("float64", f"Dtype of the merge and its verification, before the cast to dtype: "
+                                            f"{_listing(COMPUTE_DTYPES)}.", COMPUTE_DTYPES)
+    tolerance: float = setting(1e-4, "Max |logit difference| merged vs adapter model, in compute_dtype.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            out.append(f"merge.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.compute_dtype not in ("float64", "float32"):
-            out.append(f"merge.compute_dtype must be float64 or float32, got {self.compute_dtype!r}")
-        if self.tolerance < 0:
-            out.append(f"merge.tolerance must be >= 0, got {self.tolerance}")
-        return out
+        return [f"merge.tolerance must be >= 0, got {self.tolerance}"] if self.tolerance < 0 else []
 
 
 @dataclass
@@ -375,27 +376,26 @@ class ExportConfig(StageConfig):
     """Deployment export."""
 
     SECTION = "export"
-    format: str = "hf"  # hf | gguf
-    layout: str = "compact"  # compact | padded (non-uniform models only)
-    dtype: str = "float32"  # hf: float32|float16|bfloat16; gguf: f32|f16|q8_0, with llama.cpp also q6_k|q5_k_m|q4_k_m
-    tolerance: float = 1e-4  # max |logit difference| exported (loaded back) vs source, enforced for fp32 exports
-    # Quantized gguf: warn when held-out perplexity rises more than this vs the f32 export. llama.cpp's own tables
-    # put q8_0 at ~0.1% and q4_k_m at ~1-3% on 7B models; 5% is past what a type costs a healthy model.
-    max_ppl_increase: float = 0.05
-
-    DTYPES = {"hf": ("float32", "float16", "bfloat16"),
-              "gguf": ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "float32", "float16")}
+    format: str = setting("hf", "hf (safetensors directory) or gguf (one .gguf file).", EXPORT_FORMATS)
+    layout: str = setting("compact", "Non-uniform models. compact: hf for rora.load_model only; gguf as llama.cpp's "
+                          "deci architecture (per-layer head counts), which llama.cpp runs and transformers' GGUF loader "
+                          "cannot. padded: zero-padded to one shape, same outputs; hf loads in plain transformers, gguf "
+                          "(llama) in llama.cpp, transformers and any runtime that needs uniform layers.", LAYOUTS)
+    # The dtype's table depends on the format: checked in problems().
+    dtype: str = setting("float32", f"hf: {', '.join(EXPORT_FORMATS['hf'])}. gguf: f32, f16, q8_0; with "
+                         "llama-cpp-python installed (pip install 'rora[edge]') also q6_k, q5_k_m, q4_k_m, quantized by "
+                         "llama.cpp itself. Quantized GGUFs are reported with their held-out perplexity change.")
+    tolerance: float = setting(1e-4, "Max |logit difference| exported (loaded back) vs source, enforced for fp32 "
+                                     "exports.")
+    # llama.cpp's own tables put q8_0 at ~0.1% and q4_k_m at ~1-3% on 7B models; 5% is past what a type costs a
+    # healthy model.
+    max_ppl_increase: float = setting(0.05, "Quantized gguf: warn when the held-out perplexity rises more than this "
+                                            "fraction vs the f32 export.")
 
     def problems(self) -> list[str]:
         out = []
-        if self.format not in ("hf", "gguf"):
-            out.append(f"export.format must be hf or gguf, got {self.format!r}{did_you_mean(self.format, ('hf', 'gguf'))}")
-        elif self.dtype not in self.DTYPES[self.format]:
-            allowed = self.DTYPES[self.format]
-            out.append(f"export.dtype for {self.format} must be one of {', '.join(allowed[:6] if self.format == 'gguf' else allowed)}, got {self.dtype!r}"
-                       f"{did_you_mean(self.dtype, allowed)}")
-        if self.layout not in ("compact", "padded"):
-            out.append(f"export.layout must be compact or padded, got {self.layout!r}{did_you_mean(self.layout, ('compact', 'padded'))}")
+        if self.format in EXPORT_FORMATS:
+            out += EXPORT_FORMATS[self.format].problem(f"export.dtype for {self.format}", self.dtype)
         if self.tolerance < 0:
             out.append(f"export.tolerance must be >= 0, got {self.tolerance}")
         if not self.max_ppl_increase >= 0:  # `not >=` also catches NaN
@@ -403,35 +403,51 @@ class ExportConfig(StageConfig):
         return out
 
 
-PIPELINE_STAGES = ("eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered", "export")
-
-
 @dataclass
 class PipelineConfig(StageConfig):
     """prune -> evaluate -> recover -> merge -> evaluate -> export, as one resumable run (rora run)."""
 
     SECTION = "pipeline"
-    model: str = "smollm2-135m"  # any load_model spec
-    out: str = "runs/quickstart"  # one directory per stage below it
-    data: str | None = None  # recovery training data; None: RORA_DATA_DIR (the four offline train sets)
-    data_dir: str | None = None  # evaluation data; None: RORA_DATA_DIR, else the hub
-    allow_pickle: bool = False
-    skip: list[str] = field(default_factory=list)  # stages not to run, e.g. [eval_base] or [prune]
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-    def problems(self) -> list[str]:
-        return [
-            f"pipeline.skip: unknown stage {s!r}{did_you_mean(s, PIPELINE_STAGES)}; stages: {', '.join(PIPELINE_STAGES)}"
-            for s in self.skip
-            if s not in PIPELINE_STAGES
-        ]
+    model: str = setting("smollm2-135m", "Model spec to start from (any MODEL spec).")
+    out: str = setting("runs/quickstart", "Output directory; one subdirectory per stage.")
+    data: str | None = setting(None, "Recovery training data (file, directory of <task>/train.json, or hub id); unset: "
+                                     "the offline train sets in $RORA_DATA_DIR.")
+    data_dir: str | None = setting(None, "Evaluation data directory; unset: $RORA_DATA_DIR, else the hub.")
+    allow_pickle: bool = setting(False, "Allow a pickled (LLM-Pruner) checkpoint as the model.")
+    skip: list[str] = setting([], f"Stages not to run (comma-separated on the command line): "
+                                  f"{', '.join(PIPELINE_STAGES)}.", PIPELINE_STAGES)
+    prune: PruneConfig = setting(PruneConfig, "The prune stage's settings.")
+    recover: RecoverConfig = setting(RecoverConfig, "The recover stage's settings.")
+    eval: EvalConfig = setting(EvalConfig, "The three evaluations' settings.")
+    merge: MergeConfig = setting(MergeConfig, "The merge stage's settings.")
+    export: ExportConfig = setting(ExportConfig, "The export stage's settings.")
 
     def runs(self, stage: str) -> bool:
         return stage not in self.skip
+
+    def with_settings(self, settings: dict[str, Any]) -> "PipelineConfig":
+        """A copy with `section.key` (or top-level `key`) values applied as YAML would give them: unknown sections
+        and keys are ConfigErrors with a did-you-mean, values are type-checked and validated."""
+        data = self.to_dict()
+        sections = [f.name for f in dataclasses.fields(self) if isinstance(data[f.name], dict)]
+        for path, value in settings.items():
+            section, _, key = path.rpartition(".")
+            if section and section not in sections:
+                raise ConfigError(f"unknown section {section!r} in {path!r}{did_you_mean(section, sections)}; "
+                                  f"sections: {', '.join(sections)}")
+            (data[section] if section else data)[key] = value
+        return PipelineConfig.from_dict(data)
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """'section.key=VALUE' (rora run --set) -> ('section.key', VALUE read as YAML: 8 is an int, [a, b] a list)."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {text!r}")
+    try:
+        return path.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: the value is not valid YAML: {exc}".splitlines()[0]) from None
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
-from .config import PIPELINE_STAGES, PipelineConfig
+from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError
+from .registry import PIPELINE_STAGES
 from .evaluation.stats import outcomes_from_records
 from .summary import evaluation_statistics, heldout_statistics, write_summary
 
@@ -375,4 +376,4 @@ STAGES = (
           changes_model=False),
     Stage("export", lambda ctx: [ctx.config.export.to_dict()], _export, output=_export_path, output_label="export"),
 )
-assert tuple(s.name for s in STAGES) == PIPELINE_STAGES  # config.py names them for validation
+assert tuple(s.name for s in STAGES) == tuple(PIPELINE_STAGES.names())  # the registry names them for validation

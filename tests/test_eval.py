@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from conftest import make_model, make_tokenizer
 from rora.cli import main
-from rora.config import ALL_TASKS, EvalConfig
+from rora.config import EvalConfig
+from rora.registry import TASKS as TASK_NAMES
 from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
@@ -59,7 +60,7 @@ def test_response_is_text_after_last_response_marker():
 
 
 def test_task_table_and_labels():
-    assert tuple(TASKS) == ALL_TASKS and parse_tasks("all") == list(ALL_TASKS)
+    assert tuple(TASKS) == TASK_NAMES.names() and parse_tasks("all") == list(TASK_NAMES.names())
     assert parse_tasks("piqa, boolq") == ["piqa", "boolq"]
     assert {t.lmeval_metric for t in TASKS.values() if t.name in ("hellaswag", "ARC-Challenge", "openbookqa")} == {
         "acc_norm"}
@@ -324,7 +325,7 @@ def test_cli_eval_prints_table_and_writes(tiny_dir, small_data, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--tasks", "boolq,piqaa"], "unknown task 'piqaa' (did you mean 'piqa'?); known tasks: boolq, piqa"),
     (["--limit", "0"], "eval.limit must be > 0"),
-    (["--protocol", "beam"], "eval.protocol must be generate, score or lm-eval"),
+    (["--protocol", "beam"], "eval.protocol must be one of generate, score, lm-eval"),
     (["--data-dir", "/nonexistent/dir"], "expected layout: <dir>/<task>/test.json"),
 ])
 def test_cli_eval_bad_input_one_line_exit_2(extra, message, tiny_dir, small_data, tmp_path):

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from conftest import make_model
 from rora.cli import main
-from rora.config import ALL_TASKS, EvalConfig
+from rora.config import EvalConfig
+from rora.registry import TASKS as TASK_NAMES
 from rora.errors import DataError, ModelLoadError
 from rora.evaluation.data import sample_indices
 from rora.evaluation.evaluate import evaluate
@@ -127,7 +128,7 @@ SMOLLM2_N = {"boolq": 5, "hellaswag": 5, "ARC-Easy": 6, "ARC-Challenge": 6, "piq
 
 def test_smollm2_engine_equals_hflm_on_the_suite(data_dir, smollm2):
     model, tok = smollm2
-    for task in ALL_TASKS:
+    for task in TASK_NAMES.names():
         cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=SMOLLM2_N[task])
         ours = evaluate(model, tok, cfg.replace(engine="rora"), data_dir=data_dir, progress=False)
         theirs = evaluate(model, tok, cfg.replace(engine="lm-eval"), data_dir=data_dir, progress=False)
@@ -185,7 +186,7 @@ def test_cli_lmeval_engine_runs_and_writes(tiny_dir, lmeval_data, tmp_path):
     (["--tasks", "piqa"], "piqa/lmeval_validation.jsonl not found: the lm-eval protocol reads"),
     (["--tasks", "boolq", "--sample", "4"], "--sample 4 is larger than boolq, which has 3 examples"),
     (["--tasks", "boolq", "--sample", "2", "--limit", "2"], "eval.limit and eval.sample are exclusive"),
-    (["--tasks", "boolq", "--engine", "vllm"], "eval.engine must be rora or lm-eval"),
+    (["--tasks", "boolq", "--engine", "vllm"], "eval.engine must be one of rora, lm-eval"),
     (["--tasks", "boolq", "--no-tokenizer"], "tokenizer"),
 ])
 def test_cli_lmeval_bad_input_one_line_exit_2(extra, message, tiny_dir, lmeval_data, tmp_path):

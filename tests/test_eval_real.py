@@ -6,13 +6,14 @@ import json
 import pytest
 
 from conftest import make_model
-from rora.config import ALL_TASKS, EvalConfig
+from rora.config import EvalConfig
+from rora.registry import TASKS as TASK_NAMES
 from rora.evaluation.data import load_examples
 from rora.evaluation.evaluate import evaluate
 from rora.evaluation.tasks import TASKS, ANSWER_PREFIX, eval_prompt, extract_answer, record_labels
 
 
-@pytest.mark.parametrize("name", ALL_TASKS)
+@pytest.mark.parametrize("name", TASK_NAMES.names())
 def test_real_records_parse_and_answers_extract(name, data_dir):
     task = TASKS[name]
     records = load_examples(task, data_dir, limit=50)
@@ -30,9 +31,9 @@ def test_real_lmeval_files_run_through_shipped_yamls(data_dir, tokenizer):
     """Every shipped YAML reads the real lmeval_*.jsonl schema (tiny model: only the plumbing is under test)."""
     res = evaluate(make_model(), tokenizer, EvalConfig(protocol="lm-eval", limit=2, batch_size=8),
                    data_dir=data_dir, progress=False)
-    assert list(res.per_task) == list(ALL_TASKS)
+    assert list(res.per_task) == list(TASK_NAMES.names())
     assert all(r["n"] == 2 and r["source"] == "offline" for r in res.per_task.values())
-    choices = {t: len(next(x for x in res.records if x["task"] == t)["loglikelihoods"]) for t in ALL_TASKS}
+    choices = {t: len(next(x for x in res.records if x["task"] == t)["loglikelihoods"]) for t in TASK_NAMES.names()}
     assert choices == {"boolq": 2, "piqa": 2, "social_i_qa": 3, "hellaswag": 4, "winogrande": 2, "ARC-Easy": 4,
                        "ARC-Challenge": 4, "openbookqa": 4}
 

@@ -17,7 +17,8 @@ from conftest import make_model
 
 from rora.artifacts import atomic_dir, remove_stale_temporaries, save_model_dir, write_json
 from rora.cli import main
-from rora.config import ALL_TASKS, RecoverConfig
+from rora.config import RecoverConfig
+from rora.registry import TASKS as TASK_NAMES
 from rora.recovery import trainer as trainer_mod
 from rora.recovery.trainer import LabelledTokenLoss, recover
 
@@ -131,7 +132,7 @@ def test_run_accepts_tasks_all_like_eval():
 
     result = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--tasks", "all", "--print-config"])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(result.output)["eval"]["tasks"] == list(ALL_TASKS)
+    assert yaml.safe_load(result.output)["eval"]["tasks"] == list(TASK_NAMES.names())
 
 
 def test_pickle_opt_in_is_one_rule_for_models_and_adapters(tokenizer, tmp_path):

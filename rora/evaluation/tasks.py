@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import ALL_TASKS, did_you_mean
+from .. import registry
 from ..errors import ConfigError
 
 # LLM-Adapters commonsense_evaluate.py generate_prompt (empty input): one space after "request.", no indented blank
@@ -69,13 +69,12 @@ TASKS: dict[str, Task] = {
         Task("openbookqa", _ANSWER_PATTERN, _ANSWERS, "rora_openbookqa", "openbookqa", "test", "acc_norm"),
     )
 }
-assert tuple(TASKS) == ALL_TASKS  # one source of truth for the task list: config.ALL_TASKS
+assert tuple(TASKS) == registry.TASKS.names()  # the registry names the tasks and their order
 
 
 def get_task(name: str) -> Task:
     """The task row for `name`; unknown names list the known ones."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; known tasks: {', '.join(TASKS)}")
+    registry.TASKS.get(name)  # the one unknown-name message, with a did-you-mean
     return TASKS[name]
 
 
@@ -83,7 +82,7 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """'all' or a comma list (or a list) -> task names in the given order; unknown names raise ConfigError."""
     names = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     if names == ["all"]:
-        return list(ALL_TASKS)
+        return list(TASKS)
     if not names:
         raise ConfigError(f"no task given; use 'all' or a comma list of: {', '.join(TASKS)}")
     return [get_task(n).name for n in names]

@@ -31,7 +31,8 @@ from ..architecture import LayerShape, head_dim, is_uniform, layer_shapes
 from ..errors import ExportError
 from ..sources.gguf import GGUF_ARCHS, GGUF_TOKENIZER_KEY, permute, permuted_heads
 
-# --dtype names (checked by ExportConfig) -> GGML file type name. The K-quants are llama.cpp's own quantizer only.
+# The gguf dtypes of rora.registry.EXPORT_FORMATS, aliases included (tests/test_registry.py checks they agree) -> GGML
+# file type name. The K-quants are llama.cpp's own quantizer only.
 GGUF_DTYPES = {"f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "q8_0": "Q8_0",
                "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q4_k_m": "Q4_K_M"}
 LLAMACPP_ONLY = ("Q6_K", "Q5_K_M", "Q4_K_M")

@@ -1,4 +1,4 @@
-"""The adapter methods as a registry: LoRA, RoRA and DoRA differ only in the scaling exponent b and DoRA's flag.
+"""The adapter methods (rora.registry.METHODS): LoRA, RoRA and DoRA differ only in the scaling exponent b and DoRA's flag.
 
 Every method is a LoRA adapter whose update is scaled by alpha / r**b. PEFT owns the scaling (one source of
 truth), so an adapter saved here reloads with plain `PeftModel.from_pretrained` and the same scale:
@@ -9,45 +9,14 @@ truth), so an adapter saved here reloads with plain `PeftModel.from_pretrained` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from ..config import RecoverConfig, did_you_mean
+from ..config import RecoverConfig
 from ..errors import ConfigError
+from ..registry import METHODS, did_you_mean
 
 ADAPTER_NAME = "default"
-
-
-@dataclass(frozen=True)
-class Method:
-    """One adapter method: its name, scaling exponent b (scale = alpha / r**b) and whether it is DoRA."""
-
-    name: str
-    scaling_exponent: float
-    use_dora: bool = False
-    description: str = ""
-
-    @property
-    def b(self) -> float:
-        return self.scaling_exponent
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("lora", 1.0, description="LoRA: scale alpha/r (shrinks as the rank grows)"),
-        Method("rora", 0.5, description="RoRA: scale alpha/sqrt(r) (rank-stabilized, PEFT use_rslora)"),
-        Method("dora", 1.0, use_dora=True, description="DoRA: weight-decomposed LoRA, scale alpha/r"),
-    )
-}
-
-
-def get_method(name: str) -> Method:
-    """The registered method `name`, or ConfigError with a did-you-mean."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+get_method = METHODS.get  # the registered method, or ConfigError with a did-you-mean
 
 
 def scaling_exponent(config: RecoverConfig) -> float:

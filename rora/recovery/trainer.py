@@ -46,7 +46,7 @@ from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, pre
 from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
                       prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
-from .methods import ADAPTER_NAME, effective_scale, get_method, module_scales, peft_config, scaling_exponent
+from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
 MANIFEST = "rora_recovery.json"
@@ -125,7 +125,6 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
 
     config = RecoverConfig.coerce(config).with_objective(teacher is not None)
     out = Path(out) if out is not None else None
-    get_method(config.method)
     check_objective(config, teacher is not None)
     if teacher is not None:
         check_teacher(teacher, model, tokenizer, teacher_tokenizer)
