@@ -8,7 +8,7 @@ here with `rora prune`; pass a recovered model as e.g. `recovered=runs/quickstar
 Speed is llama.cpp's own, through llama-cpp-python, measured as llama-bench does: pp = one 128-token prompt
 evaluated from an empty cache, tg = 64 single-token decode steps after an 8-token prompt (no sampler), best of
 --repeats rounds, the files interleaved within each round so that load from other jobs on shared cores hits them
-alike. Perplexity: the packaged held-out prose (rora/export/heldout.txt, written for rora, in no training set).
+alike. Perplexity: the packaged held-out prose (rora/deployment/heldout.txt, written for rora, in no training set).
 Goal (issue #14): the pruned model generates >= 1.2x the base model's tokens/s at q8_0; the ceiling is the ratio of
 weight bytes read per token (every tensor: SmolLM2's tied embeddings are read whole as the output layer).
 
@@ -65,7 +65,7 @@ def make_models(work: Path, specs: list[str], nonuniform: str | None) -> dict[st
 def export_all(work: Path, models: dict, dtypes, reuse: bool = False) -> list[dict]:
     from rora.config import ExportConfig
     from rora.models import load_model
-    from rora.export import export_model
+    from rora.deployment import export_model
 
     rows = []
     for label, (spec, layout) in models.items():
@@ -101,7 +101,7 @@ def speed(path: str, threads: int) -> tuple[float, float]:
     """(prompt tokens/s, generation tokens/s) of one run."""
     import numpy as np
 
-    from rora.export.llamacpp import Runner
+    from rora.deployment.llamacpp import Runner
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, PP_TOKENS).tolist()
@@ -121,8 +121,8 @@ def speed(path: str, threads: int) -> tuple[float, float]:
 
 
 def measure(rows: list[dict], threads: int, repeats: int) -> None:
-    from rora.export.gguf import heldout_chunks
-    from rora.export.llamacpp import perplexity
+    from rora.deployment.gguf import heldout_chunks
+    from rora.deployment.llamacpp import perplexity
     from rora.models import load_model
 
     for row in rows:

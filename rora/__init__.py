@@ -22,7 +22,7 @@ _API = {
     "recover": "rora.recovery.trainer",
     "evaluate": "rora.evaluation.evaluate",
     "merge": "rora.recovery.merge",
-    "export": "rora.export",
+    "export": "rora.deployment",
     "run_pipeline": "rora.pipeline",
     "PruneConfig": "rora.config",
     "RecoverConfig": "rora.config",

@@ -386,8 +386,8 @@ def export(model, allow_pickle, out, overwrite, config_file, **flags):
     from pathlib import Path
 
     from .models import load_model
-    from .export.card import card_from_dir
-    from .export import export_model
+    from .deployment.card import card_from_dir
+    from .deployment import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     card = card_from_dir(model) if Path(model).is_dir() else {}

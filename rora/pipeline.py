@@ -354,8 +354,8 @@ def _export_path(ctx: _Context) -> Path:
 
 
 def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .export import export
-    from .export.card import card_from_dir
+    from .deployment import export
+    from .deployment.card import card_from_dir
 
     config, result = ctx.config, ctx.result
     card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,

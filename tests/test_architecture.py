@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rora"
 # The core every stage may use; it imports no stage.
 CORE = {"rora", "rora.errors", "rora.config", "rora.registry", "rora.artifacts", "rora.architecture", "rora.numerics",
         "rora.models", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner"}
-STAGES = ("rora.pruning", "rora.recovery", "rora.evaluation", "rora.export")
+STAGES = ("rora.pruning", "rora.recovery", "rora.evaluation", "rora.deployment")
 # Composition: the pipeline, its summary, the CLI; they may import anything.
 TOP = {"rora.pipeline", "rora.summary", "rora.cli", "rora.__main__"}
 
@@ -126,3 +126,17 @@ def test_scoring_and_generation_trigger_no_transformers_deprecation(tokenizer):
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
                     and "deprecat" in str(w.message)]
     assert not deprecations, deprecations
+
+
+def test_public_api_names_survive_importing_every_module():
+    # A subpackage named like an API function (rora/export/ beside rora.export()) would replace the function
+    # with the module as soon as it is imported; that is why the export stage lives in rora/deployment/.
+    import importlib
+
+    import rora
+
+    for module in _graph():
+        if module != "rora.__main__":
+            importlib.import_module(module)
+    for name in rora.__all__:
+        assert callable(getattr(rora, name)), name

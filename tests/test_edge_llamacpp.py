@@ -10,9 +10,9 @@ pytest.importorskip("llama_cpp")
 from conftest import make_model  # noqa: E402
 from rora.config import ExportConfig  # noqa: E402
 from rora.models import load_model  # noqa: E402
-from rora.export import export_model  # noqa: E402
+from rora.deployment import export_model  # noqa: E402
 from rora.sources.gguf import gguf_metadata  # noqa: E402
-from rora.export.llamacpp import Runner  # noqa: E402
+from rora.deployment.llamacpp import Runner  # noqa: E402
 from rora.numerics import logits_on, probe_inputs  # noqa: E402
 from test_export import _six_of_eight  # noqa: E402
 

@@ -12,7 +12,7 @@ from rora.cli import main
 from rora.config import ExportConfig
 from rora.errors import ConfigError, ExportError
 from rora.models import load_model
-from rora.export import export, export_model, pad_model
+from rora.deployment import export, export_model, pad_model
 from rora.architecture import is_uniform, keep_units, layer_shapes, sync_config
 from rora.numerics import logits_on, probe_inputs
 
@@ -119,8 +119,8 @@ def test_nonuniform_qwen2_gguf_compact_refused(tmp_path, tokenizer):
 
 
 def test_failed_verification_writes_nothing(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.export as ex
-    import rora.export.common as common
+    import rora.deployment as ex
+    import rora.deployment.common as common
 
     real = ex.logits_on
     calls = []
@@ -263,7 +263,7 @@ def test_smollm2_records_its_gguf_tokenizer_keys(smollm2):
 # --- quantization -------------------------------------------------------------------------------------------------
 
 def test_kquant_without_llamacpp_says_how_to_install(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.export.llamacpp as lc
+    import rora.deployment.llamacpp as lc
 
     monkeypatch.setattr(lc, "available", lambda: False)
     save_model_dir(tiny_gqa, tokenizer, tmp_path / "m")
@@ -273,7 +273,7 @@ def test_kquant_without_llamacpp_says_how_to_install(tmp_path, tiny_gqa, tokeniz
 
 
 def test_q8_0_quality_report_without_llamacpp(tmp_path, tiny_gqa, tokenizer, monkeypatch):
-    import rora.export.llamacpp as lc
+    import rora.deployment.llamacpp as lc
 
     monkeypatch.setattr(lc, "available", lambda: False)
     report = export_model(tiny_gqa, tokenizer, ExportConfig(format="gguf", dtype="q8_0"), tmp_path / "m.gguf")

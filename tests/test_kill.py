@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # stage's temporary directory are written (prune, merge, export) or after a recovery checkpoint.
 PAUSER = textwrap.dedent('''
     import os, pathlib, sys, time
-    import rora.export.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
+    import rora.deployment.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
     from rora.recovery import trainer as T
     where, flag = os.environ.get("PAUSE_AT", ""), os.environ.get("PAUSE_FLAG", "")
     def pausing(real, name):

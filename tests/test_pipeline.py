@@ -53,7 +53,7 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     import rora.pipeline as run_mod
 
     cfg = _config(tiny_setup)
-    import rora.export as export_mod
+    import rora.deployment as export_mod
 
     calls = []
     real_export = export_mod.export

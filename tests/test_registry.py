@@ -26,7 +26,7 @@ def test_unknown_name_gets_a_did_you_mean_and_the_known_names():
 
 def test_stage_modules_implement_exactly_the_registered_names():
     from rora.evaluation import evaluate, tasks
-    from rora.export.gguf_file import GGUF_DTYPES
+    from rora.deployment.gguf_file import GGUF_DTYPES
     from rora.numerics import DTYPES
     from rora.pruning.importance import SCORERS
     from rora.recovery import methods

@@ -1,7 +1,7 @@
 """Reading GGUF files: the architecture tag, the source tokenizer keys a model loaded from a GGUF keeps, and the
 torch model a Llama-family GGUF written by rora (or quantized from one by llama.cpp) holds.
 
-The file-format facts both directions need live here (the writer, rora.export.gguf_file, imports them): which GGUF
+The file-format facts both directions need live here (the writer, rora.deployment.gguf_file, imports them): which GGUF
 architecture a model type is written as, and llama.cpp's permutation of the q/k rows for its RoPE layout.
 """
 from __future__ import annotations
