@@ -238,7 +238,8 @@ def format_recover(r: dict, cfg) -> str:
 
 @main.command("eval")
 @model_argument
-@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory to load onto MODEL.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory (or a recovery directory) to "
+              "load onto MODEL; not needed when MODEL is a recovery directory.")
 @click.option("--tasks", help="'all' (default) or a comma list: boolq,piqa,social_i_qa,hellaswag,winogrande,"
                               "ARC-Easy,ARC-Challenge,openbookqa.")
 @click.option("--protocol", help="generate (LLM-Adapters beam search + match), score (constrained log-likelihood, "
@@ -258,7 +259,8 @@ def format_recover(r: dict, cfg) -> str:
 @handles_errors
 def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, engine, batch_size, data_dir, out,
           overwrite, config_file):
-    """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
+    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite;
+    prints a Markdown table."""
     from .config import EvalConfig
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
@@ -271,10 +273,13 @@ def eval_(model, allow_pickle, adapter, tasks, protocol, limit, sample, seed, en
     from .models import load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    m, tok = load_model(model, allow_pickle=allow_pickle)
-    if adapter:
-        m = load_adapter(m, adapter, allow_pickle=allow_pickle)
-    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=model, adapter=adapter)
+    from .artifacts import resolve_input
+
+    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
+    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    if source.adapter:
+        m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
+    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter)
     click.echo(results.to_markdown())
 
 
@@ -338,26 +343,30 @@ def run(config_file, preset, export_format, print_config, overwrite, **flags):
 
 @main.command()
 @model_argument
-@click.option("--adapter", required=True, type=click.Path(), help="PEFT adapter directory (e.g. RUN/recovery/adapter).")
+@click.option("--adapter", type=click.Path(), help="PEFT adapter directory, or a recovery directory (RUN/recovery); "
+              "not needed when MODEL is a recovery directory.")
 @click.option("--out", required=True, help="Output directory for the merged model.")
 @click.option("--dtype", help="Dtype of the merged weights: float32 (default), float16 or bfloat16. Merging is always fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with MergeConfig keys (flags win).")
 @handles_errors
 def merge(model, allow_pickle, adapter, out, dtype, overwrite, config_file):
-    """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in float64 (logits within 1e-4), then cast; nothing is written unless it matches."""
-    from .artifacts import check_output
+    """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in float64 (logits within 1e-4), then cast; nothing is written unless it matches.
+
+    MODEL may be a recovery directory: its base model and its adapter are merged."""
+    from .artifacts import check_output, resolve_input
     from .config import MergeConfig
 
     cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(dtype=dtype)
-    check_output(out, overwrite, inputs=[model, adapter])  # before any work: bad input writes nothing
+    source = resolve_input(model, adapter, need_adapter=True)
+    check_output(out, overwrite, inputs=[model, source.model, source.adapter])  # before any work: bad input writes nothing
     from .artifacts import dir_size
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
-    m, tok = load_model(model, allow_pickle=allow_pickle)
-    merged, report = merge_adapter(m, adapter, cfg, allow_pickle=allow_pickle)
-    path = save_merged(merged, tok, report, out, overwrite=overwrite, source=model)
+    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    merged, report = merge_adapter(m, source.adapter, cfg, allow_pickle=allow_pickle)
+    path = save_merged(merged, tok, report, out, overwrite=overwrite, source=source.model)
     r = report.to_dict()
     scale = f"scale {r['effective_scale']:.4g}" if isinstance(r["effective_scale"], float) else f"scales {r['effective_scale']}"
     click.echo("\n".join([
@@ -391,16 +400,14 @@ def export(model, allow_pickle, export_format, out, layout, dtype, overwrite, co
     from .artifacts import check_output
 
     check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
-    from pathlib import Path
-
     from .models import load_model
-    from .export.card import card_from_dir
+    from .export.card import card_from_stages
     from .export import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
-    card = card_from_dir(model) if Path(model).is_dir() else {}
+    card = card_from_stages(model)  # the pruning and recovery records of a stage output, and what it came from
     card.setdefault("base_model", getattr(m.config, "name_or_path", None) or model)
-    r = export_model(m, tok, cfg, out, overwrite=overwrite, card=card).to_dict()
+    r = export_model(m, tok, cfg, out, overwrite=overwrite, card=card, source=model).to_dict()
     overhead = f" (+{r['overhead']:.1%} padding)" if r["layout"] == "padded" else ""
     click.echo("\n".join([
         f"exported       {r['format']} {r['layout']} {r['dtype']}",
