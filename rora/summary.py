@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .artifacts import write_json
-from .evaluation.stats import accuracy_table, gap_closed, paired_difference, percent
+from .evaluation.stats import accuracy_table, gap_closed, paired_difference
 
 
 COMPARISONS = (("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
@@ -34,6 +34,11 @@ def heldout_statistics(heldout: dict) -> dict:
     return {"heldout_gap_closed": {"loss": gap_closed(*(heldout[k]["loss"] for k in ("base", "pruned", "recovered")))}}
 
 
+def _pm(x: float, se: float, signed: bool = False) -> str:
+    value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+    return value if se != se else f"{value} ± {100 * se:.1f}"
+
+
 def summary_table(result) -> str:
     """Markdown: per-task accuracy ± standard error of each evaluated model and the paired differences (marked *
     beyond two standard errors), then the gap closed, parameters, sizes and stage times."""
@@ -47,8 +52,8 @@ def summary_table(result) -> str:
         head = ["task", *labels, *comps]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for t in tasks:
-            row = [percent(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
-            row += [percent(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
+            row = [_pm(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
+            row += [_pm(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
                     for c in comps.values()]
             lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(row) + " |")
         lines += ["", "Differences are paired (same examples); * marks those larger than two standard errors. "

@@ -37,12 +37,6 @@ def suite_se(per_task: Outcomes) -> tuple[float, float]:
     return mean, math.sqrt(sum(se**2 for _, se in stats)) / len(stats)
 
 
-def percent(x: float, se: float = float("nan"), signed: bool = False) -> str:
-    """`x` in percent, "x ± se" when its standard error is known (not NaN)."""
-    value = f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
-    return value if se != se else f"{value} ± {100 * se:.1f}"
-
-
 def accuracy_table(per_task: Outcomes) -> dict:
     """{task: {"accuracy", "se", "n"}, "average": {"accuracy", "se", "n"}} for one model."""
     out = {t: dict(zip(("accuracy", "se"), mean_se(v)), n=len(v)) for t, v in per_task.items()}

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from ..architecture import layer_runs
 from ..artifacts import lineage
-from ..evaluation.stats import percent
 
 _RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "objective", "target_modules",
                   "max_abs_diff")
@@ -106,8 +105,8 @@ def _eval_table(evaluation: dict) -> list[str]:
 
 
 def _accuracy(cell) -> str:
+    """A percentage; "x ± se" for {"accuracy", "se"} whose standard error is known (not NaN)."""
     if cell is None:
         return ""
-    if isinstance(cell, dict):
-        return percent(cell["accuracy"], cell.get("se", float("nan")))
-    return percent(cell)
+    accuracy, se = (cell["accuracy"], cell.get("se")) if isinstance(cell, dict) else (cell, None)
+    return f"{100 * accuracy:.1f}" + ("" if se is None or se != se else f" ± {100 * se:.1f}")

@@ -116,7 +116,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     `resume=True` continues an interrupted run from its latest checkpoint (same config, data and base model
     required; with no interrupted run it starts one, but never over an existing `out` without `overwrite`);
     see `check_recover_output` for what is refused before any work. `source` (the model spec) and `data`, when it
-    is a path or hub id, are recorded in the manifest. The model is wrapped in place by PEFT. A plain dict is accepted as `config`.
+    is a path or hub id, are recorded in the manifest. The model is wrapped in place by PEFT. A plain dict is
+    accepted as `config`.
 
     `teacher`: a causal LM with the student's vocabulary (e.g. the unpruned model), required by the kd objectives;
     with `sft` it is optional and only adds held-out KL to the metrics. It is frozen and moved, in place, to the
