@@ -47,12 +47,13 @@ def parse_args(argv=None):
 
 def pruned_model(args, work: Path):
     """Prune once and reuse the saved model for every run."""
+    from rora.artifacts import is_stage_output
     from rora.config import PruneConfig
     from rora.models import load_model
     from rora.pruning.prune import prune, save_pruned
 
     target = work / f"pruned-{args.ratio}"
-    if not (target / "rora_pruning.json").is_file():
+    if not is_stage_output(target):
         model, tok = load_model(args.model)
         report = prune(model, tok, PruneConfig(ratio=args.ratio, importance="taylor", layers="uniform"))
         save_pruned(model, tok, report, target, overwrite=True, source=args.model)

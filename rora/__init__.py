@@ -8,6 +8,7 @@ The public API (imports are lazy, so `import rora` and `rora --help` stay fast):
     merge(model, adapter, MergeConfig) -> (merged model, MergeReport)
     export(model, tokenizer, ExportConfig, out) -> Path
     run_pipeline(PipelineConfig) -> PipelineResult
+    read_manifest(stage output) -> Manifest                      (what a stage wrote, read, and made it from)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _API = {
     "merge": "rora.recovery.merge",
     "export": "rora.deployment",
     "run_pipeline": "rora.pipeline",
+    "read_manifest": "rora.artifacts",
     "PruneConfig": "rora.config",
     "RecoverConfig": "rora.config",
     "EvalConfig": "rora.config",

@@ -1,12 +1,15 @@
 """Stage outputs: atomic directories, safetensors weights, and self-describing JSON manifests.
 
-Every stage directory holds what made it (resolved config, input pointer, provenance), so the next stage needs
-nothing else. Outputs are built in a temporary sibling and renamed into place, so an interrupted write never
-leaves a directory that looks complete.
+Every stage output holds one manifest of one shape (`Manifest`, in `rora.json`; a GGUF file's sits beside it as
+NAME.rora.json): the stage, what it read (`source` pointers), its resolved config, its report and provenance. So
+the next stage needs nothing else: `resolve_input` turns a stage output into what to load, and `lineage` follows
+the pointers back to every stage upstream. Outputs are built in a temporary sibling and renamed into place, so an
+interrupted write never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import glob
 import json
@@ -16,11 +19,12 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DataError, OutputError, OutputExistsError
+from .errors import ConfigError, DataError, ManifestError, ModelLoadError, OutputError, OutputExistsError
 
 PACKAGES = ("rora", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "gguf")
 
@@ -184,11 +188,132 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_manifest(directory: str | Path, name: str, data: dict) -> Path:
-    """Write `name` (e.g. rora_pruning.json) with `data` plus provenance; returns its path."""
-    path = Path(directory) / name
-    write_json(path, {**data, "provenance": provenance()})
+MANIFEST = "rora.json"
+FILE_MANIFEST_SUFFIX = ".rora.json"  # a stage output that is one file (NAME.gguf) has NAME.rora.json beside it
+SCHEMA_VERSION = 1
+STAGES = ("prune", "recover", "merge", "export")
+ADAPTER_DIR = "adapter"  # a recovery directory's best adapter
+
+
+@dataclass
+class Manifest:
+    """What a stage output is and what made it: the one record every stage writes.
+
+    source: the inputs it read, as pointers the next stage follows (a local path is recorded absolute, so the
+            pointer holds from any working directory): "model" (a spec or directory; every stage), "adapter"
+            (merge: the adapter directory), "data" (recover: the training data, when it is a path or hub id).
+    config: the stage's resolved config. report: what it did (PruneReport, the recovery's figures, MergeReport,
+            ExportReport). provenance: who made it (provenance())."""
+
+    stage: str  # one of STAGES
+    source: dict
+    config: dict
+    report: dict
+    provenance: dict
+    schema: int = SCHEMA_VERSION
+
+
+def manifest_path(output: str | Path) -> Path:
+    """Where the manifest of the stage output `output` (a directory, or a file such as a .gguf) lives."""
+    output = Path(output)
+    return output.with_suffix(FILE_MANIFEST_SUFFIX) if output.is_file() else output / MANIFEST
+
+
+def is_stage_output(path: str | Path) -> bool:
+    return manifest_path(Path(str(path)).expanduser()).is_file()
+
+
+def write_stage_manifest(output: str | Path, stage: str, source: dict, config: dict, report: dict) -> Path:
+    """Write the manifest of the stage output `output` (see Manifest); returns its path."""
+    pointers = {k: _pointer(v) for k, v in source.items()}
+    path = manifest_path(output)
+    write_json(path, dataclasses.asdict(Manifest(stage, pointers, config, report, provenance())))
     return path
+
+
+def _pointer(value) -> str | None:
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    return os.path.abspath(path) if path.exists() else str(value)  # a hub id or alias stays as it is
+
+
+def read_manifest(output: str | Path) -> Manifest:
+    """The manifest of the stage output `output`; ManifestError when it has none or it is not one rora reads."""
+    path = manifest_path(Path(str(output)).expanduser())
+    if not path.is_file():
+        raise ManifestError(f"{output} is not a rora stage output: it has no {path.name} (the manifest rora prune, "
+                            "recover, merge and export write)")
+    data = read_json(path, ManifestError)
+    names = [f.name for f in dataclasses.fields(Manifest)]
+    if not isinstance(data, dict) or any(k not in data for k in names):
+        raise ManifestError(f"{path} is corrupt (not a rora manifest: it needs the keys {', '.join(names)}); "
+                            "restore it or rerun the stage")
+    if not isinstance(data["schema"], int) or data["schema"] > SCHEMA_VERSION:
+        raise ManifestError(f"{path} has schema {data['schema']!r}; this rora reads schema {SCHEMA_VERSION} and "
+                            "older: upgrade rora")
+    if data["stage"] not in STAGES or not all(isinstance(data[k], dict) for k in ("source", "config", "report")):
+        raise ManifestError(f"{path} is corrupt (stage {data['stage']!r}, or source/config/report not objects); "
+                            "restore it or rerun the stage")
+    return Manifest(**{k: data[k] for k in names})
+
+
+def is_recovery(path: str | Path) -> bool:
+    """Whether `path` is a recovery directory (an adapter, not a model)."""
+    return is_stage_output(path) and read_manifest(path).stage == "recover"
+
+
+@dataclass
+class StageInput:
+    """What a command given MODEL (and --adapter) loads: a model spec, and the adapter to attach to it."""
+
+    model: str
+    adapter: Path | None = None
+
+
+def resolve_input(model: str | Path, adapter: str | Path | None = None, need_adapter: bool = False) -> StageInput:
+    """MODEL is any model spec or a stage output. A recovery directory stands for its base model (the recovery's
+    source) plus the adapter in it; an `adapter` that is a recovery directory stands for the adapter in it.
+    `need_adapter`: no adapter either way is a ConfigError (before the model is loaded)."""
+    if is_recovery(model):
+        if adapter is not None:
+            raise ConfigError(f"{model} is a recovery run and brings its own adapter; pass --adapter only with a base model")
+        base = read_manifest(model).source.get("model")
+        if not base:
+            raise ModelLoadError(f"the recovery run {model} does not record its base model; name it: "
+                                 f"BASE --adapter {model}")
+        return StageInput(base, Path(model) / ADAPTER_DIR)
+    if adapter is not None and is_recovery(adapter):
+        adapter = Path(adapter) / ADAPTER_DIR
+    if adapter is None and need_adapter:
+        raise ConfigError(f"no adapter: {model} is not a recovery directory; pass --adapter DIR (an adapter or a "
+                          "recovery directory)")
+    return StageInput(str(model), Path(adapter) if adapter is not None else None)
+
+
+def lineage(output: str | Path) -> list[Manifest]:
+    """The manifests of `output` and of every stage output upstream of it, found by following `source` pointers,
+    nearest first; empty when `output` is not a stage output. An adapter directory inside a recovery directory
+    counts as that recovery."""
+    found, seen, todo = [], set(), [output]
+    while todo:
+        path = _owner(todo.pop(0))
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        manifest = read_manifest(path)
+        found.append(manifest)
+        todo += [v for v in manifest.source.values() if v]
+    return found
+
+
+def _owner(pointer) -> Path | None:
+    path = Path(str(pointer)).expanduser()
+    if is_stage_output(path):
+        return path.resolve()
+    if path.name == ADAPTER_DIR and is_recovery(path.parent):
+        return path.parent.resolve()
+    return None
 
 
 def provenance() -> dict:

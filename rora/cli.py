@@ -263,7 +263,8 @@ def format_recover(r: dict, cfg) -> str:
 
 @main.command("eval")
 @model_argument
-@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory to load onto MODEL.")
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory (or a recovery directory) to "
+              "load onto MODEL; not needed when MODEL is a recovery directory.")
 @config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -272,7 +273,8 @@ def format_recover(r: dict, cfg) -> str:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
 def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_file, **flags):
-    """Evaluate MODEL (optionally with --adapter) on the commonsense suite; prints a Markdown table."""
+    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite;
+    prints a Markdown table."""
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
@@ -283,10 +285,13 @@ def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_
     from .models import load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    m, tok = load_model(model, allow_pickle=allow_pickle)
-    if adapter:
-        m = load_adapter(m, adapter, allow_pickle=allow_pickle)
-    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=model, adapter=adapter)
+    from .artifacts import resolve_input
+
+    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
+    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    if source.adapter:
+        m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
+    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter)
     click.echo(results.to_markdown())
 
 
@@ -339,7 +344,8 @@ def run(config_file, preset, settings, print_config, overwrite, **flags):
 
 @main.command()
 @model_argument
-@click.option("--adapter", required=True, type=click.Path(), help="PEFT adapter directory (e.g. RUN/recovery/adapter).")
+@click.option("--adapter", type=click.Path(), help="PEFT adapter directory, or a recovery directory (RUN/recovery); "
+              "not needed when MODEL is a recovery directory.")
 @click.option("--out", required=True, help="Output directory for the merged model.")
 @config_options(MergeConfig, "dtype", "compute_dtype")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -347,18 +353,21 @@ def run(config_file, preset, settings, print_config, overwrite, **flags):
 @handles_errors
 def merge(model, allow_pickle, adapter, out, overwrite, config_file, **flags):
     """Merge a LoRA/RoRA/DoRA adapter into MODEL; merged and verified in --compute-dtype (logits within the
-    tolerance), then cast to --dtype; nothing is written unless it matches."""
-    from .artifacts import check_output
+    tolerance), then cast to --dtype; nothing is written unless it matches.
+
+    MODEL may be a recovery directory: its base model and its adapter are merged."""
+    from .artifacts import check_output, resolve_input
 
     cfg = (MergeConfig.from_yaml(config_file) if config_file else MergeConfig()).replace(**flags)
-    check_output(out, overwrite, inputs=[model, adapter])  # before any work: bad input writes nothing
+    source = resolve_input(model, adapter, need_adapter=True)
+    check_output(out, overwrite, inputs=[model, source.model, source.adapter])  # before any work: bad input writes nothing
     from .artifacts import dir_size
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
-    m, tok = load_model(model, allow_pickle=allow_pickle)
-    merged, report = merge_adapter(m, adapter, cfg, allow_pickle=allow_pickle)
-    path = save_merged(merged, tok, report, out, overwrite=overwrite, source=model)
+    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    merged, report = merge_adapter(m, source.adapter, cfg, allow_pickle=allow_pickle)
+    path = save_merged(merged, tok, report, out, overwrite=overwrite, source=source.model)
     r = report.to_dict()
     scale = f"scale {r['effective_scale']:.4g}" if isinstance(r["effective_scale"], float) else f"scales {r['effective_scale']}"
     click.echo("\n".join([
@@ -383,16 +392,14 @@ def export(model, allow_pickle, out, overwrite, config_file, **flags):
     from .artifacts import check_output
 
     check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
-    from pathlib import Path
-
     from .models import load_model
-    from .deployment.card import card_from_dir
+    from .deployment.card import card_from_stages
     from .deployment import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
-    card = card_from_dir(model) if Path(model).is_dir() else {}
+    card = card_from_stages(model)  # the pruning and recovery records of a stage output, and what it came from
     card.setdefault("base_model", getattr(m.config, "name_or_path", None) or model)
-    r = export_model(m, tok, cfg, out, overwrite=overwrite, card=card).to_dict()
+    r = export_model(m, tok, cfg, out, overwrite=overwrite, card=card, source=model).to_dict()
     overhead = f" (+{r['overhead']:.1%} padding)" if r["layout"] == "padded" else ""
     click.echo("\n".join([
         f"exported       {r['format']} {r['layout']} {r['dtype']}",

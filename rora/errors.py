@@ -42,5 +42,9 @@ class MergeError(RoraError):
     """Adapter and model do not fit, or the merged model does not reproduce the adapter model."""
 
 
+class ManifestError(RoraError):
+    """A path is not a rora stage output, or its manifest (rora.json) is corrupt or of a newer schema."""
+
+
 class ExportError(RoraError):
     """An export format or layout cannot represent the model."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_dir, read_json, save_model_dir, write_manifest
+from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
 from .errors import ModelLoadError, RoraError, UnsupportedModelError
 from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported
 from .numerics import resolve_dtype
@@ -161,7 +161,7 @@ def _load_alias(alias: str, dtype):
     model.config.name_or_path = ALIASES[alias][2]
     with atomic_dir(cached, overwrite=True) as tmp:
         save_model_dir(model, tokenizer, tmp)
-        write_manifest(tmp, CACHE_MANIFEST, stamp)
+        write_json(tmp / CACHE_MANIFEST, {**stamp, "provenance": provenance()})
     return (model.to(dtype) if dtype else model), tokenizer
 
 
@@ -208,6 +208,9 @@ def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_p
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
+        if is_recovery(path):
+            raise ModelLoadError(f"{path} is a recovery run (an adapter, not a model): evaluate it with `rora eval "
+                                 f"{path}`, or merge it into its base model with `rora merge {path} --out DIR`")
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
     weights = weights_files(path, allow_pickle)
     try:

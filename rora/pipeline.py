@@ -9,7 +9,8 @@ Objects flow in memory from stage to stage; nothing is re-read from disk unless 
 previous run already finished it. A stage is done when `<out>/stages/<stage>.json` exists and its fingerprint (a
 hash of the stage's config and of every upstream fingerprint) matches the current config: change the rank and the
 recovery, merge, evaluation and export stages rerun while pruning is kept. A recovery stage that crashed mid-way
-resumes from its last checkpoint.
+resumes from its last checkpoint. That file is only bookkeeping (fingerprint, seconds, an evaluation's results):
+what a stage did is in its own directory's manifest (artifacts.Manifest).
 
 The recovered model is evaluated after merging: the merge stage proves (logits within 1e-4 in fp32) that the
 merged model computes what the adapter model computes, and the merged model is faster to evaluate.
@@ -29,8 +30,8 @@ from typing import Callable
 from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
 from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError
+from .evaluation.stats import accuracy_table, outcomes_from_records
 from .registry import PIPELINE_STAGES
-from .evaluation.stats import outcomes_from_records
 from .summary import evaluation_statistics, heldout_statistics, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
@@ -293,7 +294,7 @@ def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
         flow.teacher = copy.deepcopy(flow.model)
     report = prune(flow.model, flow.tokenizer, ctx.config.prune)
     save_pruned(flow.model, flow.tokenizer, report, ctx.out / "pruned", overwrite=True, source=ctx.config.model)
-    return {"report": report.to_dict()}
+    return {}  # the report is in the pruned directory's manifest
 
 
 def _load_pruned(ctx: _Context, flow: _Flow, record: dict) -> None:
@@ -321,7 +322,7 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
                   progress=ctx.progress, source=str(ctx.out / "pruned") if config.runs("prune") else config.model,
                   teacher=_teacher(flow))
     flow.model = res.model
-    return {"best_val_loss": res.best_val_loss, "best_step": res.best_step, "effective_scale": res.effective_scale}
+    return {}  # the figures are in the recovery directory's manifest
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
@@ -339,8 +340,9 @@ def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
     flow.model, report = merge(flow.model, config=ctx.config.merge)
     save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True,
-                source=str(ctx.out / "recovery" / "adapter"))
-    return {"report": report.to_dict()}
+                source=ctx.out / "pruned" if ctx.config.runs("prune") else ctx.config.model,
+                adapter=ctx.out / "recovery" / "adapter")
+    return {}  # the report is in the merged directory's manifest
 
 
 def _load_merged(ctx: _Context, flow: _Flow, record: dict) -> None:
@@ -355,13 +357,17 @@ def _export_path(ctx: _Context) -> Path:
 
 def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
     from .deployment import export
-    from .deployment.card import card_from_dir
+    from .deployment.card import card_from_stages
 
     config, result = ctx.config, ctx.result
-    card = {"base_model": config.model, "evaluation": result.evals, "parameters": result.parameters,
-            "recover": config.recover.to_dict() if config.runs("recover") else None,
-            **card_from_dir(ctx.out / "pruned"), **card_from_dir(ctx.out / "merged")}
-    return {"path": str(export(flow.model, flow.tokenizer, config.export, _export_path(ctx), overwrite=True, card=card))}
+    # The final model's stage directory: its manifest and those upstream of it give the card's records.
+    merged = config.runs("merge") and config.runs("recover")
+    source = ctx.out / "merged" if merged else ctx.out / "pruned" if config.runs("prune") else config.model
+    evaluation = {label: accuracy_table(o) for label, o in result.outcomes.items()}  # with standard errors
+    card = {**card_from_stages(source), "base_model": config.model, "evaluation": evaluation,
+            "parameters": result.parameters}
+    return {"path": str(export(flow.model, flow.tokenizer, config.export, _export_path(ctx), overwrite=True, card=card,
+                               source=source))}
 
 
 STAGES = (

@@ -101,7 +101,7 @@ def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, ste
     for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
         a, b = load_file(full / name), load_file(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    first, resumed = (json.loads((d / "rora_recovery.json").read_text()) for d in (full, killed))
+    first, resumed = (json.loads((d / "rora.json").read_text())["report"] for d in (full, killed))
     assert (resumed["best_val_loss"], resumed["best_step"], resumed["steps"]) == (first["best_val_loss"], first["best_step"], steps)
     logged = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, steps + 1))  # the killed run's extra lines replaced

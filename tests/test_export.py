@@ -31,7 +31,7 @@ def test_uniform_hf_loads_in_plain_transformers(tmp_path, tiny_gqa, tokenizer):
     assert diff(loaded, tiny_gqa) <= 1e-5
     readme = (path / "README.md").read_text()
     assert "base_model: tiny/base" in readme and "| boolq | 61.0 |" in readme
-    assert read_json(path / "rora_export.json")["export"]["layout"] == "uniform"
+    assert read_json(path / "rora.json")["report"]["layout"] == "uniform"
 
 
 @pytest.mark.parametrize("arch", ["nonuniform", "qwen2"])

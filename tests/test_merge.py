@@ -68,9 +68,10 @@ def test_merge_from_adapter_dir_save_and_reload(tmp_path, tokenizer):
     assert next(merged.parameters()).dtype == torch.bfloat16
     path = save_merged(merged, tokenizer, report, tmp_path / "merged", source="tiny")
 
-    manifest = read_json(path / "rora_merge.json")
-    assert manifest["merge"]["method"] == "rora" and manifest["merge"]["max_abs_diff"] <= 1e-4
-    assert manifest["adapter"] == str(tmp_path / "adapter") and manifest["source"] == "tiny"
+    manifest = read_json(path / "rora.json")
+    assert manifest["report"]["method"] == "rora" and manifest["report"]["max_abs_diff"] <= 1e-4
+    assert manifest["source"]["adapter"] == str(tmp_path / "adapter") and manifest["source"]["model"] == "tiny"
+    assert manifest["config"] == MergeConfig(dtype="bfloat16").to_dict()
     reloaded, _ = load_model(path, dtype="bfloat16")
     assert torch.equal(logits_on(reloaded, probe_inputs(384)), logits_on(merged, probe_inputs(384)))
     assert (logits_on(reloaded, probe_inputs(384)) - adapter_logits).abs().max() < 0.2  # bf16 rounding only

@@ -99,7 +99,7 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
 
     # rora run has the unpruned model, so the default objective (auto) distils it.
-    assert json.loads((tiny_setup / "run" / "recovery" / "rora_recovery.json").read_text())["objective"] == "kd"
+    assert json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())["config"]["objective"] == "kd"
     card = (tiny_setup / "run" / "export" / "README.md").read_text()
     assert "effective_scale" in card and "recovered" in card and "Pruning" in card
 

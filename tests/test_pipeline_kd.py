@@ -30,16 +30,17 @@ def test_kd_recovery_distils_the_unpruned_base(tmp_path, tiny_gqa, tokenizer):
                     "val_set_size": 4, "warmup_steps": 1, "eval_steps": 3, "save_steps": 2},
     })
     base = model_signature(load_model(tmp_path / "base")[0])
-    manifest = tmp_path / "run" / "recovery" / "rora_recovery.json"
+    manifest = tmp_path / "run" / "recovery" / "rora.json"
 
     run_pipeline(cfg, progress=False)  # prunes (a copy of the base is kept first), then distils
     first = json.loads(manifest.read_text())
-    assert first["objective"] == "kd" and first["teacher"] == base and first["val_metrics"]["val_kl"] > 0
+    assert first["config"]["objective"] == "kd" and first["report"]["teacher"] == base
+    assert first["report"]["val_metrics"]["val_kl"] > 0
 
     cfg.recover.rank = 2  # the pruned model now comes from disk; the base as loaded is the teacher
     result = run_pipeline(cfg, progress=False)
     assert result.stages["prune"]["skipped"] is True and result.stages["recover"]["skipped"] is False
-    assert json.loads(manifest.read_text())["teacher"] == base
+    assert json.loads(manifest.read_text())["report"]["teacher"] == base
 
 
 def test_run_objective_flag_reaches_the_recover_config():

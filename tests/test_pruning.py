@@ -10,7 +10,8 @@ from rora.config import PruneConfig
 from rora.errors import DataError, PruningError, UnsupportedModelError
 from rora.models import load_model
 from rora.pruning.importance import UNIT_AXIS, projections, taylor_scores
-from rora.pruning.prune import MANIFEST, prune, save_pruned
+from rora.artifacts import MANIFEST
+from rora.pruning.prune import prune, save_pruned
 from rora.architecture import LayerShape, head_dim, is_uniform, layer_shapes
 
 TEXTS = [f"sample {i}: the cat sat on the mat and the answer is true false option{i % 3}" for i in range(12)]
@@ -180,9 +181,10 @@ def test_uniform_output_loads_with_plain_transformers(tmp_path, tiny_any, tokeni
     ids = torch.randint(0, 384, (1, 8))
     torch.testing.assert_close(logits(loaded, ids), logits(tiny_any, ids), rtol=0, atol=0)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["source"] == "tiny" and manifest["config"]["ratio"] == 0.5 and manifest["importance"] == "l2"
-    assert manifest["layers"][0]["q_heads"] == 2 and manifest["params_after"] == report.params_after
-    assert manifest["loss_before"] == report.loss_before and "provenance" in manifest
+    record = manifest["report"]
+    assert manifest["source"]["model"] == "tiny" and manifest["config"]["ratio"] == 0.5 and record["importance"] == "l2"
+    assert record["layers"][0]["q_heads"] == 2 and record["params_after"] == report.params_after
+    assert record["loss_before"] == report.loss_before and "provenance" in manifest
     assert sorted(p.name for p in out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 

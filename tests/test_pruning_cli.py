@@ -29,9 +29,10 @@ def test_prune_cli_writes_a_loadable_model(model_dir, tmp_path):
     assert "parameters" in result.stdout and "held-out loss" in result.stdout and "50.0% query heads" in result.stdout
     model, _ = load_model(out)
     assert layer_shapes(model) == [LayerShape(2, 2, 48)] * 2
-    manifest = json.loads((out / "rora_pruning.json").read_text())
-    assert manifest["seed"] == 7 and manifest["importance"] == "taylor/vectorwise"
-    assert manifest["calibration"]["num_samples"] == 3 and manifest["source"] == str(model_dir)
+    manifest = json.loads((out / "rora.json").read_text())
+    assert manifest["stage"] == "prune"
+    assert manifest["report"]["seed"] == 7 and manifest["report"]["importance"] == "taylor/vectorwise"
+    assert manifest["report"]["calibration"]["num_samples"] == 3 and manifest["source"]["model"] == str(model_dir)
 
 
 def test_prune_cli_reads_yaml_and_flags_win(model_dir, tmp_path):
@@ -39,9 +40,10 @@ def test_prune_cli_reads_yaml_and_flags_win(model_dir, tmp_path):
     out = tmp_path / "pruned"
     result = run(model_dir, "--config", tmp_path / "p.yaml", "--importance", "l2", "--out", out)
     assert result.exit_code == 0, result.output
-    manifest = json.loads((out / "rora_pruning.json").read_text())
-    assert manifest["importance"] == "l2" and manifest["pruned_layers"] == [0] and manifest["config"]["ratio"] == 0.25
-    assert manifest["calibration"]["holdout_samples"] == 2
+    manifest = json.loads((out / "rora.json").read_text())
+    report = manifest["report"]
+    assert report["importance"] == "l2" and report["pruned_layers"] == [0] and manifest["config"]["ratio"] == 0.25
+    assert report["calibration"]["holdout_samples"] == 2
 
 
 @pytest.mark.parametrize(
@@ -79,7 +81,7 @@ def test_existing_out_needs_overwrite(model_dir, tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     result = run(model_dir, "--ratio", "0.5", "--out", out, "--importance", "l2", "--overwrite")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "rora_pruning.json").is_file()
+    assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "rora.json").is_file()
 
 
 def test_unsupported_architecture_exit_2(tmp_path, tokenizer):

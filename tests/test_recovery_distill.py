@@ -161,8 +161,8 @@ def test_kd_lowers_the_heldout_kl_of_a_pruned_model(tokenizer, tmp_path):
     assert all(r["val_loss"] == r["val_kl"] and "val_text_loss" in r and "val_response_loss" in r for r in evals)
     assert result.best_val_loss == min(r["val_kl"] for r in evals) and result.val_metrics["val_kl"] == result.best_val_loss
     assert all("kl" in r for r in logged if "loss" in r)
-    manifest = json.loads((out / "rora_recovery.json").read_text())
-    assert manifest["objective"] == "kd" and manifest["teacher"] and manifest["peft"]["use_rslora"] is True
+    manifest = json.loads((out / "rora.json").read_text())
+    assert manifest["config"]["objective"] == "kd" and manifest["report"]["teacher"] and manifest["report"]["peft"]["use_rslora"] is True
 
 
 def test_kd_plus_sft_weighs_both_terms(tokenizer, tmp_path):
@@ -296,7 +296,7 @@ def test_teacher_written_text_is_cached_and_reused(tokenizer, tmp_path, monkeypa
 
     monkeypatch.setattr(synthetic, "generate", no_sampling)
     second = recover(_pruned(teacher), tokenizer, records(20), cfg, tmp_path / "b", progress=False, teacher=teacher)
-    fingerprint = [json.loads((tmp_path / d / "rora_recovery.json").read_text())["data_fingerprint"] for d in "ab"]
+    fingerprint = [json.loads((tmp_path / d / "rora.json").read_text())["report"]["data_fingerprint"] for d in "ab"]
     assert fingerprint[0] == fingerprint[1] and first.best_val_loss == second.best_val_loss
     with pytest.raises(AssertionError, match="reused"):  # other generation settings: other texts
         recover(_pruned(teacher), tokenizer, records(20), kd_config(**{**cfg.to_dict(), "synthetic_temperature": 0.7}),
@@ -352,14 +352,14 @@ def test_kd_two_process_data_parallel_matches_one_process(saved, tmp_path):
     cmd, env = _worker(saved, ddp, cfg)
     results = run_two_processes(cmd, env, tmp_path / "results", port=29541)
     assert len(results) == 2 and results[0] == results[1]
-    manifest = json.loads((ddp / "rora_recovery.json").read_text())
-    assert manifest["num_processes"] == 2 and manifest["objective"] == "kd"
+    manifest = json.loads((ddp / "rora.json").read_text())
+    assert manifest["report"]["num_processes"] == 2 and manifest["config"]["objective"] == "kd"
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (single, ddp))
     assert any(torch.count_nonzero(v) for k, v in b.items() if "lora_B" in k)
     for k in a:  # each process ran its own teacher on its share; the mean gradient is the single process's
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    one = json.loads((single / "rora_recovery.json").read_text())
-    assert manifest["best_val_loss"] == pytest.approx(one["best_val_loss"], rel=1e-5)
+    one = json.loads((single / "rora.json").read_text())
+    assert manifest["report"]["best_val_loss"] == pytest.approx(one["report"]["best_val_loss"], rel=1e-5)
 
 
 def test_cli_recover_kd_and_its_errors(saved, tmp_path):

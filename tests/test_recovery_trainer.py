@@ -56,13 +56,14 @@ def test_loss_decreases_and_outputs_are_complete(tokenizer, tmp_path):
     assert sum(train[-3:]) < 0.7 * sum(train[:3])
     assert result.steps == 12 and result.train_tokens > 0 and result.tokens_per_second > 0
     assert result.effective_scale == pytest.approx(8 / 4**0.5)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora_recovery.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora.json"]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")] == ["step-10"]
-    manifest = json.loads((out / "rora_recovery.json").read_text())
-    assert manifest["source"] == "tiny" and manifest["method"] == "rora" and manifest["scaling_exponent"] == 0.5
-    assert manifest["best_step"] == result.best_step and manifest["peft"]["use_rslora"] is True
-    assert set(manifest["module_scales"].values()) == {4.0} and len(manifest["module_scales"]) == 10
+    manifest = json.loads((out / "rora.json").read_text())
+    report = manifest["report"]
+    assert manifest["source"]["model"] == "tiny" and manifest["config"]["method"] == "rora" and report["scaling_exponent"] == 0.5
+    assert report["best_step"] == result.best_step and report["peft"]["use_rslora"] is True
+    assert set(report["module_scales"].values()) == {4.0} and len(report["module_scales"]) == 10
     # The saved adapter is the best one and reloads with plain PEFT to the returned model's logits.
     reloaded = PeftModel.from_pretrained(make_model(), out / "adapter").eval()
     ids = torch.tensor([tokenize_record(records(1)[0], tokenizer, 256, False).input_ids])
@@ -163,9 +164,9 @@ def test_two_process_data_parallel_writes_one_adapter(saved_model, tmp_path):
     cmd, env = _worker(saved_model, out, tiny_config(max_steps=3, eval_steps=3, save_steps=2).to_dict())
     results = run_two_processes(cmd, env, tmp_path / "results", port=29533)
     assert len(results) == 2 and results[0] == results[1]  # both processes agree on loss, steps, tokens
-    manifest = json.loads((out / "rora_recovery.json").read_text())
-    assert manifest["num_processes"] == 2 and manifest["steps"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora_recovery.json"]
+    manifest = json.loads((out / "rora.json").read_text())
+    assert manifest["report"]["num_processes"] == 2 and manifest["report"]["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl", "rora.json"]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".ddp")] == []  # no stray temp dirs
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len([line for line in lines if '"loss"' in line]) == 3  # written once, by the main process

@@ -84,7 +84,7 @@ def test_recover_overwrite_keeps_the_old_run_until_the_new_one_is_complete(token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the failed run without a checkpoint left nothing
 
     result = recover(make_model(), tokenizer, records(), tiny(rank=2), out, overwrite=True, progress=False)
-    assert json.loads((out / "rora_recovery.json").read_text())["rank"] == 2
+    assert json.loads((out / "rora.json").read_text())["config"]["rank"] == 2
     assert result.adapter_dir == out / "adapter" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

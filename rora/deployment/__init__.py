@@ -18,6 +18,9 @@ are compared with the source model's; in fp32 a difference above `ExportConfig.t
 nothing is written. When llama-cpp-python is installed, a GGUF is also run in llama.cpp (logits and greedy tokens
 against the source model, f32 KV cache), and a quantized GGUF's held-out perplexity is compared with the f32
 export's (a warning above `ExportConfig.max_ppl_increase`).
+
+The export's manifest (artifacts.Manifest) is `rora.json` inside an hf directory and NAME.rora.json beside a
+NAME.gguf file, as is its card NAME.md.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..architecture import check_supported, is_uniform, layer_shapes
-from ..artifacts import check_output, count_parameters
+from ..artifacts import FILE_MANIFEST_SUFFIX, check_output, count_parameters
 from ..config import ExportConfig
 from ..errors import ExportError
 from ..numerics import logits_on, probe_inputs
@@ -40,13 +43,14 @@ __all__ = ["export", "export_model", "ExportReport", "pad_model"]
 
 
 def export(model, tokenizer, config: ExportConfig | None = None, out=None, *, overwrite: bool = False,
-           card: dict | None = None) -> Path:
-    """Export `model` as `config.format` to `out` (a directory for hf, a .gguf file for gguf); returns the path."""
-    return Path(export_model(model, tokenizer, config, out, overwrite=overwrite, card=card).path)
+           card: dict | None = None, source: str | None = None) -> Path:
+    """Export `model` as `config.format` to `out` (a directory for hf, a .gguf file for gguf); returns the path.
+    `source`, the spec of the model exported, is recorded in the manifest."""
+    return Path(export_model(model, tokenizer, config, out, overwrite=overwrite, card=card, source=source).path)
 
 
 def export_model(model, tokenizer, config: ExportConfig | None = None, out=None, *, overwrite: bool = False,
-                 card: dict | None = None) -> ExportReport:
+                 card: dict | None = None, source: str | None = None) -> ExportReport:
     """`export`, returning the full ExportReport (sizes, padding overhead, verified logit difference)."""
     config = ExportConfig.coerce(config)
     if out is None:
@@ -65,7 +69,7 @@ def export_model(model, tokenizer, config: ExportConfig | None = None, out=None,
     target = pad_model(model) if layout == "padded" else model
     card = {**(card or {}), "shapes": [dataclasses.asdict(s) for s in shapes]}  # the real (unpadded) architecture
     writer = write_hf if config.format == "hf" else write_gguf_export
-    return writer(target, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card)
+    return writer(target, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card, source)
 
 
 def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwrite: bool) -> None:
@@ -81,3 +85,4 @@ def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwr
     check_output(out, overwrite)
     if config.format == "gguf":
         check_output(out.with_suffix(".md"), overwrite)
+        check_output(out.with_suffix(FILE_MANIFEST_SUFFIX), overwrite)

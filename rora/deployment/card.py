@@ -8,35 +8,39 @@ The card is rendered from a plain dict; every section is optional and only what 
     prune        dict                        PruneConfig (or any pruning statistics: ratio, parameters, ...)
     pruning      dict                        a pruning report (statistics), rendered like `prune`
     merge        dict                        MergeReport.to_dict(): method, rank, alpha, effective scale, max diff
-    recover      dict                        RecoverConfig.to_dict(): method, rank, alpha, ...
+    recover      dict                        the recovery's config and report: method, rank, alpha, objective, ...
     parameters   {label: count}              e.g. {"base": 134515008, "pruned": 110000000}
-    evaluation   {label: {task: accuracy}}   e.g. {"base": {"boolq": 0.61, "average": 0.5}, "recovered": {...}}
+    evaluation   {label: {task: accuracy}}   e.g. {"base": {"boolq": 0.61, "average": 0.5}, "recovered": {...}}; an
+                                             accuracy may be {"accuracy", "se"} (evaluation.stats.accuracy_table),
+                                             shown as "x ± se"
+card_from_stages(path) fills base_model, pruning, recover and merge from the manifests of a stage output and of
+every stage upstream of it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import read_json
-from ..errors import ModelLoadError
 from ..architecture import layer_runs
+from ..artifacts import lineage
 
-MANIFESTS = {"merge": ("rora_merge.json", "merge"), "pruning": ("rora_pruning.json", "report")}
-_RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "target_modules", "max_abs_diff")
+_RECOVERY_KEYS = ("method", "rank", "alpha", "effective_scale", "scaling_exponent", "objective", "target_modules",
+                  "max_abs_diff")
 
 
-def card_from_dir(path: str | Path) -> dict:
-    """What a model directory's own manifests say (merge report, pruning report), as card sections."""
-    path = Path(path)
+def card_from_stages(path: str | Path) -> dict:
+    """The card sections recorded by the stage output `path` and every stage upstream of it (the pruning report,
+    the recovery's config and report, the merge report); {} for a model that is no stage output."""
     card = {}
-    for section, (name, key) in MANIFESTS.items():
-        manifest = path / name
-        if manifest.is_file():
-            data = read_json(manifest, ModelLoadError)
-            # Per-layer lists and nested configs have their own sections; keep the card's tables to scalars.
-            card[section] = data.get(key) or {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-            if data.get("source") and section == "pruning":
-                card.setdefault("base_model", data["source"])
-    return card
+    for manifest in lineage(path):  # nearest first: a stage repeated upstream is the older record
+        if manifest.stage == "prune":
+            # Per-layer lists and nested figures have their own sections; keep the card's tables to scalars.
+            card.setdefault("pruning", {k: v for k, v in manifest.report.items() if not isinstance(v, (dict, list))})
+            card.setdefault("base_model", manifest.source["model"])
+        elif manifest.stage == "recover":
+            card.setdefault("recover", {**manifest.config, **manifest.report})
+        elif manifest.stage == "merge":
+            card.setdefault("merge", manifest.report)
+    return {k: v for k, v in card.items() if v is not None}
 
 
 def render_card(card: dict) -> str:
@@ -96,5 +100,13 @@ def _eval_table(evaluation: dict) -> list[str]:
     out = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for task in tasks:
         cells = [evaluation[label].get(task) for label in labels]
-        out.append(f"| {task} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+        out.append(f"| {task} | " + " | ".join(_accuracy(c) for c in cells) + " |")
     return out
+
+
+def _accuracy(cell) -> str:
+    """A percentage; "x ± se" for {"accuracy", "se"} whose standard error is known (not NaN)."""
+    if cell is None:
+        return ""
+    accuracy, se = (cell["accuracy"], cell.get("se")) if isinstance(cell, dict) else (cell, None)
+    return f"{100 * accuracy:.1f}" + ("" if se is None or se != se else f" ± {100 * se:.1f}")

@@ -11,12 +11,10 @@ from ..architecture import layer_shapes
 from ..errors import ExportError
 from ..numerics import cast_parameters, logits_on
 
-MANIFEST = "rora_export.json"
-
 
 @dataclass
 class ExportReport:
-    """What was written (the CLI prints it; hf directories keep it as rora_export.json)."""
+    """What was written (the CLI prints it; the export's manifest keeps it as its report)."""
 
     path: str
     format: str

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..architecture import head_dim, layer_shapes
-from ..artifacts import atomic_file, count_parameters, dir_size
+from ..artifacts import atomic_file, count_parameters, dir_size, write_stage_manifest
 from ..errors import ExportError
 from ..numerics import logits_on
 from ..sources.gguf import GGUF_ARCHS, read_gguf_model
@@ -49,7 +49,8 @@ def _transformers_reads(arch: str, cfg, shapes) -> bool:
         arch == "llama" or head_dim(cfg) == cfg.hidden_size // heads)
 
 
-def write_gguf_export(model, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card) -> ExportReport:
+def write_gguf_export(model, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card,
+                      source) -> ExportReport:
     qtype = GGUF_DTYPES[config.dtype]
     shapes = layer_shapes(model)
     notes = []
@@ -105,9 +106,11 @@ def write_gguf_export(model, tokenizer, config, out, overwrite, layout, source_p
     card_path = out.with_suffix(".md")
     with atomic_file(card_path) as tmp_card:
         tmp_card.write_text(card_text)
-    return ExportReport(str(out), "gguf", layout, qtype.lower(), params, source_params, params / source_params - 1,
-                        dir_size(out), diff, verified_with, card_path.name, architecture=arch, llamacpp=edge,
-                        quality=quality, notes=notes)
+    report = ExportReport(str(out), "gguf", layout, qtype.lower(), params, source_params, params / source_params - 1,
+                          dir_size(out), diff, verified_with, card_path.name, architecture=arch, llamacpp=edge,
+                          quality=quality, notes=notes)
+    write_stage_manifest(out, "export", {"model": source}, config.to_dict(), report.to_dict())  # NAME.rora.json
+    return report
 
 
 def _fallback_note(path: Path, qtype: str) -> list[str]:

@@ -6,10 +6,10 @@ import copy
 import torch
 
 from ..architecture import layer_shapes, pad_layer, padded_shape, plain_config, sync_config
-from ..artifacts import atomic_dir, count_parameters, dir_size, save_model_dir, write_manifest
+from ..artifacts import atomic_dir, count_parameters, dir_size, save_model_dir, write_stage_manifest
 from ..numerics import resolve_dtype
 from .card import render_card
-from .common import MANIFEST, ExportReport, cast_copy, padding_note, verify_logits
+from .common import ExportReport, cast_copy, padding_note, verify_logits
 
 
 def pad_model(model):
@@ -37,7 +37,8 @@ HF_LOADERS = {
 }
 
 
-def write_hf(model, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card) -> ExportReport:
+def write_hf(model, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card,
+             source) -> ExportReport:
     from transformers import AutoModelForCausalLM
 
     from ..models import load_hf_dir
@@ -60,8 +61,8 @@ def write_hf(model, tokenizer, config, out, overwrite, layout, source_params, id
                 "max_logit_diff_vs_source": diff, "loader": HF_LOADERS[layout]}
         (tmp / "README.md").write_text(render_card({**card, "export": {k: v for k, v in info.items() if v is not None}}))
         report = ExportReport(str(out), "hf", layout, config.dtype, params, source_params, params / source_params - 1,
-                              0, diff, verified_with, "README.md")
-        write_manifest(tmp, MANIFEST, {"stage": "export", "export": report.to_dict(), "config": config.to_dict()})
+                              dir_size(tmp), diff, verified_with, "README.md")
+        write_stage_manifest(tmp, "export", {"model": source}, config.to_dict(), report.to_dict())
     report.size_bytes = dir_size(out)
     return report
 

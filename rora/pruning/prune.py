@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, count_parameters, save_model_dir, write_manifest
+from ..artifacts import atomic_dir, count_parameters, save_model_dir, write_stage_manifest
 from ..config import PruneConfig
 from ..errors import PruningError
 from .calibration import encode, load_calibration, split_pool
@@ -38,7 +38,6 @@ from ..architecture import (
     LayerShape, check_supported, decoder_layers, is_standard_config, keep_units, layer_shapes, sync_config,
 )
 
-MANIFEST = "rora_pruning.json"
 log = logging.getLogger(__name__)
 
 
@@ -209,11 +208,14 @@ def heldout_loss(model, samples: list[torch.Tensor]) -> float | None:
 
 
 def save_pruned(model, tokenizer, report: PruneReport, out, overwrite: bool = False, source: str | None = None) -> Path:
-    """Write the pruned model (safetensors, config, tokenizer) and `rora_pruning.json` atomically to `out`."""
+    """Write the pruned model (safetensors, config, tokenizer) and its manifest atomically to `out`; `source` is
+    the spec of the model that was pruned."""
     out = Path(out)
+    record = report.to_dict()
+    config = record.pop("config")  # the manifest's own section
     with atomic_dir(out, overwrite) as tmp:
         save_model_dir(model, tokenizer, tmp)
-        write_manifest(tmp, MANIFEST, {"stage": "prune", "source": source, **report.to_dict()})
+        write_stage_manifest(tmp, "prune", {"model": source}, config, record)
     return out
 
 

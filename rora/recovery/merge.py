@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_manifest
+from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_stage_manifest
 from ..config import MergeConfig
 from ..errors import MergeError
 from ..models import peft_wrapping, weights_files
 from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
-MANIFEST = "rora_merge.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Saved adapter keys look like base_model.model.<module path>.lora_A.weight (the adapter name is stripped).
 _ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(\.weight)?$")
@@ -35,7 +34,7 @@ _ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|
 
 @dataclass
 class MergeReport:
-    """What was merged and how faithfully (saved as the `merge` section of rora_merge.json)."""
+    """What was merged and how faithfully (the report of the merged directory's manifest; `config` is its config)."""
 
     method: str  # lora | rora | dora, from the adapter config (use_dora, use_rslora)
     rank: int
@@ -53,6 +52,7 @@ class MergeReport:
     use_rslora: bool = False
     use_dora: bool = False
     extra: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # the MergeConfig it ran with
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,6 +107,7 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
         adapter=str(adapter) if adapter is not None else None,
         use_rslora=bool(peft_config.use_rslora),
         use_dora=bool(peft_config.use_dora),
+        config=config.to_dict(),
     )
     return merged, report
 
@@ -176,11 +177,14 @@ def _weight_shapes(path: Path) -> dict[str, tuple]:
         raise MergeError(f"{path} is corrupt or not adapter weights: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
-def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None) -> Path:
-    """Write the merged model as an atomic directory: safetensors, config, tokenizer, rora_merge.json."""
+def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None,
+                adapter=None) -> Path:
+    """Write the merged model as an atomic directory: safetensors, config, tokenizer, manifest. `source` is the
+    base model's spec, `adapter` the adapter directory (default: the one merge() read, `report.adapter`)."""
     out = check_output(out, overwrite)
+    record = report.to_dict()
+    config = record.pop("config")  # the manifest's own section
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_model_dir(model, tokenizer, tmp)
-        write_manifest(tmp, MANIFEST, {"stage": "merge", "source": str(source) if source else None,
-                                       "adapter": report.adapter, "merge": report.to_dict()})
+        write_stage_manifest(tmp, "merge", {"model": source, "adapter": adapter or report.adapter}, config, record)
     return out

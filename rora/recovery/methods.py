@@ -5,7 +5,7 @@ truth), so an adapter saved here reloads with plain `PeftModel.from_pretrained` 
   * b = 1   -> plain LoRA, PEFT computes lora_alpha / r;
   * b = 0.5 -> `use_rslora=True`, PEFT computes lora_alpha / sqrt(r) (RoRA);
   * other b -> we store lora_alpha' = alpha * r**(1 - b) with plain LoRA scaling, so PEFT computes
-    lora_alpha' / r = alpha / r**b. The user's alpha and b are recorded in rora_recovery.json next to the adapter.
+    lora_alpha' / r = alpha / r**b. The user's alpha and b are recorded in the recovery's manifest (rora.json) next to the adapter.
 """
 from __future__ import annotations
 

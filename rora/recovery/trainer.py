@@ -16,7 +16,8 @@ sibling, with its checkpoints, for --resume:
     checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
     checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
     metrics.jsonl, loss.png  per-step training metrics and evaluations, the loss curve
-    rora_recovery.json       manifest: resolved config, method, scales per module, results, provenance
+    rora.json                manifest (artifacts.Manifest): base model and data, resolved config, scales per
+                             module, results, provenance
 
 Determinism: the data order is a pure function of (seed, epoch) and the dropout RNG is reseeded from
 (seed, step, process) at every step, so a run resumed from a checkpoint replays exactly what the uninterrupted
@@ -38,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import atomic_dir, check_output, process_alive, read_json, replace_dir, write_json, write_manifest
+from ..artifacts import (ADAPTER_DIR, atomic_dir, check_output, is_recovery, process_alive, read_json, replace_dir,
+                         write_json, write_stage_manifest)
 from ..config import RecoverConfig
 from ..models import peft_wrapping
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError
@@ -49,7 +51,6 @@ from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
-MANIFEST = "rora_recovery.json"
 STATE_FILE = "trainer_state.json"
 OWNER_FILE = "rora.pid"  # in the partial run: the process training into it
 
@@ -114,8 +115,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     id, or a list of records. The run trains in `partial_dir(out)` and replaces `out` when complete.
     `resume=True` continues an interrupted run from its latest checkpoint (same config, data and base model
     required; with no interrupted run it starts one, but never over an existing `out` without `overwrite`);
-    see `check_recover_output` for what is refused before any work. `source` (e.g. the model spec) is recorded in
-    the manifest. The model is wrapped in place by PEFT. A plain dict is accepted as `config`.
+    see `check_recover_output` for what is refused before any work. `source` (the model spec) and `data`, when it
+    is a path or hub id, are recorded in the manifest. The model is wrapped in place by PEFT. A plain dict is
+    accepted as `config`.
 
     `teacher`: a causal LM with the student's vocabulary (e.g. the unpruned model), required by the kd objectives;
     with `sft` it is optional and only adds held-out KL to the metrics. It is frozen and moved, in place, to the
@@ -183,7 +185,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         _restore(run, state)
     try:
         run.train()
-        result = run.finish(source)
+        result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None})
     except BaseException:
         # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
         # failed before this point has no checkpoint either: the next run into `out` removes it.)
@@ -195,7 +197,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
             (work / OWNER_FILE).unlink(missing_ok=True)
             replace_dir(work, out)
         accelerator.wait_for_everyone()
-        result.adapter_dir, result.metrics_path = out / "adapter", out / "metrics.jsonl"
+        result.adapter_dir, result.metrics_path = out / ADAPTER_DIR, out / "metrics.jsonl"
     return result
 
 
@@ -234,7 +236,7 @@ def check_recover_output(out, resume: bool = False, overwrite: bool = False, inp
     if out.exists() and not overwrite:
         if not resume:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it (or choose another --out)")
-        what = "a finished recovery run" if (out / MANIFEST).is_file() else "not an interrupted rora recovery run"
+        what = "a finished recovery run" if is_recovery(out) else "not an interrupted rora recovery run"
         raise OutputExistsError(f"nothing to resume: {out} is {what}; pass --overwrite to train again (or choose another --out)")
     return out
 
@@ -525,7 +527,7 @@ class _Run:
             weights = load_peft_weights(str(self.out / "checkpoints" / "best" / "adapter"), device="cpu")
             set_peft_model_state_dict(self.peft_model, weights)
 
-    def finish(self, source: str | None) -> RecoverResult:
+    def finish(self, source: dict) -> RecoverResult:
         """Load the best adapter; write adapter/, loss.png and the manifest; return the result."""
         self.load_best()
         self.peft_model.eval()
@@ -534,18 +536,13 @@ class _Run:
         tps = self.train_tokens / max(self.train_seconds, 1e-9)
         adapter_dir = metrics_path = None
         if self.out is not None:
-            adapter_dir, metrics_path = self.out / "adapter", self.out / "metrics.jsonl"
+            adapter_dir, metrics_path = self.out / ADAPTER_DIR, self.out / "metrics.jsonl"
             if acc.is_main_process:
                 with atomic_dir(adapter_dir, overwrite=True) as tmp:
                     self.peft_model.save_pretrained(tmp)
                 plot_losses(self.history, self.out / "loss.png")
                 lora = self.peft_model.peft_config[ADAPTER_NAME]
-                write_manifest(self.out, MANIFEST, {
-                    "stage": "recover",
-                    "source": source,
-                    "config": cfg.to_dict(),
-                    "method": cfg.method,
-                    "rank": cfg.rank,
+                write_stage_manifest(self.out, "recover", source, cfg.to_dict(), {
                     "alpha": cfg.resolved_alpha,
                     "scaling_exponent": scaling_exponent(cfg),
                     "effective_scale": effective_scale(cfg),
@@ -553,7 +550,6 @@ class _Run:
                     "module_scales": scales,
                     "best_val_loss": self.best_val_loss,
                     "best_step": self.best_step,
-                    "objective": cfg.objective,
                     "val_metrics": self.best_metrics(),
                     "teacher": self.identity.get("teacher"),
                     "steps": self.step,
