@@ -2,8 +2,8 @@
 
 Writer: tensors named by the gguf package's own name map, q/k rows permuted for llama.cpp's RoPE layout, the
 byte-level BPE vocabulary, merges and token types, as llama.cpp's convert_hf_to_gguf.py writes them. Head counts,
-KV head counts and FFN widths come from the weights (structure.layer_shapes), never from the config, whose head
-count is a stand-in when the real one does not divide hidden_size (structure.sync_config).
+KV head counts and FFN widths come from the weights (architecture.layer_shapes), never from the config, whose head
+count is a stand-in when the real one does not divide hidden_size (architecture.sync_config).
 
 Architectures (read in llama.cpp 0c1e57098, src/models/*.cpp):
   llama  uniform layers. llama.cpp builds every layer from layer 0's head count and FFN size (LLAMA_LOAD_LOCALS),

@@ -93,7 +93,7 @@ def read_gguf_model(path: str | Path, like):
     copy of `like`'s config: tensors dequantized, q/k rows un-permuted, layer shapes from the file's own keys.
 
     This verifies the file's contents where transformers' GGUF loader cannot read it (deci, head counts that do
-    not divide hidden_size); what llama.cpp computes from it is checked separately (llamacpp.py)."""
+    not divide hidden_size); what llama.cpp computes from it is checked separately (rora.deployment.llamacpp)."""
     import gguf
 
     meta = gguf_metadata(path)
