@@ -71,6 +71,15 @@ class StageConfig:
         """Stage-specific checks; subclasses extend. Each entry names the key."""
         return []
 
+    def out_of_bounds(self, positive=(), non_negative=()) -> list[str]:
+        """'<section>.<key> must be > 0' for each of `positive` that is not (>= 0 for `non_negative`); a key left
+        unset (None) passes."""
+        found = []
+        for keys, op, ok in ((positive, ">", lambda v: v > 0), (non_negative, ">=", lambda v: v >= 0)):
+            found += [f"{self.section}.{k} must be {op} 0, got {getattr(self, k)}" for k in keys
+                      if getattr(self, k) is not None and not ok(getattr(self, k))]
+        return found
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         found = []
@@ -202,20 +211,13 @@ class PruneConfig(StageConfig):
     seed: int = setting(42, "Seed for sample order and random importance.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.channel_multiple <= 0:
-            out.append(f"prune.channel_multiple must be > 0, got {self.channel_multiple}")
+        out = self.out_of_bounds(positive=("channel_multiple", "num_samples", "seq_len"), non_negative=("holdout_samples",))
         if not 0.0 <= self.ratio < 1.0:
             out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
         if self.layers != "uniform":
             start, sep, end = self.layers.partition(":")
             if not (sep and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
                 out.append(f"prune.layers must be 'uniform' or 'START:END' with START < END, got {self.layers!r}")
-        for key in ("num_samples", "seq_len"):
-            if getattr(self, key) <= 0:
-                out.append(f"prune.{key} must be > 0, got {getattr(self, key)}")
-        if self.holdout_samples < 0:
-            out.append(f"prune.holdout_samples must be >= 0, got {self.holdout_samples}")
         return out
 
 
@@ -288,32 +290,17 @@ class RecoverConfig(StageConfig):
                 out.append(f"recover.{key} must be a finite number > 0, got {value}")
         if not (math.isfinite(self.kd_weight) and 0 < self.kd_weight < 1):
             out.append(f"recover.kd_weight must be in (0, 1), got {self.kd_weight}")
-        for key in ("kd_chunk_size", "synthetic_tokens"):
-            if getattr(self, key) <= 0:
-                out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
-        if self.synthetic < 0:
-            out.append(f"recover.synthetic must be >= 0, got {self.synthetic}")
+        out += self.out_of_bounds(
+            positive=("kd_chunk_size", "synthetic_tokens", "rank", "alpha", "lr", "epochs", "cutoff_len", "save_steps",
+                      "eval_steps", "max_steps", "max_train_examples"),
+            non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
-        if self.rank <= 0:
-            out.append(f"recover.rank must be > 0, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            out.append(f"recover.alpha must be > 0, got {self.alpha}")
         if self.batch_size <= 0 or self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size:
             out.append(
                 f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
                 f"recover.micro_batch_size ({self.micro_batch_size})"
             )
-        for key in ("lr", "epochs", "cutoff_len", "save_steps", "eval_steps"):
-            if getattr(self, key) <= 0:
-                out.append(f"recover.{key} must be > 0, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            out.append(f"recover.max_steps must be > 0, got {self.max_steps}")
-        if self.max_train_examples is not None and self.max_train_examples <= 0:
-            out.append(f"recover.max_train_examples must be > 0, got {self.max_train_examples}")
-        for key in ("val_set_size", "warmup_steps", "weight_decay"):
-            if getattr(self, key) < 0:
-                out.append(f"recover.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"recover.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
@@ -344,16 +331,9 @@ class EvalConfig(StageConfig):
     max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.limit is not None and self.limit <= 0:
-            out.append(f"eval.limit must be > 0, got {self.limit}")
-        if self.sample is not None and self.sample <= 0:
-            out.append(f"eval.sample must be > 0, got {self.sample}")
+        out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens"))
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
-        for key in ("batch_size", "num_beams", "max_new_tokens"):
-            if getattr(self, key) <= 0:
-                out.append(f"eval.{key} must be > 0, got {getattr(self, key)}")
         return out
 
 
@@ -368,7 +348,7 @@ class MergeConfig(StageConfig):
     tolerance: float = setting(1e-4, "Max |logit difference| merged vs adapter model, in compute_dtype.")
 
     def problems(self) -> list[str]:
-        return [f"merge.tolerance must be >= 0, got {self.tolerance}"] if self.tolerance < 0 else []
+        return self.out_of_bounds(non_negative=("tolerance",))
 
 
 @dataclass
@@ -396,10 +376,7 @@ class ExportConfig(StageConfig):
         out = []
         if self.format in EXPORT_FORMATS:
             out += EXPORT_FORMATS[self.format].problem(f"export.dtype for {self.format}", self.dtype)
-        if self.tolerance < 0:
-            out.append(f"export.tolerance must be >= 0, got {self.tolerance}")
-        if not self.max_ppl_increase >= 0:  # `not >=` also catches NaN
-            out.append(f"export.max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
+        out += self.out_of_bounds(non_negative=("tolerance", "max_ppl_increase"))
         return out
 
 
