@@ -9,8 +9,8 @@ on the same requests. And the ceiling: the FLOPs the engine must do at the measu
 
     .venv/bin/python benchmarks/bench_loglik.py [--n 100] [--small]
 
-The committed results are `--n 30`: at 100 examples per task both engines on both models take about an hour on
-the shared 2-core CPU they were measured on (30 took 15 minutes).
+The committed results are `--n 100` (1,600 examples per engine; 35 minutes with the engines' torch at one
+thread on a 2-core CPU whose other core ran another job).
 """
 from __future__ import annotations
 
