@@ -38,13 +38,14 @@ def main() -> None:
     if args.small:
         args.gen_n, args.ref_n, args.score_n = 1, 1, 1
 
-    from rora.config import ALL_TASKS
     from rora.evaluation.data import load_examples, resolve_data_dir
     from rora.evaluation.generate import generate_reference, generate_responses
     from rora.evaluation.score import argmax, loglikelihoods
     from rora.evaluation.tasks import ANSWER_PREFIX, TASKS, eval_prompt, extract_answer, record_labels
     from rora.models import load_model
+    from rora.registry import TASKS as TASK_NAMES
 
+    ALL_TASKS = TASK_NAMES.names()
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
         sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")

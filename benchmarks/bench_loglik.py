@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, matmul_peak, write_outputs  # noqa: E402
+from rora.registry import TASKS as TASK_NAMES  # noqa: E402
+
+ALL_TASKS = TASK_NAMES.names()
 
 ENGINES = ("rora", "lm-eval")
 
@@ -37,7 +40,7 @@ def main() -> None:
 
     import torch
 
-    from rora.config import ALL_TASKS, EvalConfig, PruneConfig
+    from rora.config import EvalConfig, PruneConfig
     from rora.evaluation import lmeval_backend
     from rora.evaluation.data import resolve_data_dir
     from rora.evaluation.evaluate import evaluate
@@ -195,7 +198,6 @@ def _design_check(model, tok, data_dir, n) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from rora.config import ALL_TASKS
     from rora.evaluation.lmeval_bridge import LMEVAL_DIR
     from rora.evaluation.loglik import CPU_TOKENS, pack, score_rows
     from rora.evaluation.tasks import TASKS
