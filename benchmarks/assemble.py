@@ -16,9 +16,9 @@ machine, the package versions, the date and the exact command. Comparisons run s
 reported as ratios, since absolute times on shared 2-core machines are noisy. Regenerate this file with
 `python benchmarks/assemble.py` after running the scripts.
 
-Not yet measured: the rank sweep's `--full` setting, the rank question under distillation (`bench_rank_kd.py`,
-hours on these CPUs; resumable) and GPU throughput. No GPU was lent to the sessions that made these figures; the
-scripts run unchanged on one (`--full`, and the speed scripts pick up CUDA and bf16). Where a
+Not yet measured: the rank sweep's `--full` setting and GPU throughput. No GPU was lent to the sessions that made these figures; the
+recovery scripts train through accelerate, which picks up a GPU (and bf16) unchanged; the evaluation and edge
+scripts are CPU-only as written. Where a
 goal is out of reach on this CPU, the section says how far any implementation could go here (FLOPs it must do at
 the measured matmul peak).
 """

@@ -126,10 +126,11 @@ def report(args, ranks, lrs, done: dict) -> None:
             cells.append(f"{diff:+.4f} ± {se:.4f} vs {rival['method']}{' *' if abs(diff) > 2 * se else ''}")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     lines += ["", _verdict(verdicts, max(ranks))]
-    edge = sorted({f"{m} r={r}" for (m, r), row in best.items() if row["lr"] == max(lrs)})
-    if edge:  # the grid does not bracket these optima: a larger step might still help them
-        lines += ["", f"Caution: the best learning rate is the largest tried for {', '.join(edge)}; the grid does not "
-                      "bracket their optimum, so the best-lr comparison may still favour the larger effective step."]
+    for end, lr_end, step in (("largest", max(lrs), "larger"), ("smallest", min(lrs), "smaller")):
+        edge = sorted({f"{m} r={r}" for (m, r), row in best.items() if row["lr"] == lr_end})
+        if edge:  # the grid does not bracket these optima: a step beyond the grid might still help them
+            lines += ["", f"Caution: the best learning rate is the {end} tried for {', '.join(edge)}; the grid does "
+                          f"not bracket their optimum, so a {step} step might still lower their KL."]
     lines += ["", "The standard errors count only the spread over validation records, not over seeds."]
     plot(ranks, lrs, done, best, RESULTS / "rank_kd.png")
     write_outputs("rank_kd", title="The rank question under distillation: LoRA vs DoRA vs RoRA, kd objective",
