@@ -266,13 +266,17 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
 
 # ---- the stages ------------------------------------------------------------------------------------------------
 
+def _pruned(ctx: _Context) -> str:
+    """The recovery's base model: the pruned directory, or the model itself when pruning is skipped."""
+    return str(ctx.out / "pruned") if ctx.config.runs("prune") else ctx.config.model
+
+
 def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
     """Accuracy on the suite, and whole-text loss and KL to the base model (none for the base itself) on the
     held-out records."""
     from .evaluation.evaluate import evaluate
 
-    names = {"base": ctx.config.model, "pruned": str(ctx.out / "pruned") if ctx.config.runs("prune") else ctx.config.model,
-             "recovered": str(ctx.out / "merged")}
+    names = {"base": ctx.config.model, "pruned": _pruned(ctx), "recovered": str(ctx.out / "merged")}
     reference = None if label == "base" else flow.teacher
     res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
                    out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress)
@@ -319,7 +323,7 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
     res = recover(flow.model, flow.tokenizer, None if config.recover.text else ctx.train_data, config.recover,
                   ctx.out / "recovery", resume=ctx.stages.interrupted("recover", fp), overwrite=True,
-                  progress=ctx.progress, source=str(ctx.out / "pruned") if config.runs("prune") else config.model,
+                  progress=ctx.progress, source=_pruned(ctx),
                   teacher=_teacher(flow))
     flow.model = res.model
     return {}  # the figures are in the recovery directory's manifest
@@ -340,7 +344,7 @@ def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
     flow.model, report = merge(flow.model, config=ctx.config.merge)
     save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True,
-                source=ctx.out / "pruned" if ctx.config.runs("prune") else ctx.config.model,
+                source=_pruned(ctx),
                 adapter=ctx.out / "recovery" / "adapter")
     return {}  # the report is in the merged directory's manifest
 
@@ -362,7 +366,7 @@ def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
     config, result = ctx.config, ctx.result
     # The final model's stage directory: its manifest and those upstream of it give the card's records.
     merged = config.runs("merge") and config.runs("recover")
-    source = ctx.out / "merged" if merged else ctx.out / "pruned" if config.runs("prune") else config.model
+    source = str(ctx.out / "merged") if merged else _pruned(ctx)
     evaluation = {label: accuracy_table(o) for label, o in result.outcomes.items()}  # with standard errors
     card = {**card_from_stages(source), "base_model": config.model, "evaluation": evaluation,
             "parameters": result.parameters}
