@@ -9,7 +9,7 @@ adapter (RoRA r=16), same training examples (so the same tokens), batch size, op
            chunks of 256 positions (rora.recovery.distill.ChunkedKL), the teacher under inference_mode.
   sft:     rora.recover(objective="sft") on the same examples: what distillation costs per token over SFT.
 Each side runs in its own process (clean peak-memory figures). After training, every side's adapter is scored on
-the same held-out records with rora.recovery.distill.heldout_metrics (KL to the teacher, whole-text loss).
+the same held-out records with rora.measure.heldout_metrics (KL to the teacher, whole-text loss).
 
     .venv/bin/python benchmarks/bench_distill.py [--small] [--gradient-checkpointing]
 
@@ -68,7 +68,8 @@ def recover_config(s: dict, **kw):
 def run_side(side: str, model_dir: str, size: str) -> dict:
     from rora.models import load_model
     from rora.recovery.data import tokenize
-    from rora.recovery.distill import heldout_metrics
+    from rora.measure import heldout_metrics
+    from rora.recovery.distill import record_examples
 
     s = SETTINGS[size]
     torch.set_num_threads(THREADS)
@@ -87,7 +88,7 @@ def run_side(side: str, model_dir: str, size: str) -> dict:
             result = recover(model, tok, train, recover_config(s, objective=side), None, progress=False, teacher=teacher)
             wall = time.perf_counter() - t0
         peft_model = result.model
-    held = heldout_metrics(peft_model, teacher, tok, val, CUTOFF, batch_size=8)
+    held = heldout_metrics(peft_model, teacher, tok, record_examples(val, tok, CUTOFF), batch_size=8)
     return {"side": side, "wall_s": wall, "real_tokens": real_tokens, "tokens_per_second": real_tokens / wall,
             "peak_rss_gib": mem.peak / 2**30, "train_rss_gib": (mem.peak - mem.start) / 2**30,
             "heldout": held, "examples": len(examples)}

@@ -2,7 +2,7 @@
 (`--synthetic`, continuing the same records' prompts), at about the same number of training tokens, one epoch each.
 
 Student smollm2-135m pruned 30% (Taylor), teacher the unpruned model; both runs scored with
-rora.recovery.distill.heldout_metrics on the same held-out records (real task text the runs never saw).
+rora.measure.heldout_metrics on the same held-out records (real task text the runs never saw).
 
     .venv/bin/python benchmarks/bench_distill_data.py
 """
@@ -32,7 +32,8 @@ THREADS = int(os.environ.get("RORA_BENCH_THREADS", os.cpu_count() or 1))
 def main() -> None:
     from rora.config import RecoverConfig
     from rora.models import load_model
-    from rora.recovery.distill import heldout_metrics
+    from rora.measure import heldout_metrics
+    from rora.recovery.distill import record_examples
     from rora.recovery.trainer import recover
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +47,7 @@ def main() -> None:
         os.environ["RORA_CACHE_DIR"] = str(Path(tmp) / "cache")  # a fresh cache: the generation is timed too
         teacher, tok = load_model("smollm2-135m")
         pruned, _ = load_model(Path(tmp) / "model")
-        runs = {"pruned (no recovery)": {"heldout": heldout_metrics(pruned, teacher, tok, val, CUTOFF)}}
+        runs = {"pruned (no recovery)": {"heldout": heldout_metrics(pruned, teacher, tok, record_examples(val, tok, CUTOFF))}}
         record_tokens = sum(len(e) for e in _tokenized(train, tok))
         # Texts of ~(prompt + SYNTHETIC_TOKENS) tokens: as many as give about the records' token count.
         mean_prompt = record_tokens / len(train) - 8  # the records' responses are a few tokens
@@ -57,7 +58,7 @@ def main() -> None:
             t0 = time.perf_counter()
             result = recover(student, tok, data, RecoverConfig(**base, **kw), None, progress=False, teacher=teacher)
             wall = time.perf_counter() - t0
-            runs[name] = {"heldout": heldout_metrics(result.model, teacher, tok, val, CUTOFF), "steps": result.steps,
+            runs[name] = {"heldout": heldout_metrics(result.model, teacher, tok, record_examples(val, tok, CUTOFF)), "steps": result.steps,
                           "train_tokens": result.train_tokens, "wall_s": wall,
                           "tokens_per_second": result.tokens_per_second, **kw}
             print(name, json.dumps(runs[name]), flush=True)

@@ -66,11 +66,12 @@ def measure(model, teacher, tok, args, val_records) -> dict:
     from rora.config import EvalConfig
     from rora.evaluation.evaluate import evaluate
     from rora.evaluation.stats import outcomes_from_records
-    from rora.recovery.distill import heldout_metrics
+    from rora.measure import heldout_metrics
+    from rora.recovery.distill import record_examples
 
     start = time.perf_counter()
     res = evaluate(model, tok, EvalConfig(protocol="lm-eval", sample=args.sample, seed=0), progress=False)
-    held = heldout_metrics(model, teacher, tok, val_records, cutoff_len=192)
+    held = heldout_metrics(model, teacher, tok, record_examples(val_records, tok, 192))
     return {"outcomes": outcomes_from_records(res.records), "heldout_loss": held["loss"], "heldout_kl": held["kl"],
             "eval_seconds": time.perf_counter() - start}
 

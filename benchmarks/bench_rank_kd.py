@@ -43,9 +43,10 @@ def parse_args(argv=None):
 
 def per_record_kl(model, teacher, tok, records) -> list[float]:
     """KL(teacher || model) per token of each held-out record: the unit the paired comparison resamples."""
-    from rora.recovery.distill import heldout_metrics
+    from rora.measure import heldout_metrics
+    from rora.recovery.distill import record_examples
 
-    return [heldout_metrics(model, teacher, tok, [r], cutoff_len=192)["kl"] for r in records]
+    return [heldout_metrics(model, teacher, tok, record_examples([r], tok, 192))["kl"] for r in records]
 
 
 def main(argv=None) -> None:

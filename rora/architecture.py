@@ -227,6 +227,34 @@ def keep_units(layer: nn.Module, config, keep_q: list[int], keep_kv: list[int], 
     return new
 
 
+def can_hold_output_biases(config) -> bool:
+    """Whether o_proj and down_proj may carry a bias: Llama's attention_bias and mlp_bias (each switches on the
+    biases of all four attention or all three MLP projections; transformers and llama.cpp read them). Mistral has
+    no such switch, and Qwen2's o_proj never has a bias."""
+    return getattr(config, "model_type", None) == "llama"
+
+
+def add_output_biases(model) -> bool:
+    """Give every attention and MLP projection of every layer a bias (zeros where it had none) and switch on
+    attention_bias and mlp_bias, so the model computes what it computed and o_proj/down_proj can be given output
+    biases; returns whether anything was added. Llama only (can_hold_output_biases)."""
+    if not can_hold_output_biases(model.config):
+        raise UnsupportedModelError(f"a {model.config.model_type} model cannot hold output biases")
+    added = False
+    for layer in decoder_layers(model):
+        for owner, names in ((layer.self_attn, ATTENTION_PROJ), (layer.mlp, MLP_PROJ)):
+            for name in names:
+                linear = getattr(owner, name)
+                if linear.bias is None:
+                    w = linear.weight
+                    linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                               requires_grad=w.requires_grad)
+                    added = True
+    model.config.attention_bias = True
+    model.config.mlp_bias = True
+    return added
+
+
 def build_from_state_dict(config, state_dict: dict, dtype=None):
     """Build the modules the config describes (per-layer shapes included) and load `state_dict` strictly."""
     from transformers import AutoModelForCausalLM

@@ -191,7 +191,7 @@ def _jsonable(obj: Any) -> Any:
 MANIFEST = "rora.json"
 FILE_MANIFEST_SUFFIX = ".rora.json"  # a stage output that is one file (NAME.gguf) has NAME.rora.json beside it
 SCHEMA_VERSION = 1
-STAGES = ("prune", "recover", "merge", "export")
+STAGES = ("prune", "reconstruct", "recover", "merge", "export")
 ADAPTER_DIR = "adapter"  # a recovery directory's best adapter
 
 
@@ -348,6 +348,18 @@ def save_model_dir(model, tokenizer, directory: str | Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def save_stage_model(model, tokenizer, out: str | Path, stage: str, source: dict, report: dict,
+                     overwrite: bool = False) -> Path:
+    """Write a stage's model as one atomic directory: safetensors, config, tokenizer and the stage's manifest
+    (`report` without its "config" entry, which becomes the manifest's own section)."""
+    record = dict(report)
+    config = record.pop("config")
+    with atomic_dir(out, overwrite) as tmp:
+        save_model_dir(model, tokenizer, tmp)
+        write_stage_manifest(tmp, stage, source, config, record)
+    return Path(out)
 
 
 def dir_size(path: str | Path) -> int:

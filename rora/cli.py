@@ -3,6 +3,7 @@ API function. No logic lives here beyond that; heavy imports happen inside comma
 RoraError (and click's usage errors) become one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -14,7 +15,7 @@ import typing
 import click
 from click.core import ParameterSource
 
-from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, RecoverConfig
+from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, ReconstructConfig, RecoverConfig
 
 
 def _fail(message: str) -> None:
@@ -54,9 +55,14 @@ def handles_errors(fn):
 
 # ---- options generated from the config dataclasses: each field's name, type, help and default live once, in
 # rora.config, and every command that exposes the field shows the same option.
-def _csv(value: str | None) -> list[str] | None:
-    """'a, b' -> ['a', 'b']; None or '' -> None (not given)."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _csv(value: str | None, kind: type = str) -> list | None:
+    """'a, b' -> ['a', 'b'] (each converted to `kind`); None or '' -> None (not given)."""
+    if not value:
+        return None
+    try:
+        return [kind(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
 
 
 def config_options(cls, *paths: str, required: tuple[str, ...] = ()):
@@ -98,8 +104,9 @@ def _option(owner, f: dataclasses.Field, required: bool):
     if hint is bool:
         flag = f"{flag}/--no-{flag[2:]}"
     elif typing.get_origin(hint) is list:  # comma-separated on the command line
-        default = ",".join(default) or None
-        kwargs["callback"] = lambda ctx, param, value: _csv(value)
+        (inner,) = typing.get_args(hint)
+        default = ",".join(map(str, default)) or None
+        kwargs["callback"] = lambda ctx, param, value: _csv(value, inner)
     else:
         kwargs["type"] = hint
     if not required and default is not None:
@@ -119,6 +126,25 @@ def main():
     """
     # transformers' per-file "Loading weights" bars would bury the one line a user needs among our own progress bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def prose_option(fn):
+    return click.option("--prose", default="auto", show_default=True,
+                        help="Held-out prose for the loss, perplexity and KL to the unpruned model: auto (WikiText-2 "
+                             "when the hub answers, offline the BoolQ validation passages in RORA_DATA_DIR), a "
+                             ".txt/.jsonl file, or none.")(fn)
+
+
+def prose_lines(figures: dict) -> list[str]:
+    """'prose before/after' lines of a report's {"before", "after"} (or {"after"}) held-out prose figures."""
+    lines = []
+    for key in ("before", "after"):
+        p = (figures or {}).get(key)
+        if p:
+            kl = "" if p.get("kl") is None else f", KL {p['kl']:.3f}"
+            lines.append(f"prose {key:<8} loss {p['loss']:.3f}, perplexity {p['perplexity']:.1f}{kl} "
+                         f"({p['tokens']:,} tokens: {p['source']})")
+    return lines
 
 
 def model_argument(fn):
@@ -170,21 +196,27 @@ def format_info(s: dict) -> str:
 @click.option("--out", required=True, help="Output directory for the pruned model.")
 @config_options(PruneConfig, "layers", "importance", "taylor", "gqa", "num_samples", "calibration", "channel_multiple",
                 "seed")
+@prose_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")
 @handles_errors
-def prune(model, allow_pickle, out, overwrite, config_file, **flags):
+def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
     """Prune whole attention heads and MLP channels of MODEL and save it to --out."""
     from .artifacts import check_output
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
     cfg = cfg.replace(**flags)
     check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
+    from .measure import Prose
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
 
+    held_out = Prose.load(prose)  # a bad --prose fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
+    unpruned = copy.deepcopy(m) if held_out else None  # the KL's reference (pruning works in place)
     report = prune_model(m, tok, cfg)
+    if held_out:
+        report.prose = {"before": held_out.measure(unpruned, None, tok), "after": held_out.measure(m, unpruned, tok)}
     path = save_pruned(m, tok, report, out, overwrite=overwrite, source=model)
     click.echo(format_prune(report.to_dict(), path))
 
@@ -203,8 +235,73 @@ def format_prune(r: dict, path) -> str:
             f"held-out loss  {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
             f"(perplexity {r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f})"
         )
+    lines += prose_lines(r.get("prose"))
     how = "standard (plain transformers loads it)" if r["standard_config"] else "per-layer shapes (load with rora)"
     lines.append(f"saved          {path}, config {how}")
+    return "\n".join(lines)
+
+
+@main.command()
+@model_argument
+@click.option("--teacher", required=True, help="The unpruned model MODEL was pruned from (any MODEL spec).")
+@click.option("--out", required=True, help="Output directory for the reconstructed model.")
+@config_options(ReconstructConfig, "method", "calibration")
+@click.option("--data", help="Training records for --calibration records: JSON/JSONL file, directory of "
+              "<task>/train.json, or hub id.")
+@config_options(ReconstructConfig, "num_samples", "holdout_samples", "seq_len", "damping", "bias", "batch_size",
+                "temperature", "seed")
+@prose_option
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML with ReconstructConfig keys (flags win).")
+@handles_errors
+def reconstruct(model, allow_pickle, teacher, out, data, prose, overwrite, config_file, **flags):
+    """Refit MODEL's remaining weights (each layer's o_proj and down_proj) in closed form so that every layer's
+    output follows the unpruned --teacher's on calibration text; no training. Saves the model to --out."""
+    from .artifacts import check_output
+
+    cfg = (ReconstructConfig.from_yaml(config_file) if config_file else ReconstructConfig()).replace(**flags)
+    check_output(out, overwrite, inputs=[i for i in (model, teacher, data) if i])  # before any work
+    if cfg.calibration == "records" and not data:
+        raise click.UsageError("--calibration records needs --data (the training records)")
+    from .measure import Prose
+
+    held_out = Prose.load(prose)  # a bad --prose fails before the models load
+    from .models import load_model
+    from .reconstruction.calibration import calibration_sequences
+    from .reconstruction.reconstruct import reconstruct as reconstruct_model, save_reconstructed
+
+    records = None
+    if data:
+        from .recovery.data import load_records
+
+        records = load_records(data)
+    m, tok = load_model(model, allow_pickle=allow_pickle)
+    t_model, _ = load_model(teacher, allow_pickle=allow_pickle)
+    ids, what = calibration_sequences(cfg, tok, teacher=t_model, records=records, progress=True)
+    before = held_out.measure(m, t_model, tok) if held_out else None
+    report = reconstruct_model(m, t_model, tok, cfg, sequences=ids, source=what)
+    if held_out:
+        report.prose = {"before": before, "after": held_out.measure(m, t_model, tok)}
+    path = save_reconstructed(m, tok, report, out, overwrite=overwrite, source=model, teacher=teacher)
+    click.echo(format_reconstruct(report.to_dict(), path))
+
+
+def format_reconstruct(r: dict, path) -> str:
+    from collections import Counter
+
+    c = r["calibration"]
+    rules = Counter(p["rule"] for p in r["projections"])
+    before, after = r["heldout_before"], r["heldout_after"]
+    lines = [
+        f"calibration    {c['fit_tokens']:,} tokens to fit, {c['holdout_tokens']:,} held out ({c['source']})",
+        f"refits         {len(r['projections'])} projections: " + ", ".join(f"{n} {k}" for k, n in rules.items()),
+        f"output error   {r['error_removed']:.1%} of the held-out error removed (summed over the projections)",
+        f"held-out KL    {before['kl']:.4f} -> {after['kl']:.4f} nats/token to the teacher "
+        f"({after['tokens']:,} held-out calibration tokens)",
+    ]
+    lines += prose_lines(r.get("prose"))
+    lines.append(f"saved          {path} ({r['seconds']:.0f} s)")
     return "\n".join(lines)
 
 
@@ -218,11 +315,12 @@ def format_prune(r: dict, path) -> str:
                 "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "epochs", "max_steps",
                 "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",
                 "eval_steps", "save_steps", "seed", "train_on_inputs", "gradient_checkpointing")
+@prose_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run into --out from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again: replace --out (once the new run is complete) and any interrupted run.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with RecoverConfig keys (flags win).")
 @handles_errors
-def recover(model, allow_pickle, data, out, teacher, resume, overwrite, config_file, **flags):
+def recover(model, allow_pickle, data, out, teacher, prose, resume, overwrite, config_file, **flags):
     """Train a RoRA/LoRA/DoRA adapter on MODEL with --data (or --text, or --synthetic with a --teacher); the best
     adapter lands in --out/adapter.
 
@@ -237,10 +335,13 @@ def recover(model, allow_pickle, data, out, teacher, resume, overwrite, config_f
 
     check_recover_output(out, resume, overwrite, inputs=[i for i in (model, data, teacher) if i])  # before loading the model
 
+    from .measure import Prose
+
+    held_out = Prose.load(prose)  # a bad --prose fails before the models load
     m, tok = load_model(model, allow_pickle=allow_pickle)
     t_model, t_tok = load_model(teacher, allow_pickle=allow_pickle, dtype=teacher_dtype(cfg.teacher_dtype)) if teacher else (None, None)
     result = recover_adapter(m, tok, data, cfg, out, resume=resume, overwrite=overwrite, source=model,
-                             teacher=t_model, teacher_tokenizer=t_tok)
+                             teacher=t_model, teacher_tokenizer=t_tok, prose=held_out)
     click.echo(format_recover(result.to_dict(), cfg))
 
 
@@ -255,6 +356,7 @@ def format_recover(r: dict, cfg) -> str:
         f"best {figure:<9} {best}",
         *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"
            + (f", KL to the teacher {held['val_kl']:.4f}" if "val_kl" in held else "")] if held else []),
+        *prose_lines({"after": r.get("prose")}),
         f"dropped        {r['dropped_too_long']} examples longer than cutoff_len={cfg.cutoff_len}",
         f"adapter        {r['adapter_dir']}",
         f"metrics        {r['metrics_path']}",
@@ -265,14 +367,16 @@ def format_recover(r: dict, cfg) -> str:
 @model_argument
 @click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory (or a recovery directory) to "
               "load onto MODEL; not needed when MODEL is a recovery directory.")
-@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size")
+@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size", "prose",
+                "prose_documents")
+@click.option("--reference", help="The unpruned model (any MODEL spec): adds the KL to it on the held-out prose.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_file, **flags):
+def eval_(model, allow_pickle, adapter, tasks, reference, data_dir, out, overwrite, config_file, **flags):
     """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite;
     prints a Markdown table."""
     from .evaluation.evaluate import check_data, check_outputs
@@ -291,7 +395,9 @@ def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_
     m, tok = load_model(source.model, allow_pickle=allow_pickle)
     if source.adapter:
         m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
-    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter)
+    ref = load_model(reference, allow_pickle=allow_pickle)[0] if reference else None
+    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter,
+                       reference=ref)
     click.echo(results.to_markdown())
 
 

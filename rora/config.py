@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .registry import (COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS,
-                       OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, SCHEDULERS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
-                       Registry, did_you_mean)
+from .registry import (CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS,
+                       MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, RECONSTRUCT_METHODS, SCHEDULERS,
+                       SYNTHETIC_PROMPTS,
+                       TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES, Registry, did_you_mean)
 
 
 def setting(default: Any, help: str, names: Registry | None = None):
@@ -222,6 +223,43 @@ class PruneConfig(StageConfig):
 
 
 @dataclass
+class ReconstructConfig(StageConfig):
+    """Closed-form reconstruction of a pruned model against the unpruned one (rora.reconstruction): each layer's
+    o_proj and down_proj refitted, in order, so that its output follows the teacher's residual stream."""
+
+    SECTION = "reconstruct"
+    method: str = setting("lstsq", "bias (FLAP-style: the mean residual becomes each projection's output bias) or "
+                                   "lstsq (damped least squares of o_proj and down_proj with an output bias); each "
+                                   "projection keeps its old weights when held-out text says the refit does not help.",
+                          RECONSTRUCT_METHODS)
+    calibration: str = setting("teacher", "Calibration text: teacher (general text the unpruned model writes), records "
+                                          "(the recovery's training records) or a .txt/.jsonl file.")
+    num_samples: int = setting(64, "Calibration sequences to fit on.")
+    holdout_samples: int = setting(16, "Further sequences, held out, on which each projection's rule and damping are "
+                                       "chosen.")
+    seq_len: int = setting(128, "Tokens per calibration sequence.")
+    damping: list[float] = setting([1e-3, 1e-2, 1e-1, 1.0], "lstsq: damping grid toward the old weights, relative to "
+                                                            "the mean diagonal of the inputs' Gram matrix.")
+    bias: bool = setting(True, "Allow an output bias (Llama: attention_bias and mlp_bias, read by transformers and "
+                               "llama.cpp); other architectures refit weights only.")
+    batch_size: int = setting(8, "Calibration sequences per forward pass.")
+    temperature: float = setting(1.0, "Sampling temperature of the teacher's calibration text.")
+    seed: int = setting(0, "Seed of the teacher's sampling and of the calibration order.")
+
+    def problems(self) -> list[str]:
+        out = self.out_of_bounds(positive=("num_samples", "holdout_samples", "seq_len", "batch_size", "temperature"))
+        if self.seq_len < 2:
+            out.append(f"reconstruct.seq_len must be at least 2, got {self.seq_len}")
+        if not self.damping or any(not (math.isfinite(d) and d > 0) for d in self.damping):
+            out.append(f"reconstruct.damping must list finite numbers > 0, got {self.damping}")
+        if self.calibration not in CALIBRATION_TEXTS and not self.calibration.endswith((".txt", ".jsonl", ".json")) \
+                and not Path(self.calibration).expanduser().is_dir():
+            out.append(f"reconstruct.calibration must be one of {', '.join(CALIBRATION_TEXTS)} or a .txt/.jsonl/.json "
+                       f"file or directory of records, got {self.calibration!r}")
+        return out
+
+
+@dataclass
 class RecoverConfig(StageConfig):
     """Adapter training; defaults follow the DoRA commonsense recipe (../shared/PROTOCOL.md)."""
 
@@ -271,6 +309,12 @@ class RecoverConfig(StageConfig):
                                 "short seed prompts); cached for reruns. 0: off.")
     synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.")
     synthetic_temperature: float = setting(1.0, "Sampling temperature of the teacher's synthetic texts.")
+    synthetic_prompts: str = setting("records", "What the teacher continues: records (the training records' prompts, "
+                                                "when records are given: text in the tasks' domain) or general "
+                                                "(general openings: general text).", SYNTHETIC_PROMPTS)
+    text_ratio: float | None = setting(None, "With records (data) and text (text or synthetic) both given: the share "
+                                             "of training tokens taken from the text, in (0, 1); unset: the text "
+                                             "replaces the records.")
 
     @property
     def needs_teacher(self) -> bool:
@@ -296,6 +340,8 @@ class RecoverConfig(StageConfig):
             non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
+        if self.text_ratio is not None and not 0 < self.text_ratio < 1:
+            out.append(f"recover.text_ratio must be in (0, 1), got {self.text_ratio}")
         if self.batch_size <= 0 or self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size:
             out.append(
                 f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
@@ -329,9 +375,14 @@ class EvalConfig(StageConfig):
                                   "rora engine batches by a token budget.")
     num_beams: int = setting(4, "Beams of the generate protocol's beam search.")
     max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.")
+    prose: str = setting("auto", "Held-out general prose for loss, perplexity and KL to the unpruned model: auto "
+                                 "(WikiText-2's test split when the hub answers, offline the BoolQ validation passages "
+                                 "in the data directory; skipped when neither is there), a .txt/.jsonl file, or none.")
+    prose_documents: int = setting(64, "Prose documents measured (a seeded sample), each cut to 256 tokens.")
 
     def problems(self) -> list[str]:
-        out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens"))
+        out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens",
+                                           "prose_documents"))
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
         return out
@@ -394,6 +445,7 @@ class PipelineConfig(StageConfig):
     skip: list[str] = setting([], f"Stages not to run (comma-separated on the command line): "
                                   f"{', '.join(PIPELINE_STAGES)}.", PIPELINE_STAGES)
     prune: PruneConfig = setting(PruneConfig, "The prune stage's settings.")
+    reconstruct: ReconstructConfig = setting(ReconstructConfig, "The reconstruct stage's settings.")
     recover: RecoverConfig = setting(RecoverConfig, "The recover stage's settings.")
     eval: EvalConfig = setting(EvalConfig, "The three evaluations' settings.")
     merge: MergeConfig = setting(MergeConfig, "The merge stage's settings.")

@@ -188,10 +188,24 @@ def load_gguf(path: Path, dtype=None):
     # The model is dense after dequantization; the GGUF quantization config would stop save_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if arch == "llama" and _has_biases(path):
+        # transformers' loader drops a llama file's bias tensors (a reconstructed model's output biases): read the
+        # tensors with rora's own reader onto the same config, biases switched on.
+        from .architecture import add_output_biases
+        from .sources.gguf import read_gguf_model
+
+        add_output_biases(model)
+        model = read_gguf_model(path, model)
     _record_gguf_tokenizer(model.config, path)
     model.hf_quantizer = None
     model.is_quantized = False
     return model, tokenizer
+
+
+def _has_biases(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    return any(t.name.endswith(".bias") for t in GGUFReader(str(path)).tensors)
 
 
 def _record_gguf_tokenizer(config, path: Path) -> None:

@@ -1,6 +1,8 @@
 """Numerics every stage's verification shares: dtype names, fixed probe inputs, float64 logits, weight casts."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .errors import ModelLoadError
@@ -48,3 +50,15 @@ def cast_parameters(model, dtype: torch.dtype):
     for p in model.parameters():
         p.data = p.data.to(dtype)
     return model
+
+
+def model_signature(model) -> str:
+    """A cheap fingerprint of a model's weights (shapes, dtypes and a slice of every tensor), for resume checks and
+    cache keys: hashing every byte of a 1B model would take seconds on each run."""
+    digest = hashlib.sha256()
+    for name, p in (model.get_base_model() if hasattr(model, 'get_base_model') else model).state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(flat.float().sum()):.6e}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

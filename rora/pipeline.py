@@ -1,6 +1,7 @@
 """run_pipeline(config): the stages in order, each writing its own directory, skipping what is already done.
 
-    base model -> eval_base -> prune -> eval_pruned -> recover -> merge -> eval_recovered -> export
+    base model -> eval_base -> prune -> eval_pruned -> reconstruct -> eval_reconstructed -> recover -> merge
+               -> eval_recovered -> export
 
 The stages are the rows of STAGES: each names what its fingerprint covers, runs (inputs -> outputs and the record
 kept in `<out>/stages/<stage>.json`) and, when an earlier run finished it, restores its outputs from disk. What
@@ -34,7 +35,8 @@ from .evaluation.stats import accuracy_table, outcomes_from_records
 from .registry import PIPELINE_STAGES
 from .summary import evaluation_statistics, heldout_statistics, write_summary
 
-SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
+SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
+                  "eval_recovered": "recovered"}
 
 
 @dataclass
@@ -44,7 +46,8 @@ class PipelineResult:
     out: Path
     evals: dict = field(default_factory=dict)  # "base" | "pruned" | "recovered" -> {task: accuracy, "average": ...}
     outcomes: dict = field(default_factory=dict)  # the same labels -> {task: [0/1 per example]}, to recompute anything
-    heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out text
+    heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out records
+    prose: dict = field(default_factory=dict)  # the same labels -> {"loss", "perplexity", "kl", "tokens", ...}
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -58,6 +61,8 @@ class PipelineResult:
         self.outcomes[label] = record["outcomes"]
         if record.get("heldout"):
             self.heldout[label] = record["heldout"]
+        if record.get("prose"):
+            self.prose[label] = record["prose"]
 
     def to_dict(self) -> dict:
         return {
@@ -65,7 +70,8 @@ class PipelineResult:
             "evals": self.evals,
             **evaluation_statistics(self.outcomes),
             "heldout": self.heldout,
-            **heldout_statistics(self.heldout),
+            "prose": self.prose,
+            **heldout_statistics(self.heldout, self.prose),
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -122,6 +128,7 @@ class _Context:
     stages: _Stages
     data_dir: str | None  # evaluation data
     train_data: str | None  # recovery records
+    records: list | None  # the recovery's records, read once (check_inputs)
     heldout: list | None  # held-out records for loss and KL (heldout_records)
     progress: bool
     result: PipelineResult
@@ -179,11 +186,11 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
 
     model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
     st = _Stages(out, say, fresh=overwrite)  # only now, with every input known good, is anything created
-    ctx = _Context(config, st, data_dir, train_data, heldout_records(config, records), progress, result)
+    ctx = _Context(config, st, data_dir, train_data, records, heldout_records(config, records), progress, result)
     flow = _Flow(model, tok, st.fingerprint("model", config.model))
     result.parameters["base"] = count_parameters(model)
     for stage in STAGES:
-        if config.runs(stage.name) and all(config.runs(n) for n in stage.needs):
+        if _runs(config, stage):
             _run_stage(ctx, flow, stage)
     result.parameters["pruned"] = count_parameters(flow.model)  # merging adds no parameters
     result.stages = st.timings
@@ -228,9 +235,10 @@ def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[
 def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
     if not texts:
         return None
-    from .recovery.distill import heldout_metrics
+    from .measure import heldout_metrics
+    from .recovery.distill import record_examples
 
-    found = heldout_metrics(model, reference, tok, texts, cutoff_len=cutoff_len)
+    found = heldout_metrics(model, reference, tok, record_examples(texts, tok, cutoff_len))
     return {**found, "kl": 0.0 if reference is None else found["kl"]}  # the base model is its own reference
 
 
@@ -249,7 +257,7 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
     """Fail on missing or malformed training and evaluation data before the first stage, not after three.
     Returns the training records when recovery runs (None otherwise), so they are read once."""
     records = None
-    if config.runs("recover"):
+    if config.runs("recover") or (config.runs("reconstruct") and config.reconstruct.calibration == "records"):
         from .recovery.data import load_records
 
         records = load_records(train_data)
@@ -267,21 +275,32 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
 # ---- the stages ------------------------------------------------------------------------------------------------
 
 def _pruned(ctx: _Context) -> str:
-    """The recovery's base model: the pruned directory, or the model itself when pruning is skipped."""
+    """The pruned model: the pruned directory, or the model itself when pruning is skipped."""
     return str(ctx.out / "pruned") if ctx.config.runs("prune") else ctx.config.model
 
 
+def _recovery_base(ctx: _Context) -> str:
+    """The model the adapter trains on: the reconstructed directory when reconstruction runs, else the pruned one."""
+    return str(ctx.out / "reconstructed") if _runs(ctx.config, STAGE["reconstruct"]) else _pruned(ctx)
+
+
+def _runs(config: PipelineConfig, stage: "Stage") -> bool:
+    return config.runs(stage.name) and all(config.runs(n) for n in stage.needs)
+
+
 def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
-    """Accuracy on the suite, and whole-text loss and KL to the base model (none for the base itself) on the
-    held-out records."""
+    """Accuracy on the suite; loss, perplexity and KL to the base model (none for the base itself) on held-out
+    prose and on the held-out records."""
     from .evaluation.evaluate import evaluate
 
-    names = {"base": ctx.config.model, "pruned": _pruned(ctx), "recovered": str(ctx.out / "merged")}
+    names = {"base": ctx.config.model, "pruned": _pruned(ctx), "reconstructed": str(ctx.out / "reconstructed"),
+             "recovered": str(ctx.out / "merged")}
     reference = None if label == "base" else flow.teacher
     res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
-                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress)
+                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress,
+                   reference=reference)
     return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
-            "outcomes": outcomes_from_records(res.records),
+            "outcomes": outcomes_from_records(res.records), "prose": res.prose,
             "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
 
 
@@ -294,7 +313,7 @@ def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
     from .pruning.prune import prune, save_pruned
 
     # The recovery's teacher and the held-out KL's reference: one untouched copy, since pruning works in place.
-    if ctx.config.runs("recover") or ctx.config.runs("eval_pruned"):
+    if any(ctx.config.runs(n) for n in ("reconstruct", "recover", "eval_pruned", "eval_reconstructed")):
         flow.teacher = copy.deepcopy(flow.model)
     report = prune(flow.model, flow.tokenizer, ctx.config.prune)
     save_pruned(flow.model, flow.tokenizer, report, ctx.out / "pruned", overwrite=True, source=ctx.config.model)
@@ -306,6 +325,35 @@ def _load_pruned(ctx: _Context, flow: _Flow, record: dict) -> None:
 
     flow.teacher = flow.model  # the pruned model comes from disk: the base model in memory needs no copy
     flow.model, flow.tokenizer = load_model(ctx.out / "pruned")
+
+
+def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
+    from .reconstruction.calibration import calibration_sequences
+    from .reconstruction.reconstruct import reconstruct, save_reconstructed
+
+    cfg = ctx.config.reconstruct
+    records = _train_records(ctx) if cfg.calibration == "records" else None
+    ids, what = calibration_sequences(cfg, flow.tokenizer, teacher=flow.teacher, records=records,
+                                      progress=ctx.progress)
+    report = reconstruct(flow.model, flow.teacher, flow.tokenizer, cfg, sequences=ids, source=what,
+                         progress=ctx.progress)
+    save_reconstructed(flow.model, flow.tokenizer, report, ctx.out / "reconstructed", overwrite=True,
+                       source=_pruned(ctx), teacher=ctx.config.model)
+    return {}  # the report is in the reconstructed directory's manifest
+
+
+def _train_records(ctx: _Context) -> list[dict]:
+    """The recovery's training records (its validation records left out): what reconstruction may calibrate on."""
+    from .recovery.data import split_train_val
+
+    rc = ctx.config.recover
+    return split_train_val(ctx.records, rc.val_set_size, rc.seed, rc.max_train_examples)[0]
+
+
+def _load_reconstructed(ctx: _Context, flow: _Flow, record: dict) -> None:
+    from .models import load_model
+
+    flow.model = load_model(ctx.out / "reconstructed")[0]
 
 
 def _teacher(flow: _Flow):
@@ -323,8 +371,7 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
     res = recover(flow.model, flow.tokenizer, None if config.recover.text else ctx.train_data, config.recover,
                   ctx.out / "recovery", resume=ctx.stages.interrupted("recover", fp), overwrite=True,
-                  progress=ctx.progress, source=_pruned(ctx),
-                  teacher=_teacher(flow))
+                  progress=ctx.progress, source=_recovery_base(ctx), teacher=_teacher(flow))
     flow.model = res.model
     return {}  # the figures are in the recovery directory's manifest
 
@@ -343,8 +390,7 @@ def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
     from .recovery.merge import merge, save_merged
 
     flow.model, report = merge(flow.model, config=ctx.config.merge)
-    save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True,
-                source=_pruned(ctx),
+    save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True, source=_recovery_base(ctx),
                 adapter=ctx.out / "recovery" / "adapter")
     return {}  # the report is in the merged directory's manifest
 
@@ -366,7 +412,7 @@ def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
     config, result = ctx.config, ctx.result
     # The final model's stage directory: its manifest and those upstream of it give the card's records.
     merged = config.runs("merge") and config.runs("recover")
-    source = str(ctx.out / "merged") if merged else _pruned(ctx)
+    source = str(ctx.out / "merged") if merged else _recovery_base(ctx)
     evaluation = {label: accuracy_table(o) for label, o in result.outcomes.items()}  # with standard errors
     card = {**card_from_stages(source), "base_model": config.model, "evaluation": evaluation,
             "parameters": result.parameters}
@@ -379,6 +425,12 @@ STAGES = (
     Stage("prune", lambda ctx: [ctx.config.prune.to_dict()], _prune, _load_pruned,
           output=lambda ctx: ctx.out / "pruned", output_label="pruned"),
     Stage("eval_pruned", _eval_settings, functools.partial(_evaluate, label="pruned"), changes_model=False),
+    Stage("reconstruct", lambda ctx: [ctx.config.reconstruct.to_dict(), ctx.train_data
+                                      if ctx.config.reconstruct.calibration == "records" else None],
+          _reconstruct, _load_reconstructed, needs=("prune",), output=lambda ctx: ctx.out / "reconstructed",
+          output_label="reconstructed"),
+    Stage("eval_reconstructed", _eval_settings, functools.partial(_evaluate, label="reconstructed"),
+          needs=("prune", "reconstruct"), changes_model=False),
     Stage("recover", lambda ctx: [ctx.config.recover.to_dict(), ctx.train_data], _recover, _load_adapter),
     Stage("merge", lambda ctx: [ctx.config.merge.to_dict()], _merge, _load_merged, needs=("recover",),
           output=lambda ctx: ctx.out / "merged", output_label="merged"),
@@ -387,3 +439,4 @@ STAGES = (
     Stage("export", lambda ctx: [ctx.config.export.to_dict()], _export, output=_export_path, output_label="export"),
 )
 assert tuple(s.name for s in STAGES) == tuple(PIPELINE_STAGES.names())  # the registry names them for validation
+STAGE = {s.name: s for s in STAGES}

@@ -79,6 +79,29 @@ METHODS = Registry("method", {m.name: m for m in (
 OBJECTIVES = Registry("objective", ("auto", "sft", "kd", "kd+sft"))
 TEACHER_DTYPES = Registry("teacher dtype", ("auto", "float32", "bfloat16", "float16"))
 SCHEDULERS = Registry("scheduler", ("linear", "cosine"))
+SYNTHETIC_PROMPTS = Registry("synthetic prompt source", ("records", "general"))
+
+
+
+@dataclass(frozen=True)
+class ReconstructMethod:
+    """A reconstruction method: the rules its refits may choose among, per projection, on held-out calibration
+    text ("unchanged" is always among them, so a refit never makes the held-out error worse)."""
+
+    name: str
+    rules: tuple[str, ...]
+    description: str = ""
+
+    @property
+    def needs_bias(self) -> bool:
+        return self.rules == ("bias",)
+
+
+RECONSTRUCT_METHODS = Registry("reconstruction method", {m.name: m for m in (
+    ReconstructMethod("bias", ("bias",), "FLAP-style compensation: the mean residual becomes an output bias"),
+    ReconstructMethod("lstsq", ("bias", "lstsq"), "damped least squares of the weights with an output bias"),
+)})
+CALIBRATION_TEXTS = Registry("calibration text", ("teacher", "records"))  # or a file path
 
 IMPORTANCE = Registry("importance scorer", ("l1", "l2", "random", "taylor"))
 TAYLOR_VARIANTS = Registry("Taylor variant", ("vectorwise", "element1", "element2"))
@@ -101,4 +124,5 @@ EXPORT_FORMATS = Registry("export format", {
 })
 LAYOUTS = Registry("layout", ("compact", "padded"))
 
-PIPELINE_STAGES = Registry("stage", ("eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered", "export"))
+PIPELINE_STAGES = Registry("stage", ("eval_base", "prune", "eval_pruned", "reconstruct", "eval_reconstructed", "recover",
+                                     "merge", "eval_recovered", "export"))

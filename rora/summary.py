@@ -1,37 +1,48 @@
 """The summary of a pipeline run: accuracy ± standard error per model, paired differences, the share of the
-pruning gap closed, held-out loss and KL; as summary.json, summary.md and summary.png."""
+pruning gap each stage closed, held-out prose and records (loss, perplexity, KL); as summary.json, summary.md and
+summary.png."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from .artifacts import write_json
-from .evaluation.stats import accuracy_table, gap_closed, paired_difference
+from .evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
 
 
-COMPARISONS = (("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
+# Later model first: "reconstructed - pruned" is what reconstruction alone won back.
+COMPARISONS = (("reconstructed", "pruned"), ("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
+AFTER_PRUNING = ("reconstructed", "recovered")  # the models whose share of the pruning gap is reported
+AVERAGES = ("average", WITHOUT_PRIOR)
 
 
 def evaluation_statistics(outcomes: dict) -> dict:
     """Standard errors per model, paired differences between models scored on the same examples, and the share
-    of the pruning gap in average accuracy that recovery closed."""
+    of the pruning gap in average accuracy (with and without BoolQ) that each later model closed."""
     if not outcomes:
         return {}
     stats = {"accuracy": {label: accuracy_table(o) for label, o in outcomes.items()}, "comparisons": {}}
     for b, a in COMPARISONS:
         if a in outcomes and b in outcomes and list(outcomes[a]) == list(outcomes[b]):
             stats["comparisons"][f"{b} - {a}"] = paired_difference(outcomes[a], outcomes[b])
-    if {"base", "pruned", "recovered"} <= set(outcomes):
-        avg = {k: stats["accuracy"][k]["average"]["accuracy"] for k in ("base", "pruned", "recovered")}
-        stats["gap_closed"] = {"accuracy": gap_closed(avg["base"], avg["pruned"], avg["recovered"])}
+    acc = stats["accuracy"]
+    if {"base", "pruned"} <= set(acc):
+        stats["gap_closed"] = {
+            label: {avg: gap_closed(*(acc[k][avg]["accuracy"] for k in ("base", "pruned", label)))
+                    for avg in AVERAGES if avg in acc[label]}
+            for label in AFTER_PRUNING if label in acc}
     return stats
 
 
-def heldout_statistics(heldout: dict) -> dict:
-    """The share of the pruning gap in held-out loss that recovery closed (its KL is in `heldout` itself)."""
-    if not {"base", "pruned", "recovered"} <= set(heldout):
-        return {}
-    return {"heldout_gap_closed": {"loss": gap_closed(*(heldout[k]["loss"] for k in ("base", "pruned", "recovered")))}}
+def heldout_statistics(heldout: dict, prose: dict | None = None) -> dict:
+    """The share of the pruning gap in held-out loss (the records') and in prose log-perplexity that each later
+    model closed."""
+    found = {}
+    for key, figures in (("heldout_gap_closed", heldout), ("prose_gap_closed", prose or {})):
+        if {"base", "pruned"} <= set(figures):
+            found[key] = {label: gap_closed(*(figures[k]["loss"] for k in ("base", "pruned", label)))
+                          for label in AFTER_PRUNING if label in figures}
+    return found
 
 
 def _pm(x: float, se: float, signed: bool = False) -> str:
@@ -39,10 +50,16 @@ def _pm(x: float, se: float, signed: bool = False) -> str:
     return value if se != se else f"{value} ± {100 * se:.1f}"
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def summary_table(result) -> str:
     """Markdown: per-task accuracy ± standard error of each evaluated model and the paired differences (marked *
-    beyond two standard errors), then the gap closed, parameters, sizes and stage times."""
+    beyond two standard errors), the share of the pruning gap each stage closed, held-out prose and records,
+    then parameters, sizes and stage times."""
     stats = evaluation_statistics(result.outcomes)
+    held = heldout_statistics(result.heldout, result.prose)
     lines = []
     if stats:
         acc, comps = stats["accuracy"], stats["comparisons"]
@@ -55,22 +72,39 @@ def summary_table(result) -> str:
             row = [_pm(acc[k][t]["accuracy"], acc[k][t]["se"]) for k in labels]
             row += [_pm(c[t]["difference"], c[t]["se"], signed=True) + (" *" if c[t]["significant"] else "")
                     for c in comps.values()]
-            lines.append(f"| {'**average**' if t == 'average' else t} | " + " | ".join(row) + " |")
+            lines.append(f"| {f'**{t}**' if t in AVERAGES else t} | " + " | ".join(row) + " |")
         lines += ["", "Differences are paired (same examples); * marks those larger than two standard errors. "
                   "Anything without * is inside the noise."]
-        if stats.get("gap_closed", {}).get("accuracy") is not None:
-            lines.append(f"Share of the pruning gap in average accuracy closed by recovery: "
-                         f"{100 * stats['gap_closed']['accuracy']:.0f}%.")
+        lines.append("")
+    closed = stats.get("gap_closed", {})
+    if closed or held:
+        lines += ["Share of the pruning gap closed (0% = pruned, 100% = back at the unpruned model):", "",
+                  "| model | average accuracy | accuracy w/o BoolQ | prose log-perplexity | held-out records loss |",
+                  "|---|---|---|---|---|"]
+        for label in AFTER_PRUNING:
+            cells = [closed.get(label, {}).get("average"), closed.get(label, {}).get(WITHOUT_PRIOR),
+                     held.get("prose_gap_closed", {}).get(label), held.get("heldout_gap_closed", {}).get(label)]
+            if any(c is not None for c in cells):
+                lines.append(f"| {label} | " + " | ".join(_share(c) for c in cells) + " |")
+        lines.append("")
+    if result.prose:
+        first = next(iter(result.prose.values()))
+        base = result.prose.get("base", {}).get("perplexity")
+        lines += [f"Held-out prose ({first['source']}; {first['documents']} documents, never trained or calibrated "
+                  "on), per token:", "",
+                  "| model | loss | perplexity | x base | KL to base (nats) | tokens |", "|---|---|---|---|---|---|"]
+        for label, p in result.prose.items():
+            kl = "-" if p.get("kl") is None else f"{p['kl']:.3f}"
+            ratio = f"{p['perplexity'] / base:.2f}" if base else "-"
+            lines.append(f"| {label} | {p['loss']:.3f} | {p['perplexity']:.1f} | {ratio} | {kl} | {p['tokens']:,} |")
         lines.append("")
     if result.heldout:
-        lines += ["Held-out text (the recovery's validation records), per token:", "",
-                  "| model | whole-text loss | perplexity | KL to base (nats) |", "|---|---|---|---|"]
+        lines += ["Held-out records (the recovery's validation records), per token:", "",
+                  "| model | whole-text loss | perplexity | KL to base (nats) | tokens |", "|---|---|---|---|---|"]
         for label, h in result.heldout.items():
             kl = "-" if h.get("kl") is None else f"{h['kl']:.3f}"
-            lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} |")
-        closed = heldout_statistics(result.heldout).get("heldout_gap_closed", {})
-        if closed.get("loss") is not None:
-            lines += ["", f"Share of the pruning gap in held-out loss closed by recovery: {100 * closed['loss']:.0f}%."]
+            lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} | "
+                         f"{h.get('tokens', 0):,} |")
         lines.append("")
     for name, n in result.parameters.items():
         lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")

@@ -11,8 +11,9 @@ import torch
 PACKAGE = Path(__file__).resolve().parents[1] / "rora"
 # The core every stage may use; it imports no stage.
 CORE = {"rora", "rora.errors", "rora.config", "rora.registry", "rora.artifacts", "rora.architecture", "rora.numerics",
-        "rora.models", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner"}
-STAGES = ("rora.pruning", "rora.recovery", "rora.evaluation", "rora.deployment")
+        "rora.models", "rora.measure", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner",
+        "rora.sources.text"}
+STAGES = ("rora.pruning", "rora.reconstruction", "rora.recovery", "rora.evaluation", "rora.deployment")
 # Composition: the pipeline, its summary, the CLI; they may import anything.
 TOP = {"rora.pipeline", "rora.summary", "rora.cli", "rora.__main__"}
 

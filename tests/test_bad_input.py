@@ -97,7 +97,7 @@ def world(tmp_path_factory, tokenizer):
         (root / name).write_text(text)
 
     # An interrupted recovery (a checkpoint at step 2, then a crash), and a copy with a corrupt trainer state.
-    def crash(self, source):
+    def crash(self, *args):
         raise RuntimeError("simulated crash")
 
     real_finish = trainer_mod._Run.finish

@@ -42,6 +42,7 @@ def _config(root, **changes):
         "data": str(root / "data"),
         "data_dir": str(root / "data"),
         "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32},
         "recover": {"rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
                     "cutoff_len": 512, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2},
         "eval": {"tasks": ["boolq"], "limit": 6, "batch_size": 3},
@@ -71,9 +72,10 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
 
     result = run_mod.run_pipeline(cfg, progress=False)
     skipped = {s for s, t in result.stages.items() if t["skipped"]}
-    assert skipped == {"eval_base", "prune", "eval_pruned", "recover", "merge", "eval_recovered"}
+    assert skipped == {"eval_base", "prune", "eval_pruned", "reconstruct", "eval_reconstructed", "recover", "merge",
+                       "eval_recovered"}
     assert result.stages["export"]["skipped"] is False
-    assert set(result.evals) == {"base", "pruned", "recovered"}
+    assert set(result.evals) == {"base", "pruned", "reconstructed", "recovered"}
     assert 0.0 <= result.evals["recovered"]["average"] <= 1.0
     assert result.parameters["pruned"] < result.parameters["base"]
     summary = json.loads((tiny_setup / "run" / "summary.json").read_text())
@@ -91,11 +93,19 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     # Held-out whole-text loss and KL to the base model, on the recovery's validation records.
     held = summary["heldout"]
     assert held["base"]["kl"] == 0.0 and held["pruned"]["kl"] > 0 and held["recovered"]["tokens"] > 0
-    assert set(held) == {"base", "pruned", "recovered"}
+    assert set(held) == {"base", "pruned", "reconstructed", "recovered"}
     from rora.evaluation.stats import gap_closed
 
-    assert summary["heldout_gap_closed"]["loss"] == pytest.approx(
-        gap_closed(*(held[k]["loss"] for k in ("base", "pruned", "recovered"))))
+    for label in ("reconstructed", "recovered"):
+        assert summary["heldout_gap_closed"][label] == pytest.approx(
+            gap_closed(*(held[k]["loss"] for k in ("base", "pruned", label))))
+    # Reconstruction refits the pruned model against the base model, and the adapter trains on its output.
+    reconstructed = json.loads((tiny_setup / "run" / "reconstructed" / "rora.json").read_text())
+    assert reconstructed["stage"] == "reconstruct" and reconstructed["source"]["model"].endswith("pruned")
+    assert reconstructed["report"]["heldout_after"]["kl"] < reconstructed["report"]["heldout_before"]["kl"]
+    assert held["reconstructed"]["kl"] < held["pruned"]["kl"]
+    recovery = json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())
+    assert recovery["source"]["model"].endswith("reconstructed")
     assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
 
     # rora run has the unpruned model, so the default objective (auto) distils it.

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from rora.config import RecoverConfig
 from rora.errors import ConfigError
 from rora.recovery.data import collate, tokenize_record
-from rora.recovery.distill import DistillLoss, chunked_kl, heldout_metrics
+from rora.measure import heldout_metrics
+from rora.recovery.distill import DistillLoss, chunked_kl, record_examples
 from rora.recovery.trainer import partial_dir, recover
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +117,7 @@ def test_student_equal_to_teacher_has_zero_kl_and_zero_gradient(tokenizer):
     assert abs(float(kd.detach())) < 1e-6
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert grads and all(g is not None and float(g.abs().max()) == 0.0 for g in grads)
-    m = heldout_metrics(teacher, teacher, tokenizer, records(6))
+    m = heldout_metrics(teacher, teacher, tokenizer, record_examples(records(6), tokenizer, 256))
     assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["tokens"] > 0
 
 
@@ -149,7 +150,7 @@ def _pruned(teacher):
 def test_kd_lowers_the_heldout_kl_of_a_pruned_model(tokenizer, tmp_path):
     teacher = make_model(seed=4)
     student = _pruned(teacher)
-    held_out = records(80)[60:]
+    held_out = record_examples(records(80)[60:], tokenizer, 256)
     before = heldout_metrics(student, teacher, tokenizer, held_out)
     out = tmp_path / "kd"
     result = recover(student, tokenizer, records(60), kd_config(max_steps=12, lr=1e-2), out, progress=False,
@@ -220,11 +221,12 @@ TEXT = "The capital of France is Paris. A cat sat on the mat. " * 30
 
 
 def test_text_is_packed_into_cutoff_length_sequences(tokenizer, tmp_path):
-    from rora.recovery.data import load_texts, pack_texts
+    from rora.recovery.data import pack_texts
+    from rora.sources.text import read_documents
 
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "A cat sat."}) + "\n\n" + json.dumps({"text": TEXT}) + "\n")
-    docs = load_texts(path)
+    docs = read_documents(path)
     assert docs == ["A cat sat.", TEXT]
     seqs = pack_texts(docs, tokenizer, 16)
     stream = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
@@ -242,7 +244,7 @@ def test_recover_on_a_text_file(tokenizer, tmp_path, objective):
     result = recover(_pruned(teacher), tokenizer, None, cfg, progress=False, teacher=teacher)
     metrics = result.val_metrics
     assert metrics["val_response_loss"] == pytest.approx(metrics["val_text_loss"])  # plain text: every token labelled
-    assert result.best_val_loss == metrics["val_kl" if objective == "kd" else "val_text_loss"]
+    assert result.best_val_loss == pytest.approx(metrics["val_kl" if objective == "kd" else "val_text_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -278,6 +280,7 @@ def test_bad_text_sources_are_refused(tokenizer, tmp_path):
 
 def test_teacher_written_text_is_cached_and_reused(tokenizer, tmp_path, monkeypatch):
     from rora.recovery import synthetic
+    from rora.sources import text
 
     monkeypatch.setenv("RORA_CACHE_DIR", str(tmp_path / "cache"))
     teacher = make_model(seed=4)
@@ -294,7 +297,7 @@ def test_teacher_written_text_is_cached_and_reused(tokenizer, tmp_path, monkeypa
     def no_sampling(*a, **k):
         raise AssertionError("the cached texts should have been reused")
 
-    monkeypatch.setattr(synthetic, "generate", no_sampling)
+    monkeypatch.setattr(text, "sample", no_sampling)
     second = recover(_pruned(teacher), tokenizer, records(20), cfg, tmp_path / "b", progress=False, teacher=teacher)
     fingerprint = [json.loads((tmp_path / d / "rora.json").read_text())["report"]["data_fingerprint"] for d in "ab"]
     assert fingerprint[0] == fingerprint[1] and first.best_val_loss == second.best_val_loss
@@ -304,7 +307,7 @@ def test_teacher_written_text_is_cached_and_reused(tokenizer, tmp_path, monkeypa
 
 
 def test_teacher_writes_from_seed_prompts_without_records(tokenizer, tmp_path, monkeypatch):
-    from rora.recovery.synthetic import SEED_PROMPTS
+    from rora.sources.text import GENERAL_OPENINGS as SEED_PROMPTS
 
     monkeypatch.setenv("RORA_CACHE_DIR", str(tmp_path / "cache"))
     teacher = make_model(seed=4)
@@ -413,3 +416,34 @@ def test_kd_non_finite_loss_stops_and_keeps_the_checkpoint(tokenizer, tmp_path, 
         recover(make_model(), tokenizer, records(), kd_config(val_set_size=0), out, progress=False,
                 teacher=make_model(seed=1))
     assert all(torch.isfinite(t).all() for t in load_file(partial_dir(out) / "checkpoints" / "step-4" / "optimizer.safetensors").values())
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_text_and_records_mix_at_the_token_ratio(tokenizer, tmp_path, ratio):
+    from rora.recovery.data import mix, prepare, prepare_text
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT * 20)
+    cfg = kd_config(val_set_size=2)
+    text, recs = prepare_text(path, tokenizer, cfg), prepare(records(40), tokenizer, cfg)
+    mixed = mix(text, recs, ratio)
+    from_text = sum(len(e) for e in mixed.train if e in text.train)
+    total = sum(len(e) for e in mixed.train)
+    assert from_text / total == pytest.approx(ratio, abs=0.08)
+    assert all(e in text.train or e in recs.train for e in mixed.train)
+    assert mixed.val == text.val + recs.val  # the best checkpoint is chosen on both kinds of held-out text
+    assert mixed.fingerprint != mix(text, recs, 0.9).fingerprint
+
+
+def test_recover_on_teacher_written_general_text_mixed_with_records(tokenizer, tmp_path, monkeypatch):
+    from rora.sources.text import GENERAL_OPENINGS
+
+    monkeypatch.setenv("RORA_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = make_model(seed=4)
+    cfg = kd_config(synthetic=40, synthetic_tokens=24, synthetic_prompts="general", text_ratio=0.5, val_set_size=2,
+                    max_steps=2)
+    result = recover(_pruned(teacher), tokenizer, records(20), cfg, tmp_path / "run", progress=False, teacher=teacher)
+    (cached,) = (tmp_path / "cache" / "synthetic").glob("*.jsonl")
+    texts = [json.loads(line)["text"] for line in cached.read_text().splitlines()]
+    assert all(any(t.startswith(p) for p in GENERAL_OPENINGS) for t in texts)  # general text, not the records' prompts
+    assert result.steps == 2 and result.val_metrics["val_kl"] > 0

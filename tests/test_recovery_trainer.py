@@ -98,7 +98,7 @@ def test_bad_input_writes_nothing_and_keeps_existing_output(tokenizer, tmp_path)
 def test_resume_with_a_different_config_is_refused(tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
-    def crash(self, source):
+    def crash(self, *args):
         raise RuntimeError("simulated crash after the last checkpoint")
 
     with monkeypatch.context() as m:

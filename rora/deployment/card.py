@@ -92,11 +92,12 @@ def _table_section(title: str, data: dict | None) -> list[str]:
 
 def _eval_table(evaluation: dict) -> list[str]:
     labels = list(evaluation)
-    tasks = []
+    tasks, averages = [], []  # averages ("average", "average w/o boolq") go last
     for scores in evaluation.values():
-        tasks += [t for t in scores if t not in tasks and t != "average"]
-    if any("average" in s for s in evaluation.values()):
-        tasks.append("average")
+        for t in scores:
+            group = averages if t.startswith("average") else tasks
+            group += [] if t in group else [t]
+    tasks += averages
     out = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for task in tasks:
         cells = [evaluation[label].get(task) for label in labels]

@@ -43,9 +43,11 @@ def gguf_model_problems(cfg, shapes, layout: str, qtype: str) -> list[str]:
 
 def _transformers_reads(arch: str, cfg, shapes) -> bool:
     """Whether transformers' GGUF loader rebuilds this file: it knows no deci, derives qwen2's head size from
-    hidden_size / heads, and builds a LlamaConfig, which refuses a head count that does not divide hidden_size."""
+    hidden_size / heads, builds a LlamaConfig, which refuses a head count that does not divide hidden_size, and
+    drops a llama file's bias tensors (a reconstructed model's output biases)."""
     heads = shapes[0].q_heads
-    return arch in ("llama", "qwen2") and cfg.hidden_size % heads == 0 and (
+    biases = arch == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False))
+    return arch in ("llama", "qwen2") and cfg.hidden_size % heads == 0 and not biases and (
         arch == "llama" or head_dim(cfg) == cfg.hidden_size // heads)
 
 

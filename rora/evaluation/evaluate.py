@@ -17,6 +17,7 @@ from pathlib import Path
 from ..artifacts import atomic_file, check_output, provenance, write_json
 from ..config import EvalConfig
 from ..errors import ConfigError, MergeError, ModelLoadError
+from ..measure import Prose
 from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
@@ -43,6 +44,7 @@ class EvalResults:
     adapter: str | None = None
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    prose: dict | None = None  # loss, perplexity, kl, tokens, documents, source on held-out prose (rora.measure.Prose)
 
     def to_dict(self) -> dict:
         """The JSON summary (records excluded: they go to the .examples.jsonl file)."""
@@ -53,6 +55,7 @@ class EvalResults:
             "adapter": self.adapter,
             "average": self.average,
             "per_task": {t: {**r, "model": self.model, "adapter": self.adapter} for t, r in self.per_task.items()},
+            "prose": self.prose,
             "config": self.config,
             "provenance": self.provenance,
         }
@@ -76,6 +79,11 @@ class EvalResults:
             lines.append("| " + " | ".join(cells) + " |")
         blank = [""] * (3 if lmeval else 0)
         lines.append("| " + " | ".join(["**average**", "", f"**{_pct(self.average)}**", *blank, "", ""]) + " |")
+        if self.prose:
+            p = self.prose
+            kl = "" if p["kl"] is None else f", KL to the reference {p['kl']:.3f} nats/token"
+            lines += ["", f"held-out prose: loss {p['loss']:.3f}, perplexity {p['perplexity']:.1f}{kl} "
+                          f"({p['tokens']:,} tokens of {p['documents']} documents: {p['source']})"]
         return "\n".join(lines)
 
 
@@ -120,13 +128,14 @@ def check_data(config: EvalConfig, data_dir=None) -> None:
 
 
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
-             adapter=None, progress: bool = True, overwrite: bool = True) -> EvalResults:
+             adapter=None, progress: bool = True, overwrite: bool = True, reference=None) -> EvalResults:
     """Evaluate `model` on `config.tasks` under `config.protocol`; write the outputs when `out` is given.
 
     data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
     else the data is downloaded. `limit` keeps the first N examples of each task, `sample` a seeded random N
     (`seed`). Existing outputs are replaced unless `overwrite=False` (the CLI's default, checked before the model
-    is loaded).
+    is loaded). `config.prose` adds the loss and perplexity on held-out prose, and with `reference` (the unpruned
+    model) the KL to it.
     """
     config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
@@ -136,6 +145,7 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     if out is not None:
         check_outputs(out, overwrite)
     data_dir = resolve_data_dir(data_dir)
+    prose = Prose.load(config.prose, config.prose_documents, data_dir)  # a bad prose file fails before the compute
     model.eval()
     if config.protocol == "lm-eval":
         per_task, records = _run_lmeval(model, tokenizer, tasks, data_dir, config)
@@ -155,6 +165,7 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
         model=model_name or getattr(getattr(model, "config", None), "name_or_path", None) or None,
         adapter=str(adapter) if adapter is not None else None,
         config={**config.to_dict(), "data_dir": str(data_dir) if data_dir else None}, provenance=provenance(),
+        prose=prose.measure(model, reference, tokenizer) if prose else None,
     )
     if out is not None:
         write_results(results, out)

@@ -12,13 +12,12 @@ per-record samples keep records whole and need no corpus concatenation).
 """
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import torch
 
 from ..errors import DataError
+from ..sources.text import read_records, record_text
 
 BUILTIN = (
     "The river town woke slowly. Fishermen pushed their boats into the grey water while the baker lit his ovens, "
@@ -82,7 +81,7 @@ BUILTIN = (
 
 def load_calibration(source: str, seed: int = 42) -> list[str]:
     """The pool of calibration texts for `source` ('builtin' or a path), shuffled with `seed`."""
-    texts = list(BUILTIN) if source == "builtin" else _read_records(Path(source).expanduser())
+    texts = list(BUILTIN) if source == "builtin" else [record_text(r) for r in read_records(source)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"calibration source {source!r} holds no text; give records with instruction/output text")
@@ -113,29 +112,3 @@ def encode(tokenizer, texts: list[str], seq_len: int) -> list[torch.Tensor]:
             raise DataError(f"calibration text {text[:40]!r} has fewer than 2 tokens; remove it or give longer text")
         out.append(ids)
     return out
-
-
-def _read_records(path: Path) -> list[str]:
-    if path.is_dir():
-        files = sorted(path.glob("*/train.json"))
-        if not files:
-            raise DataError(f"{path} has no <task>/train.json files; give a training JSON file or such a directory")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"calibration data not found: {path} (use 'builtin', a JSON file, or a dir of <task>/train.json)")
-    texts = []
-    for f in files:
-        try:
-            records = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{f} is not valid JSON: {exc}") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise DataError(f"{f} must hold a JSON list of {{instruction, input, output}} records")
-        texts.extend(_record_text(r) for r in records)
-    return texts
-
-
-def _record_text(record: dict) -> str:
-    parts = (record.get("instruction"), record.get("input"), record.get("output"))
-    return "\n".join(str(p) for p in parts if p)

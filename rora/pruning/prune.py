@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, count_parameters, save_model_dir, write_stage_manifest
+from ..artifacts import count_parameters, save_stage_model
 from ..config import PruneConfig
 from ..errors import PruningError
 from .calibration import encode, load_calibration, split_pool
@@ -59,6 +59,7 @@ class PruneReport:
     loss_after: float | None = None
     standard_config: bool = True  # plain transformers from_pretrained loads it (else only rora.load_model)
     seconds: float = 0.0
+    prose: dict = field(default_factory=dict)  # {"before", "after"}: figures on held-out prose, when measured
     perplexity_before: float | None = field(init=False, default=None)
     perplexity_after: float | None = field(init=False, default=None)
 
@@ -210,13 +211,7 @@ def heldout_loss(model, samples: list[torch.Tensor]) -> float | None:
 def save_pruned(model, tokenizer, report: PruneReport, out, overwrite: bool = False, source: str | None = None) -> Path:
     """Write the pruned model (safetensors, config, tokenizer) and its manifest atomically to `out`; `source` is
     the spec of the model that was pruned."""
-    out = Path(out)
-    record = report.to_dict()
-    config = record.pop("config")  # the manifest's own section
-    with atomic_dir(out, overwrite) as tmp:
-        save_model_dir(model, tokenizer, tmp)
-        write_stage_manifest(tmp, "prune", {"model": source}, config, record)
-    return out
+    return save_stage_model(model, tokenizer, out, "prune", {"model": source}, report.to_dict(), overwrite)
 
 
 def _kept(shape: LayerShape, removed) -> tuple[list[int], list[int], list[int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DataError
+from ..sources.text import pack, read_documents
 from .prompts import split_prompt
 
 IGNORE_INDEX = -100
@@ -228,55 +229,41 @@ def collate(examples: list[Example], pad_id: int):
 
 
 # ---- plain text (distillation needs no labels) --------------------------------------------------------------------
-def load_texts(path: str | Path) -> list[str]:
-    """The documents of a text file: a .txt file is one document; a .jsonl file holds one {"text": ...} per line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"text file not found: {path}")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"{path}: plain-text training data must be a .txt file or a .jsonl file with a 'text' field")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-    if path.suffix == ".txt":
-        docs = [text]
-    else:
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path} line {n} has no string 'text' field")
-            docs.append(row["text"])
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"{path} holds no text")
-    return docs
-
-
 def pack_texts(docs: list[str], tokenizer, cutoff_len: int) -> list[Example]:
-    """Documents tokenized, each ended with EOS, concatenated and cut into sequences of `cutoff_len` tokens (the
-    last may be shorter). Every token is labelled: on plain text, SFT is language modelling."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        ids = list(tokenizer(doc, add_special_tokens=True)["input_ids"])
-        stream += ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
-    seqs = [stream[s : s + cutoff_len] for s in range(0, len(stream), cutoff_len)]
-    return [Example(q, list(q)) for q in seqs if len(q) >= 2]  # a one-token sequence predicts nothing
+    """Documents packed into sequences of `cutoff_len` tokens (rora.sources.text.pack), every token labelled: on
+    plain text, SFT is language modelling."""
+    return [Example(q, list(q)) for q in pack(docs, tokenizer, cutoff_len)]
 
 
 def prepare_text(path: str | Path, tokenizer, config) -> TokenizedData:
     """Load and pack a text file; the validation set is `val_set_size` packed sequences (seeded), as for records."""
-    sequences = pack_texts(load_texts(path), tokenizer, config.cutoff_len)
+    sequences = pack_texts(read_documents(path), tokenizer, config.cutoff_len)
     if not sequences:
         raise DataError(f"{path} holds fewer than two tokens of text")
     train, val = split_train_val(sequences, config.val_set_size, config.seed, config.max_train_examples)
     digest = hashlib.sha256(json.dumps([[e.input_ids for e in train], [e.input_ids for e in val]]).encode()).hexdigest()[:16]
     return TokenizedData(train, val, 0, digest)
+
+
+def mix(text: TokenizedData, records: TokenizedData, ratio: float) -> TokenizedData:
+    """Text sequences and records together, `ratio` of the training tokens from the text: as many of both as the
+    scarcer one allows (each side in its own seeded order). Validation keeps both sides' held-out examples, so the
+    best checkpoint is chosen on text and records alike."""
+    text_tokens = sum(len(e) for e in text.train)
+    record_tokens = sum(len(e) for e in records.train)
+    want_text = min(text_tokens, ratio / (1 - ratio) * record_tokens)
+    want_records = want_text * (1 - ratio) / ratio
+    train = _first_tokens(text.train, want_text) + _first_tokens(records.train, want_records)
+    digest = hashlib.sha256(f"{text.fingerprint}-{records.fingerprint}-{ratio}".encode()).hexdigest()[:16]
+    return TokenizedData(train, text.val + records.val, records.dropped_too_long, digest)
+
+
+def _first_tokens(examples: list[Example], tokens: float) -> list[Example]:
+    """The first examples holding about `tokens` tokens (at least one)."""
+    out, total = [], 0
+    for e in examples:
+        if out and total + len(e) / 2 > tokens:
+            break
+        out.append(e)
+        total += len(e)
+    return out

@@ -13,14 +13,13 @@ single backward pass (so DDP's gradient hooks fire once, as for any loss), and n
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .data import IGNORE_INDEX, Example, collate, tokenize_record
+from ..measure import causal_lm_of, decoder_states, text_positions, text_sums
+from .data import IGNORE_INDEX, Example, normalize_record, tokenize_record
 
 
 class ChunkedKL(torch.autograd.Function):
@@ -79,26 +78,12 @@ def chunked_kl(hidden, head: nn.Linear, teacher_hidden, teacher_head: nn.Linear,
     return ChunkedKL.apply(hidden, head.weight, teacher_hidden, teacher_head.weight, float(temperature), int(chunk_size))
 
 
-def causal_lm_of(model):
-    """The causal LM inside a PeftModel (adapters active), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def text_positions(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[batch, width - 1] mask of the positions that predict a real (non-padding) token of their text."""
-    return torch.arange(width - 1, device=lengths.device)[None, :] < (lengths[:, None] - 1)
-
-
 def labelled_ce(causal_lm, hidden, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over positions whose next-token label is not IGNORE_INDEX (LM head on those only)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
-
-
-def _hidden(causal_lm, input_ids):
-    return causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 class DistillLoss(nn.Module):
@@ -116,10 +101,10 @@ class DistillLoss(nn.Module):
 
     def forward(self, input_ids, labels, lengths):
         student = self.peft_model.get_base_model()
-        hidden = _hidden(student, input_ids)
+        hidden = decoder_states(student, input_ids)
         keep = text_positions(lengths, input_ids.shape[1])
         with torch.inference_mode():
-            t_hidden = _hidden(self.teacher, input_ids.to(self.teacher.device))[:, :-1][keep.to(self.teacher.device)]
+            t_hidden = decoder_states(self.teacher, input_ids.to(self.teacher.device))[:, :-1][keep.to(self.teacher.device)]
         kd = chunked_kl(hidden[:, :-1][keep], student.get_output_embeddings(), t_hidden,
                         self.teacher.get_output_embeddings(), self.temperature, self.chunk_size)
         sft = labelled_ce(student, hidden, labels)[0] if self.sft else kd.new_zeros(())
@@ -133,79 +118,18 @@ def batch_sums(causal_lm, teacher, ids, labels, lengths, chunk_size: int = 256) 
     KL is 0 without a teacher. The whole-text NLL and the KL cover the same positions (those that predict a real
     token), so their per-token means compare directly.
     """
-    hidden = _hidden(causal_lm, ids)
+    hidden = decoder_states(causal_lm, ids)
     resp, n_resp = labelled_ce(causal_lm, hidden, labels)
-    keep = text_positions(lengths, ids.shape[1])
-    h, targets = hidden[:, :-1][keep], ids[:, 1:][keep]
-    head = causal_lm.get_output_embeddings()
-    t_h = None
-    if teacher is not None:
-        with torch.inference_mode():
-            t_h = _hidden(teacher, ids.to(teacher.device))[:, :-1][keep.to(teacher.device)]
-        t_head = teacher.get_output_embeddings()
-    nll = kl = torch.zeros((), dtype=torch.float32, device=ids.device)
-    for s in range(0, h.shape[0], chunk_size):
-        log_s = head(h[s : s + chunk_size]).float().log_softmax(-1)
-        nll = nll - log_s.gather(1, targets[s : s + chunk_size, None]).sum()
-        if t_h is not None:
-            log_t = t_head(t_h[s : s + chunk_size]).float().to(ids.device).log_softmax(-1)
-            kl = kl + F.kl_div(log_s, log_t, log_target=True, reduction="sum")
-    return torch.stack([resp.float(), n_resp.float(), nll, keep.sum().float(), kl])
+    return torch.cat([torch.stack([resp.float(), n_resp.float()]),
+                      text_sums(causal_lm, teacher, hidden, ids, lengths, chunk_size)])
 
 
-def heldout_metrics(model, teacher, tokenizer, texts_or_examples, cutoff_len: int = 256, batch_size: int = 8,
-                    chunk_size: int = 256) -> dict:
-    """Whole-text mean NLL per token ("loss"), mean KL(teacher || model) per token ("kl", None without a teacher)
-    and the number of predicted tokens ("tokens") on held-out texts.
-
-    `texts_or_examples`: strings (truncated to `cutoff_len` tokens), recovery records (the training prompt with
-    its response; those longer than the cutoff are skipped), or tokenized `Example`s. `model` may be a PeftModel.
-    KL is at temperature 1: the distributions themselves, whatever temperature a run trained with.
-    """
-    examples = _as_examples(texts_or_examples, tokenizer, cutoff_len)
-    student = causal_lm_of(model)
-    teacher = causal_lm_of(teacher) if teacher is not None else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(student.parameters()).device
-    modes = [(m, m.training) for m in (student, teacher) if m is not None]
-    for m, _ in modes:
-        m.eval()
-    try:
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-        sums = torch.zeros(5, device=device)
-        for s in range(0, len(order), batch_size):
-            batch = [examples[i] for i in order[s : s + batch_size]]
-            ids, labels = (t.to(device) for t in collate(batch, pad))
-            lengths = torch.tensor([len(e) for e in batch], device=device)
-            sums += batch_sums(student, teacher, ids, labels, lengths, chunk_size)
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-    n = int(sums[3])
-    return {"loss": float(sums[2]) / max(n, 1), "kl": float(sums[4]) / max(n, 1) if teacher is not None else None,
-            "tokens": n}
-
-
-def _as_examples(items, tokenizer, cutoff_len: int) -> list[Example]:
-    out = []
-    for item in items:
-        if isinstance(item, Example):
-            out.append(item)
-        elif isinstance(item, str):
-            ids = tokenizer(item, add_special_tokens=True)["input_ids"][:cutoff_len]
-            out.append(Example(ids, list(ids)))
-        elif isinstance(item, dict):
-            from .data import normalize_record
-
-            e = tokenize_record(normalize_record(item, len(out)), tokenizer, cutoff_len, train_on_inputs=True)
-            if e is not None:
-                out.append(e)
-        else:
-            raise ConfigError(f"held-out items must be strings, records or Examples, got {type(item).__name__}")
-    out = [e for e in out if len(e) >= 2]  # a one-token text predicts nothing
-    if not out:
-        raise ConfigError("no held-out text with at least two tokens within the cutoff")
-    return out
+def record_examples(records: list[dict], tokenizer, cutoff_len: int) -> list[Example]:
+    """Recovery records as whole training texts (prompt and response), for held-out figures; those longer than
+    the cutoff are skipped."""
+    found = [tokenize_record(normalize_record(r, i), tokenizer, cutoff_len, train_on_inputs=True)
+             for i, r in enumerate(records)]
+    return [e for e in found if e is not None]
 
 
 # ---- the teacher --------------------------------------------------------------------------------------------------
@@ -262,16 +186,3 @@ def prepare_teacher(teacher, device, dtype: torch.dtype):
     lm = causal_lm_of(teacher)
     lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return lm
-
-
-def model_signature(model) -> str:
-    """A cheap fingerprint of a model's weights (shapes, dtypes and a slice of every tensor), for resume checks and
-    the synthetic-text cache key: hashing every byte of a 1B model would take seconds on each run."""
-    digest = hashlib.sha256()
-    for name, p in causal_lm_of(model).state_dict().items():
-        flat = p.detach().reshape(-1)
-        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
-        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(flat.float().sum()):.6e}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-

@@ -42,10 +42,11 @@ from torch import nn
 from ..artifacts import (ADAPTER_DIR, atomic_dir, check_output, is_recovery, process_alive, read_json, replace_dir,
                          write_json, write_stage_manifest)
 from ..config import RecoverConfig
+from ..numerics import model_signature
 from ..models import peft_wrapping
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError
-from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
-from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
+from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, mix, prepare, prepare_text, step_plan
+from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce,
                       prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
@@ -72,6 +73,7 @@ class RecoverResult:
     module_scales: dict[str, float] = field(default_factory=dict)
     objective: str = "sft"
     val_metrics: dict = field(default_factory=dict)  # the best step's held-out figures (val_kl, val_text_loss, ...)
+    prose: dict | None = None  # loss, perplexity, KL to the teacher, tokens on held-out prose (when measured)
 
     def to_dict(self) -> dict:
         return {
@@ -86,6 +88,7 @@ class RecoverResult:
             "metrics_path": str(self.metrics_path) if self.metrics_path else None,
             "objective": self.objective,
             "val_metrics": self.val_metrics,
+            "prose": self.prose,
         }
 
 
@@ -108,7 +111,7 @@ class LabelledTokenLoss(nn.Module):
 
 def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=None, *, resume: bool = False,
             overwrite: bool = False, progress: bool = True, source: str | None = None, teacher=None,
-            teacher_tokenizer=None) -> RecoverResult:
+            teacher_tokenizer=None, prose=None) -> RecoverResult:
     """Train an adapter on `model` with `data` as `config` says; write the run to `out` (optional).
 
     `data`: a JSON/JSONL file (LLM-Adapters or Alpaca format), a directory of <task>/train.json, a hub dataset
@@ -122,6 +125,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     `teacher`: a causal LM with the student's vocabulary (e.g. the unpruned model), required by the kd objectives;
     with `sft` it is optional and only adds held-out KL to the metrics. It is frozen and moved, in place, to the
     training device in `config.teacher_dtype`. `teacher_tokenizer`, when given, must equal `tokenizer`.
+    `prose` (a rora.measure.Prose): the recovered model's loss, perplexity and KL to the teacher on held-out prose,
+    in the result and the manifest.
     """
     from peft import get_peft_model
 
@@ -185,7 +190,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         _restore(run, state)
     try:
         run.train()
-        result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None})
+        result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None},
+                            prose, tokenizer)
     except BaseException:
         # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
         # failed before this point has no checkpoint either: the next run into `out` removes it.)
@@ -254,18 +260,24 @@ def model_fingerprint(model) -> str:
 
 
 def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progress: bool = False):
-    """Tokenized training data: records (`data`), a text file (`config.text`), or texts the teacher writes
-    (`config.synthetic`, continuing the records' prompts when `data` is given)."""
+    """Tokenized training data: records (`data`), plain text (`config.text`, or texts the teacher writes with
+    `config.synthetic`, continuing the records' prompts or general openings), or both mixed at
+    `config.text_ratio` of the training tokens."""
+    if config.text is not None and data is not None and config.text_ratio is None:
+        raise DataError("give training records (--data) or a text file (--text), not both (unless --text-ratio mixes "
+                        "them)")
+    text = None
     if config.text is not None:
-        if data is not None:
-            raise DataError("give training records (--data) or a text file (--text), not both")
-        return prepare_text(config.text, tokenizer, config)
-    if config.synthetic:
-        records = load_records(data) if data is not None else None
-        return prepare_text(synthetic_texts(teacher, tokenizer, records, config, progress), tokenizer, config)
+        text = prepare_text(config.text, tokenizer, config)
+    elif config.synthetic:
+        prompts_from = load_records(data) if data is not None and config.synthetic_prompts == "records" else None
+        text = prepare_text(synthetic_texts(teacher, tokenizer, prompts_from, config, progress), tokenizer, config)
+    if text is not None and config.text_ratio is None:
+        return text
     if data is None:
         raise DataError("no training data: give records (--data), a text file (--text) or --synthetic N")
-    return prepare(data, tokenizer, config)
+    records = prepare(data, tokenizer, config)
+    return records if text is None else mix(text, records, config.text_ratio)
 
 
 def _accelerator():
@@ -527,10 +539,12 @@ class _Run:
             weights = load_peft_weights(str(self.out / "checkpoints" / "best" / "adapter"), device="cpu")
             set_peft_model_state_dict(self.peft_model, weights)
 
-    def finish(self, source: dict) -> RecoverResult:
-        """Load the best adapter; write adapter/, loss.png and the manifest; return the result."""
+    def finish(self, source: dict, prose=None, tokenizer=None) -> RecoverResult:
+        """Load the best adapter; write adapter/, loss.png and the manifest (with `prose`, a rora.measure.Prose, the
+        best adapter's figures on it); return the result."""
         self.load_best()
         self.peft_model.eval()
+        prose = prose.measure(self.peft_model, self.teacher, tokenizer) if prose is not None else None
         cfg, acc = self.config, self.acc
         scales = module_scales(self.peft_model)
         tps = self.train_tokens / max(self.train_seconds, 1e-9)
@@ -561,13 +575,14 @@ class _Run:
                     "tokens_per_second": round(tps, 2),
                     "num_processes": acc.num_processes,
                     "data_fingerprint": self.data.fingerprint,
+                    "prose": prose,
                 })
             acc.wait_for_everyone()
         return RecoverResult(
             model=self.peft_model, adapter_dir=adapter_dir, best_val_loss=self.best_val_loss, best_step=self.best_step,
             effective_scale=effective_scale(cfg), steps=self.step, train_tokens=self.train_tokens,
             tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
-            module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(),
+            module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(), prose=prose,
         )
 
     def best_metrics(self) -> dict:
