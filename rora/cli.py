@@ -3,10 +3,12 @@ API function. No logic lives here beyond that; heavy imports happen inside comma
 RoraError (and click's usage errors) become one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import types
 import typing
@@ -19,7 +21,8 @@ from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, Prune
 
 def _fail(message: str) -> None:
     _close_progress_bars()
-    click.echo(f"rora: error: {message}", err=True)
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
+    click.echo(f"rora: error: {one_line}", err=True)
     sys.exit(2)
 
 
@@ -32,6 +35,26 @@ def _close_progress_bars() -> None:
     sys.stdout.flush()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it cleans up exactly as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    def stop(signum, frame):
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handles_errors(fn):
     """Turn library exceptions into one clear stderr line and exit code 2."""
 
@@ -40,11 +63,13 @@ def handles_errors(fn):
         from .errors import RoraError
 
         try:
-            return fn(*args, **kwargs)
+            with _terminate_like_interrupt():
+                return fn(*args, **kwargs)
         except RoraError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; outputs in progress were discarded (re-run with --resume where supported)")
+        except KeyboardInterrupt as exc:
+            how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+            _fail(f"{how}; outputs in progress were discarded (re-run with --resume where supported)")
         except OSError as exc:  # the file system said no (full disk, read-only, permissions): name the path
             where = exc.filename or ""
             _fail(f"cannot access {where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}")
@@ -107,7 +132,22 @@ def _option(owner, f: dataclasses.Field, required: bool):
     return click.option(flag, f.name, **kwargs)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Rora(click.Group):
+    """Click's usage errors (a missing option, an unknown flag) are bad input too: one line, exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            _fail(exc.format_message() + (f" (see {ctx.command_path} --help)" if ctx is not None else ""))
+        except click.Abort:
+            _fail("interrupted")
+
+
+@click.group(cls=_Rora, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="rora")
 def main():
     """rora: prune LLaMA-family models and recover their accuracy with RoRA adapters.

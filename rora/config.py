@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, detail
 from .registry import (COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS,
                        OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, SCHEDULERS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
                        Registry, did_you_mean)
@@ -152,7 +152,7 @@ class StageConfig:
         except UnicodeDecodeError:
             raise ConfigError(f"{path} is not a UTF-8 text file; is it a YAML config?") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+            raise ConfigError(f"{path} is not valid YAML: {detail(exc)}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
         return cls.from_dict(data)
@@ -424,7 +424,7 @@ def parse_setting(text: str) -> tuple[str, Any]:
     try:
         return path.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: the value is not valid YAML: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"--set {text}: the value is not valid YAML: {detail(exc)}") from None
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"

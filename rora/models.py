@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
-from .errors import ModelLoadError, RoraError, UnsupportedModelError
+from .errors import ModelLoadError, RoraError, UnsupportedModelError, detail
 from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported
 from .numerics import resolve_dtype
 from .sources.gguf import GGUF_TOKENIZER_KEY, gguf_architecture, source_tokenizer_keys
@@ -232,10 +232,10 @@ def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_p
     except RoraError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "ignore_mismatched_sizes" in detail:  # the rest of transformers' message points at the silenced report
-            detail = "a weight's shape does not match config.json"
-        raise ModelLoadError(f"cannot load {path} ({', '.join(w.name for w in weights) or 'no weights'}): {detail}") from None
+        found = detail(exc)
+        if "ignore_mismatched_sizes" in found:  # the rest of transformers' message points at the silenced report
+            found = "a weight's shape does not match config.json"
+        raise ModelLoadError(f"cannot load {path} ({', '.join(w.name for w in weights) or 'no weights'}): {found}") from None
     return model, tokenizer
 
 
@@ -245,7 +245,7 @@ def _load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {detail(exc)}") from None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -275,7 +275,7 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: download it first, or pass a local directory)" if offline else ""
-        raise ModelLoadError(f"cannot load hub model {repo_id!r}{hint}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load hub model {repo_id!r}{hint}: {detail(exc)}") from None
     return model, tokenizer
 
 

@@ -81,6 +81,13 @@ def hidden(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
 
 
+def marked_by(directory, pid):
+    """The hidden leftovers in `directory` whose ownership marker names the process `pid`."""
+    from rora.artifacts import read_marker
+
+    return [n for n in hidden(directory) if (read_marker(directory / n) or {}).get("pid") == pid]
+
+
 def same_tensors(a, b):
     a, b = load_file(a), load_file(b)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -103,7 +110,7 @@ def test_sigkill_during_prune_then_rerun(root):
     PRUNE = ["--config", root / "prune.yaml"]
     pid = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", *PRUNE)
     assert not (root / "pruned").exists()
-    assert [n for n in hidden(root) if f".tmp-{pid}-" in n]  # the killed run's half-written directory
+    assert marked_by(root, pid)  # the killed run's half-written directory, marked as its own
     completes(root, "prune", root / "base", "--out", root / "pruned", *PRUNE)
     assert hidden(root) == []  # removed by the rerun: its process is gone
 

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import make_model
 
-from rora.artifacts import atomic_dir, remove_stale_temporaries, save_model_dir, write_json
+from rora.artifacts import MARKER, atomic_dir, process_identity, remove_stale_temporaries, save_model_dir, write_json
 from rora.cli import main
 from rora.config import RecoverConfig
 from rora.registry import TASKS as TASK_NAMES
@@ -47,25 +47,44 @@ def test_outputs_honour_the_umask(tmp_path):
     assert (mode(tmp_path / "out"), mode(tmp_path / "out" / "a.json"), mode(tmp_path / "b.json")) == (0o755, 0o644, 0o644)
 
 
-def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tmp_path):
+def _marked(directory, **identity):
+    """A directory holding rora's ownership marker for `identity` (pid, start, boot)."""
+    directory.mkdir()
+    (directory / MARKER).write_text(json.dumps({**process_identity(), **identity, "token": "t"}))
+    (directory / "weights").write_bytes(b"x" * 100)
+    return directory
+
+
+def test_only_marked_leftovers_of_gone_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    me = process_identity()
     leftovers = {
-        f".out.tmp-{dead.pid}-abc": True,  # its process is gone
-        f".out.old-{dead.pid}": True,
-        f".out.tmp-{os.getpid()}-xyz": False,  # a run still going (this one)
-        ".out.tmp-k3j4h5": True,  # an older rora's name without a pid, a day old
-        ".other.tmp-1-abc": False,  # another output's
+        _marked(tmp_path / ".out.tmp-a1", pid=dead.pid): True,  # its process is gone
+        _marked(tmp_path / ".out.tmp-a2", start=me["start"] - 1): True,  # this pid, but reused: another process's
+        _marked(tmp_path / ".out.tmp-a3", boot="another-boot"): True,  # written before a reboot
+        _marked(tmp_path / ".out.tmp-a4"): False,  # a run still going (this one)
+        _marked(tmp_path / ".other.tmp-a5", pid=dead.pid): False,  # another output's
     }
-    for name in leftovers:
+    for name in (f".out.tmp-{dead.pid}-abc", f".out.old-{dead.pid}"):  # rora's old names, but no marker: the user's
         (tmp_path / name).mkdir()
-        (tmp_path / name / "weights").write_bytes(b"x" * 100)
-    day_ago = time.time() - 2 * 24 * 3600
-    os.utime(tmp_path / ".out.tmp-k3j4h5", (day_ago, day_ago))
+        (tmp_path / name / "precious").write_text("keep")
+        leftovers[tmp_path / name] = False
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("new")
-    assert {n: not (tmp_path / n).exists() for n in leftovers} == leftovers
+    assert {p: not p.exists() for p in leftovers} == leftovers
     assert remove_stale_temporaries(tmp_path / "out") == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f"]  # the marker is not published
+
+
+def test_an_older_output_a_kill_left_in_its_holder_is_put_back(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = _marked(tmp_path / ".out.old-x1", pid=dead.pid)
+    (holder / "out").mkdir()
+    (holder / "out" / "model.safetensors").write_text("the older output")
+    assert remove_stale_temporaries(tmp_path / "out") == [holder]
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the older output" and not holder.exists()
 
 
 def test_recover_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tokenizer, tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import atomic_file, check_output, provenance, write_json
+from ..artifacts import atomic_file, check_output, provenance, to_json
 from ..config import EvalConfig
-from ..errors import ConfigError, MergeError, ModelLoadError
+from ..errors import ConfigError, MergeError, ModelLoadError, detail
 from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
@@ -217,15 +217,16 @@ def _run_lmeval(model, tokenizer, tasks, data_dir, config):
 
 
 def write_results(results: EvalResults, out: str | Path) -> None:
-    """The JSON summary, the Markdown table and the per-example JSONL, each written atomically."""
+    """The JSON summary, the Markdown table and the per-example JSONL: all three written, then all three put in
+    place, so a failure (a full disk) replaces none of them."""
+    import contextlib
     import json
 
-    json_path, md_path, jsonl_path = output_paths(out)
-    write_json(json_path, results.to_dict())
-    with atomic_file(md_path) as tmp:
-        tmp.write_text(results.to_markdown() + "\n")
-    with atomic_file(jsonl_path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.records))
+    texts = (to_json(results.to_dict()), results.to_markdown() + "\n",
+             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.records))
+    with contextlib.ExitStack() as stack:
+        for path, text in zip(output_paths(out), texts):
+            stack.enter_context(atomic_file(path)).write_text(text)
 
 
 _MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
@@ -251,8 +252,7 @@ def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
     except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
         found = _MISMATCH.search(str(exc))
         if not found:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail}") from None
+            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail(exc)}") from None
         name, theirs, ours = found.groups()
         module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
         raise MergeError(

@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, detail
 from .data import sample_indices
 from .tasks import Task
 
@@ -76,7 +76,7 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
                                       bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
         except Exception as exc:  # lm-eval raises plain errors for missing data (offline hub, bad files)
             hint = "" if kind == "offline" else " (no data directory given, so lm-eval's hub task was tried)"
-            raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {detail(exc)}") from exc
         seconds = time.perf_counter() - start
         metrics = res["results"][name]
         samples = res["samples"][name]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, detail
 from .prompts import split_prompt
 
 IGNORE_INDEX = -100
@@ -91,7 +91,7 @@ def _load_hub(name: str) -> list[dict]:
         ds = datasets.load_dataset(name, split="train")
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFound...)
         raise DataError(
-            f"cannot load dataset {name!r} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"cannot load dataset {name!r} from the hub ({type(exc).__name__}: {detail(exc)}); "
             "offline, pass a local JSON/JSONL file or a directory of <task>/train.json"
         ) from None
     return [dict(r) for r in ds]

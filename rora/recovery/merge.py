@@ -23,7 +23,7 @@ import torch
 
 from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_stage_manifest
 from ..config import MergeConfig
-from ..errors import MergeError
+from ..errors import MergeError, detail
 from ..models import peft_wrapping, weights_files
 from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
@@ -130,7 +130,7 @@ def _attach(model, adapter, allow_pickle: bool = False):
         with peft_wrapping():
             return PeftModel.from_pretrained(model, str(adapter))
     except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:  # PEFT's own checks
-        raise MergeError(f"cannot attach the adapter {adapter} to the model: {str(exc).splitlines()[0]}") from None
+        raise MergeError(f"cannot attach the adapter {adapter} to the model: {detail(exc)}") from None
 
 
 def check_fit(model, adapter: str | Path, allow_pickle: bool = False) -> None:
@@ -174,7 +174,7 @@ def _weight_shapes(path: Path) -> dict[str, tuple]:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as exc:
-        raise MergeError(f"{path} is corrupt or not adapter weights: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise MergeError(f"{path} is corrupt or not adapter weights: {detail(exc)}") from None
 
 
 def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None,
