@@ -80,8 +80,8 @@ def handles_errors(fn):
 # ---- options generated from the config dataclasses: each field's name, type, help and default live once, in
 # rora.config, and every command that exposes the field shows the same option.
 def _csv(value: str | None) -> list[str] | None:
-    """'a, b' -> ['a', 'b']; None or '' -> None (not given)."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """'a, b' -> ['a', 'b']; None (not given) -> None; '' -> [] (given, naming nothing: the config decides)."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def config_options(cls, *paths: str, required: tuple[str, ...] = ()):
@@ -219,7 +219,7 @@ def prune(model, allow_pickle, out, overwrite, config_file, **flags):
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
     cfg = cfg.replace(**flags)
-    check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model, *cfg.input_paths()])  # before any work: bad input writes nothing
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
 
@@ -275,7 +275,7 @@ def recover(model, allow_pickle, data, out, teacher, resume, overwrite, config_f
     from .models import load_model
     from .recovery.trainer import check_recover_output, recover as recover_adapter
 
-    check_recover_output(out, resume, overwrite, inputs=[i for i in (model, data, teacher) if i])  # before loading the model
+    check_recover_output(out, resume, overwrite, inputs=[model, data, teacher, *cfg.input_paths()])  # before loading
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     t_model, t_tok = load_model(teacher, allow_pickle=allow_pickle, dtype=teacher_dtype(cfg.teacher_dtype)) if teacher else (None, None)
@@ -318,17 +318,19 @@ def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
+    from .artifacts import resolve_input
+    from .evaluation.data import resolve_data_dir
+
     cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
-    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, **flags)
-    check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks is not None else None, **flags)
+    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
+    # before loading the model: bad input writes nothing, and no output overwrites what the command reads
+    check_outputs(out, overwrite, inputs=[model, source.model, source.adapter, resolve_data_dir(data_dir)])
     from .evaluation.evaluate import evaluate, load_adapter
     from .models import load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    from .artifacts import resolve_input
-
-    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
-    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
     if source.adapter:
         m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
     results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter)
@@ -365,7 +367,7 @@ def run(config_file, preset, settings, print_config, overwrite, **flags):
         raise click.UsageError("give a CONFIG_FILE or --preset, not both")
     cfg = load_preset(preset) if preset else PipelineConfig.from_yaml(config_file) if config_file else PipelineConfig()
     cfg = cfg.with_settings(dict(parse_setting(s) for s in settings))
-    if flags["tasks"]:
+    if flags["tasks"] is not None:
         flags["tasks"] = parse_tasks(flags["tasks"])
     given = {path: flags[path.rpartition(".")[2]] for path in RUN_FLAGS}
     cfg = cfg.with_settings({path: value for path, value in given.items() if value is not None})
@@ -405,7 +407,7 @@ def merge(model, allow_pickle, adapter, out, overwrite, config_file, **flags):
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
-    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
     merged, report = merge_adapter(m, source.adapter, cfg, allow_pickle=allow_pickle)
     path = save_merged(merged, tok, report, out, overwrite=overwrite, source=source.model)
     r = report.to_dict()
@@ -430,11 +432,12 @@ def export(model, allow_pickle, out, overwrite, config_file, **flags):
     """Export MODEL as a Hugging Face directory or a GGUF file, with a model card; verified by loading it back."""
     cfg = (ExportConfig.from_yaml(config_file) if config_file else ExportConfig()).replace(**flags)
     from .artifacts import check_output
+    from .deployment import export_model, export_paths
 
-    check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
+    for path in export_paths(out, cfg.format):  # before loading the model: bad input writes nothing
+        check_output(path, overwrite, inputs=[model])
     from .models import load_model
     from .deployment.card import card_from_stages
-    from .deployment import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     card = card_from_stages(model)  # the pruning and recovery records of a stage output, and what it came from

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
+from .artifacts import check_apart, check_writable, count_parameters, dir_size, read_json, write_json
 from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError
 from .evaluation.stats import accuracy_table, outcomes_from_records
@@ -169,9 +169,9 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
 
     config = PipelineConfig.coerce(config)
     out = Path(config.out)
-    check_run_output(out, overwrite, inputs=[config.model, config.data, config.data_dir])
     data_dir = config.data_dir or os.environ.get("RORA_DATA_DIR")
     train_data = config.data or data_dir
+    check_run_output(out, overwrite, inputs=[*config.input_paths(), data_dir])
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
     records = check_inputs(config, data_dir, train_data)
@@ -242,7 +242,8 @@ def check_run_output(out: Path, overwrite: bool = False, inputs=()) -> None:
     if out.exists() and not ours and not overwrite:
         raise OutputExistsError(f"{out} already exists and is not a rora run; pass --overwrite to run into it "
                                 "(or choose another --out)")
-    check_output(out, overwrite=True, inputs=[i for i in inputs if i])
+    check_apart(out, inputs)  # a run writes into `out`, never replaces it whole
+    check_writable(out)
 
 
 def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | None:

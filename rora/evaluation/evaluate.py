@@ -89,15 +89,16 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
     return out, out.with_suffix(".md"), out.with_name(out.stem + ".examples.jsonl")
 
 
-def check_outputs(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse existing outputs before any work, unless `overwrite`; and an --out that one of the other two
-    outputs would overwrite (`--out r.md` is also the Markdown table's name)."""
+def check_outputs(out: str | Path, overwrite: bool = False, inputs=()) -> None:
+    """Refuse existing outputs before any work, unless `overwrite`; outputs that overlap `inputs` (the model, the
+    adapter, the data directory); and an --out that one of the other two outputs would overwrite (`--out r.md` is
+    also the Markdown table's name)."""
     paths = output_paths(out)
     if len(set(paths)) < len(paths):
         raise ConfigError(f"--out {out} names the JSON results but is also where the Markdown table goes; "
                           f"use {Path(out).with_suffix('.json')}")
     for path in paths:
-        check_output(path, overwrite)
+        check_output(path, overwrite, inputs)
 
 
 def check_data(config: EvalConfig, data_dir=None) -> None:
@@ -133,9 +134,9 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     if tokenizer is None:
         raise ModelLoadError("the model has no tokenizer, and every protocol needs one; load a model directory or "
                              "GGUF file that includes its tokenizer")
-    if out is not None:
-        check_outputs(out, overwrite)
     data_dir = resolve_data_dir(data_dir)
+    if out is not None:
+        check_outputs(out, overwrite, inputs=[data_dir])
     model.eval()
     if config.protocol == "lm-eval":
         per_task, records = _run_lmeval(model, tokenizer, tasks, data_dir, config)

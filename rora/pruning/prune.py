@@ -213,7 +213,7 @@ def save_pruned(model, tokenizer, report: PruneReport, out, overwrite: bool = Fa
     out = Path(out)
     record = report.to_dict()
     config = record.pop("config")  # the manifest's own section
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=[source]) as tmp:
         save_model_dir(model, tokenizer, tmp)
         write_stage_manifest(tmp, "prune", {"model": source}, config, record)
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_dir, check_output, read_json, save_model_dir, write_stage_manifest
+from ..artifacts import atomic_dir, read_json, save_model_dir, write_stage_manifest
 from ..config import MergeConfig
 from ..errors import MergeError, detail
 from ..models import peft_wrapping, weights_files
@@ -181,10 +181,10 @@ def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = Fa
                 adapter=None) -> Path:
     """Write the merged model as an atomic directory: safetensors, config, tokenizer, manifest. `source` is the
     base model's spec, `adapter` the adapter directory (default: the one merge() read, `report.adapter`)."""
-    out = check_output(out, overwrite)
+    adapter = adapter or report.adapter
     record = report.to_dict()
     config = record.pop("config")  # the manifest's own section
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=[source, adapter]) as tmp:
         save_model_dir(model, tokenizer, tmp)
-        write_stage_manifest(tmp, "merge", {"model": source, "adapter": adapter or report.adapter}, config, record)
-    return out
+        write_stage_manifest(tmp, "merge", {"model": source, "adapter": adapter}, config, record)
+    return Path(out)

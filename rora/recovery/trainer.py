@@ -130,7 +130,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     if teacher is not None:
         check_teacher(teacher, model, tokenizer, teacher_tokenizer)
     if out is not None:
-        check_recover_output(out, resume, overwrite)
+        check_recover_output(out, resume, overwrite, inputs=[source, data if isinstance(data, (str, os.PathLike)) else None,
+                                                            config.text])
     lora_config = peft_config(config, model)
     tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
     accelerator = _accelerator()
