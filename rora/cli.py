@@ -326,8 +326,8 @@ def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_
     source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
     # before loading the model: bad input writes nothing, and no output overwrites what the command reads
     check_outputs(out, overwrite, inputs=[model, source.model, source.adapter, resolve_data_dir(data_dir)])
-    from .evaluation.evaluate import evaluate, load_adapter
-    from .models import load_model
+    from .evaluation.evaluate import evaluate
+    from .models import load_adapter, load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
     m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
-from .errors import ModelLoadError, RoraError, UnsupportedModelError, detail
+from .errors import MergeError, ModelLoadError, RoraError, UnsupportedModelError, detail
 from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported
 from .numerics import resolve_dtype
 from .sources.gguf import GGUF_TOKENIZER_KEY, gguf_architecture, source_tokenizer_keys
@@ -311,3 +311,36 @@ def describe(model, tokenizer=None) -> dict:
             "pad_token": tokenizer.pad_token,
         }
     return info
+
+
+_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
+                       r"the shape in current model is (\S+ ?\S*)\.")
+
+
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
+    """The one adapter loader (eval, merge, and `rora run` restoring a finished recovery): the PEFT adapter in
+    `adapter_dir` onto `model`, in eval mode. Pickled adapter weights (adapter_model.bin alone) are refused unless
+    `allow_pickle`; a shape mismatch names the module; any other failure is one ModelLoadError naming the
+    directory."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    read_json(adapter_dir / "adapter_config.json", ModelLoadError)  # bounded and valid before PEFT reads it
+    if not weights_files(adapter_dir, allow_pickle, "adapter"):
+        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
+    try:
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        found = _MISMATCH.search(str(exc))
+        if not found:
+            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail(exc)}") from None
+        name, theirs, ours = found.groups()
+        module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
+        raise MergeError(
+            f"adapter {adapter_dir} does not fit the model: {module} has shape {ours.rstrip('.')} in the model but "
+            f"{theirs} in the adapter ({name}); load the model the adapter was trained on (e.g. the pruned one)"
+        ) from None

@@ -331,13 +331,10 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from peft import PeftModel
-
-    from .models import peft_wrapping
+    from .models import load_adapter
 
     _teacher(flow)
-    with peft_wrapping():
-        flow.model = PeftModel.from_pretrained(flow.model, ctx.out / "recovery" / "adapter")
+    flow.model = load_adapter(flow.model, ctx.out / "recovery" / "adapter")  # eval's and merge's loader and pickle rule
 
 
 def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:

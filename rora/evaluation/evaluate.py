@@ -9,14 +9,13 @@ With `out` (a JSON path) it writes the JSON, a Markdown table beside it (.md) an
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import atomic_file, check_output, provenance, to_json
 from ..config import EvalConfig
-from ..errors import ConfigError, MergeError, ModelLoadError, detail
+from ..errors import ConfigError, ModelLoadError
 from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
@@ -228,35 +227,3 @@ def write_results(results: EvalResults, out: str | Path) -> None:
     with contextlib.ExitStack() as stack:
         for path, text in zip(output_paths(out), texts):
             stack.enter_context(atomic_file(path)).write_text(text)
-
-
-_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
-                       r"the shape in current model is (\S+ ?\S*)\.")
-
-
-def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
-    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module.
-    Pickled adapter weights (adapter_model.bin alone) are refused unless `allow_pickle`."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
-    from ..models import peft_wrapping, weights_files
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights_files(adapter_dir, allow_pickle, "adapter"):
-        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
-    try:
-        with peft_wrapping():
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
-        found = _MISMATCH.search(str(exc))
-        if not found:
-            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail(exc)}") from None
-        name, theirs, ours = found.groups()
-        module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
-        raise MergeError(
-            f"adapter {adapter_dir} does not fit the model: {module} has shape {ours.rstrip('.')} in the model but "
-            f"{theirs} in the adapter ({name}); load the model the adapter was trained on (e.g. the pruned one)"
-        ) from None

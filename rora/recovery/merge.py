@@ -24,7 +24,7 @@ import torch
 from ..artifacts import atomic_dir, read_json, save_model_dir, write_stage_manifest
 from ..config import MergeConfig
 from ..errors import MergeError, detail
-from ..models import peft_wrapping, weights_files
+from ..models import load_adapter, weights_files
 from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -122,15 +122,8 @@ def _attach(model, adapter, allow_pickle: bool = False):
         return model
     if adapter is None:
         raise MergeError("no adapter to merge: pass a PeftModel or an adapter directory (--adapter DIR)")
-    from safetensors import SafetensorError
-
-    adapter = Path(adapter)
     check_fit(model, adapter, allow_pickle)
-    try:
-        with peft_wrapping():
-            return PeftModel.from_pretrained(model, str(adapter))
-    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:  # PEFT's own checks
-        raise MergeError(f"cannot attach the adapter {adapter} to the model: {detail(exc)}") from None
+    return load_adapter(model, adapter, allow_pickle)
 
 
 def check_fit(model, adapter: str | Path, allow_pickle: bool = False) -> None:
