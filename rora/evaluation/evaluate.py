@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_file, check_output, provenance, to_json
 from ..config import EvalConfig
+from ..models import check_loaded
 from ..errors import ConfigError, ModelLoadError
 from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
@@ -128,6 +129,7 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     (`seed`). Existing outputs are replaced unless `overwrite=False` (the CLI's default, checked before the model
     is loaded).
     """
+    check_loaded(model, tokenizer)
     config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
     if tokenizer is None:

@@ -31,6 +31,7 @@ import torch
 
 from ..artifacts import atomic_dir, count_parameters, save_model_dir, write_stage_manifest
 from ..config import PruneConfig
+from ..models import check_loaded
 from ..errors import PruningError
 from .calibration import encode, load_calibration, split_pool
 from .importance import SCORERS, UnitScores, needs_samples
@@ -77,6 +78,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     `holdout_samples`); None loads `config.calibration` ('builtin' or a path to training data).
     """
     start = time.perf_counter()
+    check_loaded(model, tokenizer)
     config = PruneConfig.coerce(config)
     check_supported(model.config)
     before = layer_shapes(model)

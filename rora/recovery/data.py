@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
     """Records from a list, a .json/.jsonl file, a directory of <task>/train.json, or a hub dataset id."""
     if isinstance(data, (list, tuple)):
         records = list(data)
+    elif not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"training data is a path, a hub id or a list of records, got {type(data).__name__}")
     else:
         path = Path(data).expanduser()
         if path.is_file():

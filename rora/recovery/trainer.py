@@ -42,7 +42,7 @@ from torch import nn
 from ..artifacts import (ADAPTER_DIR, MARKER, alive, atomic_dir, check_apart, check_output, claim, is_mine,
                          is_recovery, read_json, read_marker, remove_owned, replace_dir, write_json, write_stage_manifest)
 from ..config import RecoverConfig
-from ..models import peft_wrapping
+from ..models import check_loaded, peft_wrapping
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
 from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
@@ -124,6 +124,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
+    check_loaded(model, tokenizer)
+    if teacher is not None:
+        check_loaded(teacher, teacher_tokenizer, "teacher")
     config = RecoverConfig.coerce(config).with_objective(teacher is not None)
     out = Path(out) if out is not None else None
     check_objective(config, teacher is not None)
