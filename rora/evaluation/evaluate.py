@@ -104,7 +104,7 @@ def check_outputs(out: str | Path, overwrite: bool = False, inputs=()) -> None:
 def check_data(config: EvalConfig, data_dir=None) -> None:
     """Fail on a missing task file or a --sample larger than a task before a model is loaded (evaluate checks
     again; this is for the CLI, so that bad input costs nothing)."""
-    from .lmeval_bridge import task_source
+    from .lmeval_bridge import offline_size, task_source
 
     data_dir = resolve_data_dir(data_dir)
     if data_dir is None:  # downloaded or hub data: checked when it is fetched
@@ -115,9 +115,7 @@ def check_data(config: EvalConfig, data_dir=None) -> None:
             continue
         task_source(task, data_dir)
         if config.sample is not None:  # the offline files hold one example per line
-            with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
-                size = sum(1 for line in f if line.strip())
-            sample_indices(size, config.sample, config.seed, task.name)
+            sample_indices(offline_size(task, data_dir), config.sample, config.seed, task.name)
 
 
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,

@@ -12,12 +12,12 @@ per-record samples keep records whole and need no corpus concatenation).
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
+from ..artifacts import DATA_LIMIT, read_json
 from ..errors import DataError
 
 BUILTIN = (
@@ -126,10 +126,7 @@ def _read_records(path: Path) -> list[str]:
         raise DataError(f"calibration data not found: {path} (use 'builtin', a JSON file, or a dir of <task>/train.json)")
     texts = []
     for f in files:
-        try:
-            records = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{f} is not valid JSON: {exc}") from None
+        records = read_json(f, DataError, DATA_LIMIT)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise DataError(f"{f} must hold a JSON list of {{instruction, input, output}} records")
         texts.extend(_record_text(r) for r in records)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..artifacts import DATA_LIMIT, read_json, read_text
 from ..errors import DataError, detail
 from .prompts import split_prompt
 
@@ -66,22 +67,15 @@ def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
 
 
 def _read_file(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text: {exc}") from None
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), 1):  # each line is parsed alone: report the file's line
+        for number, line in enumerate(read_text(path, DataError, DATA_LIMIT).splitlines(), 1):  # the file's line
             try:
                 records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} is not valid JSONL: line {number} column {exc.colno}: {exc.msg}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{path} is not valid JSONL: line {number}: {detail(exc)}") from None
         return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    records = read_json(path, DataError, DATA_LIMIT)
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a JSON list of records, not {type(records).__name__}")
     return records
@@ -238,11 +232,7 @@ def load_texts(path: str | Path) -> list[str]:
         raise DataError(f"text file not found: {path}")
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"{path}: plain-text training data must be a .txt file or a .jsonl file with a 'text' field")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    text = read_text(path, DataError, DATA_LIMIT)
     if path.suffix == ".txt":
         docs = [text]
     else:
@@ -252,8 +242,8 @@ def load_texts(path: str | Path) -> list[str]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{path} line {n} is not valid JSON: {detail(exc)}") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{path} line {n} has no string 'text' field")
             docs.append(row["text"])
