@@ -31,7 +31,7 @@ def open_gguf(path: str | Path):
     with open(path, "rb") as f:
         head = f.read(24)
     if len(head) < 24 or head[:4] != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (no GGUF header)")
+        raise ModelLoadError(f"{path} is not a readable GGUF file (no GGUF header)")
     order = "<" if struct.unpack("<I", head[4:8])[0] < 2**16 else ">"  # the reader accepts both byte orders
     n_tensors, n_kv = struct.unpack(order + "QQ", head[8:24])
     if 24 + 8 * n_kv + 24 * n_tensors > size:  # every key and every tensor takes at least that many bytes
