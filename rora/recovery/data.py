@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..artifacts import DATA_LIMIT, read_json, read_text
-from ..errors import DataError, detail
+from ..config import MAX_STEPS
+from ..errors import ConfigError, DataError, detail
 from .prompts import split_prompt
 
 IGNORE_INDEX = -100
@@ -204,7 +205,11 @@ def count_steps(num_examples: int, config) -> int:
         return config.max_steps
     micro_per_epoch = -(-num_examples // config.micro_batch_size)
     accumulation = config.batch_size // config.micro_batch_size
-    return max(1, -(-int(round(config.epochs * micro_per_epoch)) // accumulation))
+    steps = max(1, -(-int(round(config.epochs * micro_per_epoch)) // accumulation))
+    if steps > MAX_STEPS:  # the step plan holds one entry per step: refused before it is built
+        raise ConfigError(f"recover.epochs {config.epochs:g} over {num_examples} examples is {steps} optimizer steps, "
+                          f"more than {MAX_STEPS}; lower --epochs or set --max-steps")
+    return steps
 
 
 def collate(examples: list[Example], pad_id: int):

@@ -45,8 +45,8 @@ from ..config import RecoverConfig
 from ..models import check_loaded, peft_wrapping
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, prepare, prepare_text, step_plan
-from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce, model_signature,
-                      prepare_teacher, teacher_dtype)
+from .distill import (DistillLoss, batch_sums, check_objective, check_positions, check_teacher, labelled_ce,
+                      model_signature, prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
@@ -132,6 +132,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     check_objective(config, teacher is not None)
     if teacher is not None:
         check_teacher(teacher, model, tokenizer, teacher_tokenizer)
+    for role, lm in (("model", model), ("teacher", teacher)):
+        if lm is not None:
+            check_positions(lm, config.cutoff_len, role)
     if out is not None:
         check_recover_output(out, resume, overwrite, inputs=[source, data if isinstance(data, (str, os.PathLike)) else None,
                                                             config.text])
