@@ -194,8 +194,13 @@ def _hostile_inputs(root, tokenizer):
     (root / ".foreign.partial").mkdir()
     (root / ".foreign.partial" / "notes.txt").write_text("mine")
     os.symlink("loop", root / "loop")
-    (root / "laughs.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                                      "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")
+    # a billion laughs in a known key: nine levels of nine aliases, 9**9 strings once anything (the repr in a type
+    # error's message) walks them
+    levels = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (root / "laughs.yaml").write_text(f"ratio: [{', '.join(levels)}]\n")
+    _recovery(root, "rec_bomb", None, "")
+    os.truncate(root / "rec_bomb" / "rora.json", 8 * 2**30)  # sparse: no disk used, 8 GiB to read
     (root / "big.yaml").write_text("ratio: 0.3\n")
     os.truncate(root / "big.yaml", 2 * 2**20)
     (root / "beams_bomb.yaml").write_text("num_beams: 100000\n")
@@ -459,19 +464,33 @@ def test_numeric_strings_are_numbers_in_yaml(tmp_path):
     assert PruneConfig.coerce(PruneConfig(ratio=0.1)).ratio == 0.1
 
 
-# Real processes: what reaches the terminal, including library loggers that hold their own handle on stderr.
+# Real processes: what reaches the terminal, including library loggers that hold their own handle on stderr; and
+# resource bombs, each under a memory limit well below what it would allocate, refused in seconds.
+MEMORY_LIMIT = 6 * 2**30  # address space: torch and a tiny model need ~2.5 GiB of it; every bomb here far more
 PROCESS_CASES = [  # transformers' multi-line load report and loading bar went to the terminal here
     ("info-wrong-shape", "info {w}/st_wrong_shape", "up_proj.weight is [50, 64] in the weights but [96, 64]"),
+    ("bomb-config-layers", "info {w}/layers_bomb", "num_hidden_layers is 10000000"),
+    ("bomb-gguf-layers", "info {w}/layers_bomb.gguf", "num_hidden_layers is 10000000"),
+    ("bomb-manifest-8gib", "merge {w}/rec_bomb --out {w}/m", "larger than 16 MiB"),
+    ("bomb-synthetic", "recover {w}/model --teacher {w}/model --synthetic 1000000000000 --out {w}/r", "recover.synthetic"),
+    ("bomb-epochs", "recover {w}/model --data {w}/data.json --val-set-size 4 --epochs 1e12 --out {w}/r", "optimizer steps"),
+    ("bomb-yaml-aliases", "prune {w}/model --config {w}/laughs.yaml --out {w}/p", "aliases"),
 ]
 
 
+def _limit_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
 @pytest.mark.parametrize("argv,fragment", [c[1:] for c in PROCESS_CASES], ids=[c[0] for c in PROCESS_CASES])
-def test_process_stderr_is_exactly_the_error_line(world, argv, fragment):
+def test_process_stderr_is_exactly_the_error_line_and_bombs_are_refused_under_a_memory_limit(world, argv, fragment):
     before = snapshot(world)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "rora", *argv.format(w=world).split()], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout == ""
+    done = subprocess.run([sys.executable, "-m", "rora", *argv.format(w=world).split(" ")], env=env, capture_output=True,
+                          text=True, timeout=90, preexec_fn=_limit_memory)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("rora: error: ") and fragment in done.stderr, done.stderr
     assert snapshot(world) == before
