@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # stage's temporary directory are written (prune, merge, export) or after a recovery checkpoint.
 PAUSER = textwrap.dedent('''
     import os, pathlib, sys, time
-    import rora.deployment.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
+    import rora.deployment.gguf as G, rora.deployment.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
     from rora.recovery import trainer as T
     where, flag = os.environ.get("PAUSE_AT", ""), os.environ.get("PAUSE_FLAG", "")
     def pausing(real, name):
@@ -38,6 +38,7 @@ PAUSER = textwrap.dedent('''
     P.save_model_dir = pausing(P.save_model_dir, "prune")
     M.save_model_dir = pausing(M.save_model_dir, "merge")
     E.save_model_dir = pausing(E.save_model_dir, "export")
+    G.write_gguf = pausing(G.write_gguf, "gguf")
     T._Run.save_checkpoint = pausing(T._Run.save_checkpoint, "checkpoint")
     from rora.cli import main
     main(sys.argv[1:], prog_name="rora")
@@ -47,8 +48,8 @@ PAUSER = textwrap.dedent('''
 _env = subprocess_env
 
 
-def killed_at(root, where, *argv):
-    """Start `rora ARGV` pausing at `where`, SIGKILL it there; returns when it is dead."""
+def killed_at(root, where, *argv, sig=signal.SIGKILL):
+    """Start `rora ARGV` pausing at `where`, send it `sig` there (SIGKILL); returns the process once it ended."""
     flag = root / f"paused-{where}"
     flag.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, str(root / "pauser.py"), *map(str, argv)],
@@ -60,10 +61,10 @@ def killed_at(root, where, *argv):
             raise AssertionError(f"rora {' '.join(map(str, argv))} ended before the kill: {proc.stderr.read()[-2000:]}")
         assert time.time() < deadline, "never reached the kill point"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return proc.pid
+    assert proc.returncode == -signal.SIGKILL or sig != signal.SIGKILL
+    return proc
 
 
 def completes(root, *argv):
@@ -108,7 +109,7 @@ def test_sigkill_during_prune_then_rerun(root):
     cfg = PruneConfig(ratio=0.5, importance="l2", num_samples=2, seq_len=16, holdout_samples=2)
     cfg.to_yaml(root / "prune.yaml")
     PRUNE = ["--config", root / "prune.yaml"]
-    pid = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", *PRUNE)
+    pid = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", *PRUNE).pid
     assert not (root / "pruned").exists()
     assert marked_by(root, pid)  # the killed run's half-written directory, marked as its own
     completes(root, "prune", root / "base", "--out", root / "pruned", *PRUNE)
@@ -203,3 +204,21 @@ def test_sigkill_at_several_points_of_run_then_rerun_equals_uninterrupted(root):
     assert stages == {"prune", "recover"}  # done before the kills; recovery had resumed from its checkpoint
     for path in ("recovery/adapter/adapter_model.safetensors", "export/model.safetensors"):
         same_tensors(root / "run" / path, root / "reference" / path)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(root):
+    proc = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", "--importance", "l2",
+                     "--num-samples", "2", sig=signal.SIGTERM)
+    assert proc.returncode == 2 and proc.stderr.read().splitlines()[-1].startswith("rora: error: terminated")
+    assert not (root / "pruned").exists() and hidden(root) == []  # its half-written directory went with it
+
+
+def test_a_killed_gguf_export_leaves_a_marked_work_directory_that_the_next_export_removes(root):
+    argv = ["export", root / "base", "--format", "gguf", "--out", root / "deploy" / "m.gguf"]
+    (root / "deploy").mkdir()
+    pid = killed_at(root, "gguf", *argv).pid
+    left = marked_by(root / "deploy", pid)
+    assert left and list((root / "deploy" / left[0]).glob("f32-m.gguf"))  # the f32 work file, inside the marked one
+    assert sorted(p.name for p in (root / "deploy").iterdir()) == left
+    completes(root, *argv)
+    assert hidden(root / "deploy") == [] and (root / "deploy" / "m.gguf").is_file()
