@@ -124,7 +124,8 @@ def read_marker(directory: Path) -> dict | None:
         found = read_json(directory / MARKER, limit=4096)
     except (RoraError, OSError):
         return None
-    ok = isinstance(found, dict) and type(found.get("pid")) is int and isinstance(found.get("token"), str)
+    ok = isinstance(found, dict) and type(found.get("pid")) is int and 0 < found["pid"] < 2**31 and isinstance(
+        found.get("token"), str)
     return found if ok else None
 
 
@@ -224,9 +225,9 @@ def publish_modes(path: Path) -> None:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-# Storage errors (a full disk, a quota, a read-only file system) while an output is written. safetensors reports
-# them as its own error type, with the OS error's number in the message.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+# Storage errors (a full disk, a quota, a read-only file system) while an output is written: errors only a write
+# raises, so they are the output's. safetensors reports them as its own error type, with the OS error's number.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -453,6 +454,7 @@ def _manifest_problem(data) -> str | None:
 # ---- fingerprints of inputs ---------------------------------------------------------------------------------------
 FINGERPRINTED = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".jsonl", ".txt", ".model")
 SAMPLE_BLOCKS, BLOCK = 64, 16 * 2**10
+MAX_ENTRIES = 100_000  # a directory larger than any model or data set has no fingerprint (a pointer to "/")
 
 
 def fingerprint(spec) -> str | None:
@@ -468,6 +470,8 @@ def fingerprint(spec) -> str | None:
     if not path.exists():
         return None
     files = [path] if path.is_file() else _content_files(path)
+    if files is None:
+        return None
     digest = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -482,9 +486,13 @@ def fingerprint(spec) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _content_files(directory: Path) -> list[Path]:
-    found = []
+def _content_files(directory: Path) -> list[Path] | None:
+    """The files fingerprint() reads in `directory`; None past MAX_ENTRIES entries."""
+    found, seen = [], 0
     for root, dirs, files in os.walk(directory):
+        seen += len(dirs) + len(files)
+        if seen > MAX_ENTRIES:
+            return None
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in sorted(files) if not f.startswith(".") and f != MANIFEST
                   and not f.endswith(FILE_MANIFEST_SUFFIX) and f.endswith(FINGERPRINTED)]
