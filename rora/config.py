@@ -329,7 +329,7 @@ class RecoverConfig(StageConfig):
                                      "field; packed to cutoff_len.", input=True)
     synthetic: int = setting(0, "Data-free: the teacher writes N training texts (continuing the data prompts, or "
                                 "short seed prompts); cached for reruns. 0: off.", maximum=BIG)
-    synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.", maximum=BIG)
+    synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.", maximum=2**14)
     synthetic_temperature: float = setting(1.0, "Sampling temperature of the teacher's synthetic texts.", maximum=100.0)
 
     @property
