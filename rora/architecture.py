@@ -86,6 +86,53 @@ def config_layer_shapes(config) -> list[LayerShape]:
     return [uniform] * config.num_hidden_layers
 
 
+def weights_problems(config: dict, tensors: dict[str, tuple] | None) -> list[str]:
+    """What in a Llama-family config (a dict, as config.json holds it) is impossible or contradicts the weights
+    (`tensors`: name -> shape, from the weight files' headers; None: the config alone), found before anything is
+    built: a config that claims 10^7 layers or 0 heads is refused instead of allocating or dividing by zero. Other
+    architectures pass (check_supported names them where it matters)."""
+    if config.get("model_type") not in SUPPORTED_ARCHITECTURES:
+        return []
+    counts = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    bad = [f"{k} must be a positive integer, got {config.get(k)!r:.40}" for k in counts
+           if type(config.get(k)) is not int or config[k] <= 0]
+    if bad:
+        return bad
+    n, hidden = config["num_hidden_layers"], config["hidden_size"]
+    listed = config.get(LAYER_SHAPES_KEY)
+    try:
+        shapes = [LayerShape(**s) for s in listed] if listed else [LayerShape(
+            config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"],
+            config["intermediate_size"])]
+    except TypeError:
+        return [f"{LAYER_SHAPES_KEY} is not a list of {{q_heads, kv_heads, intermediate}}"]
+    if listed and len(shapes) != n:
+        return [f"it lists {len(shapes)} layer shapes for num_hidden_layers {n}"]
+    hd = config.get("head_dim") or hidden // config["num_attention_heads"]
+    problems = [f"a layer has {s.q_heads!r:.20} query heads over {s.kv_heads!r:.20} KV heads and {s.intermediate!r:.20} "
+                "MLP channels (positive integers, the heads a multiple of the KV heads)"
+                for s in shapes if not _valid_shape(s)][:1]
+    if type(hd) is not int or hd <= 0:
+        problems.append(f"head_dim must be a positive integer, got {hd!r:.40}")
+    if problems or tensors is None:
+        return problems
+    found = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if found != set(range(n)):
+        return [f"num_hidden_layers is {n} but the weights hold {len(found)} layers"]
+    expected = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(n):
+        s = shapes[i] if listed else shapes[0]
+        expected.update({f"model.layers.{i}.self_attn.q_proj.weight": (s.q_heads * hd, hidden),
+                         f"model.layers.{i}.self_attn.k_proj.weight": (s.kv_heads * hd, hidden),
+                         f"model.layers.{i}.mlp.up_proj.weight": (s.intermediate, hidden)})
+    return [f"{name} is {list(tensors.get(name) or ())} in the weights but {list(shape)} by the config"
+            for name, shape in expected.items() if tuple(tensors.get(name) or ()) != shape][:1]
+
+
+def _valid_shape(s: LayerShape) -> bool:
+    return all(type(v) is int and v > 0 for v in (s.q_heads, s.kv_heads, s.intermediate)) and s.q_heads % s.kv_heads == 0
+
+
 def layer_runs(shapes: list[dict]) -> list[tuple[str, tuple[int, int, int]]]:
     """Identical consecutive layers grouped, e.g. [("0-3", (6, 3, 1075)), ("4", (9, 3, 1536))], so 30 layers
     stay readable in `rora info` and model cards. `shapes` are dicts with q_heads, kv_heads, intermediate."""

@@ -3,11 +3,13 @@ API function. No logic lives here beyond that; heavy imports happen inside comma
 RoraError (and click's usage errors) become one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import types
 import typing
@@ -20,7 +22,8 @@ from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, Prune
 
 def _fail(message: str) -> None:
     _close_progress_bars()
-    click.echo(f"rora: error: {message}", err=True)
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
+    click.echo(f"rora: error: {one_line}", err=True)
     sys.exit(2)
 
 
@@ -33,6 +36,26 @@ def _close_progress_bars() -> None:
     sys.stdout.flush()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it cleans up exactly as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    def stop(signum, frame):
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handles_errors(fn):
     """Turn library exceptions into one clear stderr line and exit code 2."""
 
@@ -41,11 +64,13 @@ def handles_errors(fn):
         from .errors import RoraError
 
         try:
-            return fn(*args, **kwargs)
+            with _terminate_like_interrupt():
+                return fn(*args, **kwargs)
         except RoraError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; outputs in progress were discarded (re-run with --resume where supported)")
+        except KeyboardInterrupt as exc:
+            how = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+            _fail(f"{how}; outputs in progress were discarded (re-run with --resume where supported)")
         except OSError as exc:  # the file system said no (full disk, read-only, permissions): name the path
             where = exc.filename or ""
             _fail(f"cannot access {where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc}")
@@ -56,8 +81,9 @@ def handles_errors(fn):
 # ---- options generated from the config dataclasses: each field's name, type, help and default live once, in
 # rora.config, and every command that exposes the field shows the same option.
 def _csv(value: str | None, kind: type = str) -> list | None:
-    """'a, b' -> ['a', 'b'] (each converted to `kind`); None or '' -> None (not given)."""
-    if not value:
+    """'a, b' -> ['a', 'b'] (each converted to `kind`); None (not given) -> None; '' -> [] (given, naming nothing: the
+    config decides)."""
+    if value is None:
         return None
     try:
         return [kind(v.strip()) for v in value.split(",") if v.strip()]
@@ -114,7 +140,22 @@ def _option(owner, f: dataclasses.Field, required: bool):
     return click.option(flag, f.name, **kwargs)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Rora(click.Group):
+    """Click's usage errors (a missing option, an unknown flag) are bad input too: one line, exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            _fail(exc.format_message() + (f" (see {ctx.command_path} --help)" if ctx is not None else ""))
+        except click.Abort:
+            _fail("interrupted")
+
+
+@click.group(cls=_Rora, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="rora")
 def main():
     """rora: prune LLaMA-family models and recover their accuracy with RoRA adapters.
@@ -206,7 +247,7 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
 
     cfg = PruneConfig.from_yaml(config_file) if config_file else PruneConfig()
     cfg = cfg.replace(**flags)
-    check_output(out, overwrite, inputs=[model])  # before any work: bad input writes nothing
+    check_output(out, overwrite, inputs=[model, prose, *cfg.input_paths()])  # before any work: bad input writes nothing
     from .measure import Prose
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
@@ -333,7 +374,7 @@ def recover(model, allow_pickle, data, out, teacher, prose, resume, overwrite, c
     from .models import load_model
     from .recovery.trainer import check_recover_output, recover as recover_adapter
 
-    check_recover_output(out, resume, overwrite, inputs=[i for i in (model, data, teacher) if i])  # before loading the model
+    check_recover_output(out, resume, overwrite, inputs=[model, data, teacher, *cfg.input_paths()])  # before loading
 
     from .measure import Prose
 
@@ -382,17 +423,19 @@ def eval_(model, allow_pickle, adapter, tasks, reference, data_dir, out, overwri
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
+    from .artifacts import resolve_input
+    from .evaluation.data import resolve_data_dir
+
     cfg = EvalConfig.from_yaml(config_file) if config_file else EvalConfig()
-    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks else None, **flags)
-    check_outputs(out, overwrite)  # before loading the model: bad input writes nothing
-    from .evaluation.evaluate import evaluate, load_adapter
-    from .models import load_model
+    cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks is not None else None, **flags)
+    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
+    # before loading the model: bad input writes nothing, and no output overwrites what the command reads
+    check_outputs(out, overwrite, inputs=[model, source.model, source.adapter, resolve_data_dir(data_dir)])
+    from .evaluation.evaluate import evaluate
+    from .models import load_adapter, load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    from .artifacts import resolve_input
-
-    source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
-    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
     if source.adapter:
         m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
     ref = load_model(reference, allow_pickle=allow_pickle)[0] if reference else None
@@ -431,7 +474,7 @@ def run(config_file, preset, settings, print_config, overwrite, **flags):
         raise click.UsageError("give a CONFIG_FILE or --preset, not both")
     cfg = load_preset(preset) if preset else PipelineConfig.from_yaml(config_file) if config_file else PipelineConfig()
     cfg = cfg.with_settings(dict(parse_setting(s) for s in settings))
-    if flags["tasks"]:
+    if flags["tasks"] is not None:
         flags["tasks"] = parse_tasks(flags["tasks"])
     given = {path: flags[path.rpartition(".")[2]] for path in RUN_FLAGS}
     cfg = cfg.with_settings({path: value for path, value in given.items() if value is not None})
@@ -471,7 +514,7 @@ def merge(model, allow_pickle, adapter, out, overwrite, config_file, **flags):
     from .models import load_model
     from .recovery.merge import merge as merge_adapter, save_merged
 
-    m, tok = load_model(source.model, allow_pickle=allow_pickle)
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
     merged, report = merge_adapter(m, source.adapter, cfg, allow_pickle=allow_pickle)
     path = save_merged(merged, tok, report, out, overwrite=overwrite, source=source.model)
     r = report.to_dict()
@@ -496,11 +539,12 @@ def export(model, allow_pickle, out, overwrite, config_file, **flags):
     """Export MODEL as a Hugging Face directory or a GGUF file, with a model card; verified by loading it back."""
     cfg = (ExportConfig.from_yaml(config_file) if config_file else ExportConfig()).replace(**flags)
     from .artifacts import check_output
+    from .deployment import export_model, export_paths
 
-    check_output(out, overwrite, inputs=[model])  # before loading the model: bad input writes nothing
+    for path in export_paths(out, cfg.format):  # before loading the model: bad input writes nothing
+        check_output(path, overwrite, inputs=[model])
     from .models import load_model
     from .deployment.card import card_from_stages
-    from .deployment import export_model
 
     m, tok = load_model(model, allow_pickle=allow_pickle)
     card = card_from_stages(model)  # the pruning and recovery records of a stage output, and what it came from

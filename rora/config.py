@@ -19,17 +19,21 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .artifacts import read_text
+from .errors import ConfigError, detail
 from .registry import (CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS,
                        MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, RECONSTRUCT_METHODS, SCHEDULERS,
-                       SYNTHETIC_PROMPTS,
-                       TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES, Registry, did_you_mean)
+                       SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES, Registry, did_you_mean)
 
 
-def setting(default: Any, help: str, names: Registry | None = None):
+def setting(default: Any, help: str, names: Registry | None = None, *, maximum: float | None = None,
+            input: bool = False):
     """A config field with its help text and, for a name-valued field, its registry table. A list or dataclass
-    default becomes a factory, so instances never share it."""
-    metadata = {"help": help, **({"names": names} if names is not None else {})}
+    default becomes a factory, so instances never share it. `maximum`: the largest value accepted (a count that
+    sizes an allocation is bounded before anything is allocated). `input`: the field names a file or directory the
+    stage reads, which no output may overwrite (input_paths)."""
+    metadata = {"help": help, **({"names": names} if names is not None else {}),
+                **({"maximum": maximum} if maximum is not None else {}), **({"input": True} if input else {})}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     if isinstance(default, type):
@@ -65,8 +69,18 @@ def _check_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+# Counts bounded before anything is allocated: a step plan holds one entry per optimizer step.
+MAX_STEPS = 10**7
+BIG = 2**20  # tokens, texts or samples: far beyond any real run, far below what would exhaust memory
+
+
 class StageConfig:
-    """Mixin for the stage dataclasses: type checks, problem collection, dict and YAML round trip."""
+    """Mixin for the stage dataclasses: type checks, problem collection, dict and YAML round trip.
+
+    EXCLUSIVE: pairs of keys of which one may be set; a layer that sets one (flags over YAML or a preset) clears
+    the other, so the later layer wins instead of the two clashing."""
+
+    EXCLUSIVE: tuple = ()
 
     def problems(self) -> list[str]:
         """Stage-specific checks; subclasses extend. Each entry names the key."""
@@ -97,6 +111,9 @@ class StageConfig:
             found = [p for f in dataclasses.fields(self) if "names" in f.metadata
                      for value in _as_list(getattr(self, f.name))
                      for p in f.metadata["names"].problem(f"{self.section}.{f.name}", value)]
+            found += [f"{self.section}.{f.name} must be <= {f.metadata['maximum']:g}, got {getattr(self, f.name)}"
+                      for f in dataclasses.fields(self) if "maximum" in f.metadata
+                      and getattr(self, f.name) is not None and getattr(self, f.name) > f.metadata["maximum"]]
             found += self.problems()
         if found:
             raise ConfigError("invalid config: " + "; ".join(found))
@@ -148,19 +165,57 @@ class StageConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not a UTF-8 text file; is it a YAML config?") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        data = load_yaml(read_text(path, ConfigError, CONFIG_LIMIT), str(path))
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
         return cls.from_dict(data)
 
     def replace(self, **changes):
         """A copy with the non-None `changes` applied (how CLI flags override YAML)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **{**{k: None for k in self.cleared_by(changes)}, **changes})
+
+    @classmethod
+    def cleared_by(cls, keys) -> list[str]:
+        """The keys that setting `keys` clears: the other of each EXCLUSIVE pair one of them sets alone."""
+        keys = set(keys)
+        return [b for pair in cls.EXCLUSIVE for a, b in (pair, pair[::-1]) if a in keys and b not in keys]
+
+    def input_paths(self) -> list[str]:
+        """The values of the fields that name what the stage reads (setting(input=True)), sections included."""
+        found = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, StageConfig):
+                found += value.input_paths()
+            elif f.metadata.get("input") and value is not None:
+                found.append(value)
+        return found
+
+
+CONFIG_LIMIT = 2**20  # bytes of a YAML config: the shipped presets are 2 KB
+
+
+class _NoAliases(yaml.SafeLoader):
+    """safe_load without aliases: a few lines of nested aliases expand to billions of values once anything walks
+    them (a "billion laughs" bomb), and no rora config needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a rora config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """The YAML value of `text` (a config file, a --set value); ConfigError naming `where` when it is not valid
+    YAML, uses an alias or is nested too deeply."""
+    try:
+        return yaml.load(text, Loader=_NoAliases)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {detail(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not a rora config: nested too deeply") from None
 
 
 def _numeric_string(value: Any, hint: Any) -> Any:
@@ -201,10 +256,12 @@ class PruneConfig(StageConfig):
     mlp: bool = setting(True, "Prune MLP intermediate channels.")
     gqa: str = setting("within-group", "within-group (query heads evenly per KV group) or whole-group (whole KV groups).",
                        GQA_MODES)
-    calibration: str = setting("builtin", "'builtin' text, or training data: a JSON file or a dir of <task>/train.json.")
-    num_samples: int = setting(10, "Calibration samples for importance.")
-    seq_len: int = setting(128, "Calibration sequence length in tokens.")
-    holdout_samples: int = setting(8, "Held-out samples (disjoint from calibration) for the loss before/after.")
+    calibration: str = setting("builtin", "'builtin' text, or training data: a JSON file or a dir of <task>/train.json.",
+                               input=True)
+    num_samples: int = setting(10, "Calibration samples for importance.", maximum=BIG)
+    seq_len: int = setting(128, "Calibration sequence length in tokens.", maximum=BIG)
+    holdout_samples: int = setting(8, "Held-out samples (disjoint from calibration) for the loss before/after.",
+                                   maximum=BIG)
     # 32 fits llama.cpp's quantization blocks: a width that is not a multiple of 32 leaves every ffn_down in f16 in a
     # q8_0 GGUF.
     channel_multiple: int = setting(1, "Keep a multiple of N MLP channels per layer, the nearest to what ratio keeps "
@@ -233,17 +290,17 @@ class ReconstructConfig(StageConfig):
                                    "projection keeps its old weights when held-out text says the refit does not help.",
                           RECONSTRUCT_METHODS)
     calibration: str = setting("teacher", "Calibration text: teacher (general text the unpruned model writes), records "
-                                          "(the recovery's training records) or a .txt/.jsonl file.")
-    num_samples: int = setting(64, "Calibration sequences to fit on.")
+                                          "(the recovery's training records) or a .txt/.jsonl file.", input=True)
+    num_samples: int = setting(64, "Calibration sequences to fit on.", maximum=BIG)
     holdout_samples: int = setting(16, "Further sequences, held out, on which each projection's rule and damping are "
-                                       "chosen.")
-    seq_len: int = setting(128, "Tokens per calibration sequence.")
+                                       "chosen.", maximum=BIG)
+    seq_len: int = setting(128, "Tokens per calibration sequence.", maximum=2**16)
     damping: list[float] = setting([1e-3, 1e-2, 1e-1, 1.0], "lstsq: damping grid toward the old weights, relative to "
                                                             "the mean diagonal of the inputs' Gram matrix.")
     bias: bool = setting(True, "Allow an output bias (Llama: attention_bias and mlp_bias, read by transformers and "
                                "llama.cpp); other architectures refit weights only.")
-    batch_size: int = setting(8, "Calibration sequences per forward pass.")
-    temperature: float = setting(1.0, "Sampling temperature of the teacher's calibration text.")
+    batch_size: int = setting(8, "Calibration sequences per forward pass.", maximum=BIG)
+    temperature: float = setting(1.0, "Sampling temperature of the teacher's calibration text.", maximum=100.0)
     seed: int = setting(0, "Seed of the teacher's sampling and of the calibration order.")
 
     def problems(self) -> list[str]:
@@ -266,7 +323,7 @@ class RecoverConfig(StageConfig):
     SECTION = "recover"
     method: str = setting("rora", "Adapter method: rora (scale alpha/sqrt(r)), lora (alpha/r) or dora (weight-decomposed "
                                   "LoRA, alpha/r).", METHODS)
-    rank: int = setting(32, "Adapter rank.")
+    rank: int = setting(32, "Adapter rank.", maximum=2**16)
     alpha: float | None = setting(None, "Adapter alpha; unset: 2 * rank.")
     scaling_exponent: float | None = setting(None, "b in scale = alpha / rank**b; unset: the method's own (1 lora, "
                                                    "0.5 rora).")
@@ -275,10 +332,11 @@ class RecoverConfig(StageConfig):
     dropout: float = setting(0.05, "Adapter dropout probability, in [0, 1).")
     lr: float = setting(2e-4, "Learning rate.")
     epochs: float = setting(3.0, "Epochs (max_steps overrides them).")
-    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = setting(16, "Examples per optimizer step.")
-    micro_batch_size: int = setting(16, "Examples per forward pass; batch_size / micro_batch_size accumulation steps.")
-    cutoff_len: int = setting(256, "Max tokens per example; longer ones are dropped and counted.")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", maximum=MAX_STEPS)
+    batch_size: int = setting(16, "Examples per optimizer step.", maximum=BIG)
+    micro_batch_size: int = setting(16, "Examples per forward pass; batch_size / micro_batch_size accumulation steps.",
+                                    maximum=BIG)
+    cutoff_len: int = setting(256, "Max tokens per example; longer ones are dropped and counted.", maximum=BIG)
     val_set_size: int = setting(120, "Validation examples carved from the training data (never from a test set).")
     max_train_examples: int | None = setting(None, "Use only the first N training examples (after the seeded "
                                                    "shuffle); unset: all.")
@@ -298,17 +356,18 @@ class RecoverConfig(StageConfig):
                                      "sft), sft (response cross-entropy), kd (forward KL to the teacher on every token, "
                                      "times T^2) or kd+sft (kd_weight * kd + (1 - kd_weight) * sft).", OBJECTIVES)
     kd_temperature: float = setting(1.0, "Distillation temperature T: both distributions are softened by T, the KL is "
-                                         "scaled by T^2 (Hinton et al.).")
+                                         "scaled by T^2 (Hinton et al.); at most 100, where both are already "
+                                         "uniform to float precision.", maximum=100.0)
     kd_weight: float = setting(0.5, "kd+sft only: the KD term's share of the loss, in (0, 1).")
     teacher_dtype: str = setting("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or "
                                          "float16.", TEACHER_DTYPES)
-    kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.")
+    kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.", maximum=BIG)
     text: str | None = setting(None, "Plain-text training data instead of records: .txt, or .jsonl with a 'text' "
-                                     "field; packed to cutoff_len.")
+                                     "field; packed to cutoff_len.", input=True)
     synthetic: int = setting(0, "Data-free: the teacher writes N training texts (continuing the data prompts, or "
-                                "short seed prompts); cached for reruns. 0: off.")
-    synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.")
-    synthetic_temperature: float = setting(1.0, "Sampling temperature of the teacher's synthetic texts.")
+                                "short seed prompts); cached for reruns. 0: off.", maximum=BIG)
+    synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.", maximum=2**14)
+    synthetic_temperature: float = setting(1.0, "Sampling temperature of the teacher's synthetic texts.", maximum=100.0)
     synthetic_prompts: str = setting("records", "What the teacher continues: records (the training records' prompts, "
                                                 "when records are given: text in the tasks' domain) or general "
                                                 "(general openings: general text).", SYNTHETIC_PROMPTS)
@@ -363,6 +422,7 @@ class EvalConfig(StageConfig):
     """Commonsense-suite evaluation."""
 
     SECTION = "eval"
+    EXCLUSIVE = (("limit", "sample"),)
     tasks: list[str] = setting(list(TASKS), "Tasks to evaluate: 'all' or a comma list.", TASKS)
     protocol: str = setting("score", "generate (LLM-Adapters beam search + match), score (constrained log-likelihood) "
                                      "or lm-eval (lm-eval-harness zero-shot).", PROTOCOLS)
@@ -372,19 +432,26 @@ class EvalConfig(StageConfig):
     engine: str = setting("rora", "lm-eval protocol: rora (native log-likelihood engine; lm-eval's numbers, faster) or "
                                   "lm-eval (lm-eval-harness's own HF backend).", ENGINES)
     batch_size: int = setting(16, "Prompts (generate), examples (score) or rows (engine lm-eval) per forward pass; the "
-                                  "rora engine batches by a token budget.")
-    num_beams: int = setting(4, "Beams of the generate protocol's beam search.")
-    max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.")
+                                  "rora engine batches by a token budget.", maximum=BIG)
+    num_beams: int = setting(4, "Beams of the generate protocol's beam search.", maximum=64)
+    max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.", maximum=2**14)
     prose: str = setting("auto", "Held-out general prose for loss, perplexity and KL to the unpruned model: auto "
                                  "(WikiText-2's test split when the hub answers, offline the BoolQ validation passages "
-                                 "in the data directory; skipped when neither is there), a .txt/.jsonl file, or none.")
-    prose_documents: int = setting(64, "Prose documents measured (a seeded sample), each cut to 256 tokens.")
+                                 "in the data directory; skipped when neither is there), a .txt/.jsonl file, or none.",
+                         input=True)
+    prose_documents: int = setting(64, "Prose documents measured (a seeded sample), each cut to 256 tokens.",
+                                   maximum=2**16)
 
     def problems(self) -> list[str]:
         out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens",
                                            "prose_documents"))
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
+        if not self.tasks:
+            out.append("eval.tasks names no task; give 'all' or a comma list")
+        twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if twice:
+            out.append(f"eval.tasks names {', '.join(twice)} more than once")
         return out
 
 
@@ -436,11 +503,11 @@ class PipelineConfig(StageConfig):
     """prune -> evaluate -> recover -> merge -> evaluate -> export, as one resumable run (rora run)."""
 
     SECTION = "pipeline"
-    model: str = setting("smollm2-135m", "Model spec to start from (any MODEL spec).")
+    model: str = setting("smollm2-135m", "Model spec to start from (any MODEL spec).", input=True)
     out: str = setting("runs/quickstart", "Output directory; one subdirectory per stage.")
     data: str | None = setting(None, "Recovery training data (file, directory of <task>/train.json, or hub id); unset: "
-                                     "the offline train sets in $RORA_DATA_DIR.")
-    data_dir: str | None = setting(None, "Evaluation data directory; unset: $RORA_DATA_DIR, else the hub.")
+                                     "the offline train sets in $RORA_DATA_DIR.", input=True)
+    data_dir: str | None = setting(None, "Evaluation data directory; unset: $RORA_DATA_DIR, else the hub.", input=True)
     allow_pickle: bool = setting(False, "Allow a pickled (LLM-Pruner) checkpoint as the model.")
     skip: list[str] = setting([], f"Stages not to run (comma-separated on the command line): "
                                   f"{', '.join(PIPELINE_STAGES)}.", PIPELINE_STAGES)
@@ -465,6 +532,10 @@ class PipelineConfig(StageConfig):
                 raise ConfigError(f"unknown section {section!r} in {path!r}{did_you_mean(section, sections)}; "
                                   f"sections: {', '.join(sections)}")
             (data[section] if section else data)[key] = value
+            owner = _dataclass_in(typing.get_type_hints(PipelineConfig)[section]) if section else PipelineConfig
+            for other in owner.cleared_by([key]):  # the exclusive partner of a key set alone (a flag wins)
+                if f"{section}.{other}".lstrip(".") not in settings:
+                    (data[section] if section else data)[other] = None
         return PipelineConfig.from_dict(data)
 
 
@@ -473,10 +544,7 @@ def parse_setting(text: str) -> tuple[str, Any]:
     path, sep, value = text.partition("=")
     if not sep or not path.strip():
         raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {text!r}")
-    try:
-        return path.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: the value is not valid YAML: {exc}".splitlines()[0]) from None
+    return path.strip(), load_yaml(value, f"the value of --set {text}")
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -487,8 +555,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> PipelineConfig:
-    """A shipped pipeline preset by name (rora/presets/NAME.yaml)."""
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
+    """A shipped pipeline preset by name (rora/presets/NAME.yaml); a name, never a path."""
+    if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, preset_names())}; presets: {', '.join(preset_names())}")
-    return PipelineConfig.from_yaml(path)
+    return PipelineConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")

@@ -48,3 +48,10 @@ class ManifestError(RoraError):
 
 class ExportError(RoraError):
     """An export format or layout cannot represent the model."""
+
+
+def detail(exc: BaseException) -> str:
+    """What a third-party exception says, in one line: its first non-empty line, else its type's name. (Library
+    messages put it after rora's own words, which name the file, so a multi-line report never cuts them.)"""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

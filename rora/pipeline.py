@@ -28,15 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import check_output, count_parameters, dir_size, read_json, write_json
+from .artifacts import (changed_inputs, check_apart, check_writable, count_parameters, dir_size, fingerprint,
+                        is_stage_output, read_json, read_manifest, write_json)
 from .config import PipelineConfig
-from .errors import ConfigError, OutputError, OutputExistsError
+from .errors import ConfigError, OutputError, OutputExistsError, RoraError
 from .evaluation.stats import accuracy_table, outcomes_from_records
 from .registry import PIPELINE_STAGES
 from .summary import evaluation_statistics, heldout_statistics, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
                   "eval_recovered": "recovered"}
+EVAL_RECORD = {"accuracy": dict, "average": (int, float), "outcomes": dict}  # what an evaluation's record must hold
 
 
 @dataclass
@@ -92,29 +94,46 @@ class _Stages:
         blob = json.dumps([stage, *parts], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def done(self, stage: str, fp: str) -> dict | None:
-        marker = self.out / "stages" / f"{stage}.json"
-        if marker.is_file() and not self.fresh:
-            data = read_json(marker)
-            if data.get("fingerprint") == fp:
-                self.say(f"[{stage}] done in an earlier run (fingerprint {fp}); skipping")
-                self.timings[stage] = {"seconds": data.get("seconds", 0.0), "skipped": True}
-                return data
-        return None
+    def record(self, name: str) -> dict | None:
+        """stages/NAME.json; None when it is missing or unreadable (the stage then simply runs again)."""
+        path = self.out / "stages" / f"{name}.json"
+        try:
+            data = read_json(path) if path.is_file() and not self.fresh else None
+        except RoraError:
+            self.say(f"[{name}] {path} is unreadable; not trusting it")
+            return None
+        return data if isinstance(data, dict) else None
+
+    def done(self, stage: str, fp: str, output: Path | None = None, shape: dict | None = None) -> dict | None:
+        """The record of an earlier run that finished this very stage (same fingerprint), when it holds the keys
+        and types of `shape` and the stage's `output` is still what that run wrote; else None."""
+        data = self.record(stage)
+        if data is None or data.get("fingerprint") != fp:
+            return None
+        if not all(isinstance(data.get(k), types) for k, types in (shape or {}).items()):
+            self.say(f"[{stage}] its record is malformed; running it again")
+            return None
+        if output is not None and not _intact(output, data.get("output_fingerprint")):
+            self.say(f"[{stage}] {output} is gone or changed since it was written; running it again")
+            return None
+        self.say(f"[{stage}] done in an earlier run (fingerprint {fp}); skipping")
+        self.timings[stage] = {"seconds": data.get("seconds", 0.0), "skipped": True}
+        return data
 
     def interrupted(self, stage: str, fp: str) -> bool:
         """An earlier run started this very stage (same fingerprint) and did not finish it."""
-        started = self.out / "stages" / f"{stage}.started.json"
-        return not self.fresh and started.is_file() and read_json(started).get("fingerprint") == fp
+        return (self.record(f"{stage}.started") or {}).get("fingerprint") == fp
 
-    def run(self, stage: str, fp: str, fn: Callable[..., dict | None], *args) -> dict:
-        """`fn(*args)`, timed, between a started marker and the done marker that keeps its record."""
+    def run(self, stage: str, fp: str, fn: Callable[..., dict | None], *args, output: Path | None = None) -> dict:
+        """`fn(*args)`, timed, between a started marker and the done marker that keeps its record (with the
+        fingerprint of the `output` it wrote)."""
         self.say(f"[{stage}] running")
         write_json(self.out / "stages" / f"{stage}.started.json", {"fingerprint": fp})
         start = time.perf_counter()
         extra = fn(*args) or {}
         seconds = time.perf_counter() - start
-        write_json(self.out / "stages" / f"{stage}.json", {"fingerprint": fp, "seconds": seconds, **extra})
+        written = {"output_fingerprint": fingerprint(output)} if output is not None else {}
+        write_json(self.out / "stages" / f"{stage}.json", {"fingerprint": fp, "seconds": seconds, **extra, **written})
         self.timings[stage] = {"seconds": seconds, "skipped": False}
         self.say(f"[{stage}] finished in {seconds:.1f} s")
         return extra
@@ -161,8 +180,8 @@ class Stage:
     restore: Callable[[_Context, _Flow, dict], None] = lambda ctx, flow, record: None
     needs: tuple = ()  # other stages that must run for this one to
     changes_model: bool = True  # False for evaluations: later fingerprints do not depend on them
-    output: Callable[[_Context], Path] | None = None  # its output, whose size the summary reports ...
-    output_label: str = ""  # ... under this name
+    output: Callable[[_Context], Path] | None = None  # what it writes: a record is trusted only with it intact
+    output_label: str = ""  # the name under which the summary reports the output's size (none: not reported)
 
 
 def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda msg: None, progress: bool = True,
@@ -176,9 +195,9 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
 
     config = PipelineConfig.coerce(config)
     out = Path(config.out)
-    check_run_output(out, overwrite, inputs=[config.model, config.data, config.data_dir])
     data_dir = config.data_dir or os.environ.get("RORA_DATA_DIR")
     train_data = config.data or data_dir
+    check_run_output(out, overwrite, inputs=[*config.input_paths(), data_dir])
     if config.runs("recover") and not train_data:
         raise ConfigError("pipeline.data is not set and RORA_DATA_DIR is empty: name the recovery training data")
     records = check_inputs(config, data_dir, train_data)
@@ -201,17 +220,29 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
 
 def _run_stage(ctx: _Context, flow: _Flow, stage: Stage) -> None:
     fp = ctx.stages.fingerprint(stage.name, flow.fingerprint, *stage.settings(ctx))
-    record = ctx.stages.done(stage.name, fp)
+    output = stage.output(ctx) if stage.output is not None else None
+    record = ctx.stages.done(stage.name, fp, output, EVAL_RECORD if stage.name in SUMMARY_LABELS else None)
     if record is None:
-        record = ctx.stages.run(stage.name, fp, stage.run, ctx, flow, fp)
+        record = ctx.stages.run(stage.name, fp, stage.run, ctx, flow, fp, output=output)
     else:
         stage.restore(ctx, flow, record)
     if stage.changes_model:
         flow.fingerprint = fp
     if stage.name in SUMMARY_LABELS:
         ctx.result.collect(SUMMARY_LABELS[stage.name], record)
-    if stage.output is not None:
-        ctx.result.sizes[stage.output_label] = dir_size(stage.output(ctx))
+    if stage.output_label:
+        ctx.result.sizes[stage.output_label] = dir_size(output)
+
+
+def _intact(output: Path, recorded: str | None) -> bool:
+    """Whether a finished stage's output is still what it wrote (a record of an older rora has no fingerprint:
+    its output must exist), and what the output was made from is unchanged (its manifest's fingerprints)."""
+    if not os.path.lexists(output) or (recorded is not None and fingerprint(output) != recorded):
+        return False
+    try:
+        return not (is_stage_output(output) and changed_inputs(read_manifest(output)))
+    except RoraError:  # a corrupt manifest: the stage writes a new one
+        return False
 
 
 def describe_evaluation(cfg) -> str:
@@ -250,7 +281,8 @@ def check_run_output(out: Path, overwrite: bool = False, inputs=()) -> None:
     if out.exists() and not ours and not overwrite:
         raise OutputExistsError(f"{out} already exists and is not a rora run; pass --overwrite to run into it "
                                 "(or choose another --out)")
-    check_output(out, overwrite=True, inputs=[i for i in inputs if i])
+    check_apart(out, inputs)  # a run writes into `out`, never replaces it whole
+    check_writable(out)
 
 
 def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | None:
@@ -297,11 +329,15 @@ def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
              "recovered": str(ctx.out / "merged")}
     reference = None if label == "base" else flow.teacher
     res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
-                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress,
+                   out=_eval_dir(label)(ctx) / "results.json", model_name=names[label], progress=ctx.progress,
                    reference=reference)
     return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
             "outcomes": outcomes_from_records(res.records), "prose": res.prose,
             "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
+
+
+def _eval_dir(label: str) -> Callable[[_Context], Path]:
+    return lambda ctx: ctx.out / f"eval_{label}"
 
 
 def _eval_settings(ctx: _Context) -> list:
@@ -377,13 +413,10 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from peft import PeftModel
-
-    from .models import peft_wrapping
+    from .models import load_adapter
 
     _teacher(flow)
-    with peft_wrapping():
-        flow.model = PeftModel.from_pretrained(flow.model, ctx.out / "recovery" / "adapter")
+    flow.model = load_adapter(flow.model, ctx.out / "recovery" / "adapter")  # eval's and merge's loader and pickle rule
 
 
 def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
@@ -421,21 +454,24 @@ def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 STAGES = (
-    Stage("eval_base", _eval_settings, functools.partial(_evaluate, label="base"), changes_model=False),
+    Stage("eval_base", _eval_settings, functools.partial(_evaluate, label="base"), changes_model=False,
+          output=_eval_dir("base")),
     Stage("prune", lambda ctx: [ctx.config.prune.to_dict()], _prune, _load_pruned,
           output=lambda ctx: ctx.out / "pruned", output_label="pruned"),
-    Stage("eval_pruned", _eval_settings, functools.partial(_evaluate, label="pruned"), changes_model=False),
+    Stage("eval_pruned", _eval_settings, functools.partial(_evaluate, label="pruned"), changes_model=False,
+          output=_eval_dir("pruned")),
     Stage("reconstruct", lambda ctx: [ctx.config.reconstruct.to_dict(), ctx.train_data
                                       if ctx.config.reconstruct.calibration == "records" else None],
           _reconstruct, _load_reconstructed, needs=("prune",), output=lambda ctx: ctx.out / "reconstructed",
           output_label="reconstructed"),
     Stage("eval_reconstructed", _eval_settings, functools.partial(_evaluate, label="reconstructed"),
-          needs=("prune", "reconstruct"), changes_model=False),
-    Stage("recover", lambda ctx: [ctx.config.recover.to_dict(), ctx.train_data], _recover, _load_adapter),
+          needs=("prune", "reconstruct"), changes_model=False, output=_eval_dir("reconstructed")),
+    Stage("recover", lambda ctx: [ctx.config.recover.to_dict(), ctx.train_data], _recover, _load_adapter,
+          output=lambda ctx: ctx.out / "recovery"),
     Stage("merge", lambda ctx: [ctx.config.merge.to_dict()], _merge, _load_merged, needs=("recover",),
           output=lambda ctx: ctx.out / "merged", output_label="merged"),
     Stage("eval_recovered", _eval_settings, functools.partial(_evaluate, label="recovered"), needs=("recover",),
-          changes_model=False),
+          changes_model=False, output=_eval_dir("recovered")),
     Stage("export", lambda ctx: [ctx.config.export.to_dict()], _export, output=_export_path, output_label="export"),
 )
 assert tuple(s.name for s in STAGES) == tuple(PIPELINE_STAGES.names())  # the registry names them for validation

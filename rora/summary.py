@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .artifacts import write_json
+from .artifacts import atomic_file, write_json
 from .evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
 
 
@@ -118,9 +118,11 @@ def summary_table(result) -> str:
 def write_summary(result) -> None:
     """summary.json, summary.md and summary.png (accuracy per task for base, pruned and recovered)."""
     write_json(result.out / "summary.json", result.to_dict())
-    (result.out / "summary.md").write_text(summary_table(result) + "\n")
+    with atomic_file(result.out / "summary.md") as tmp:
+        tmp.write_text(summary_table(result) + "\n")
     if result.outcomes:
-        plot_summary(evaluation_statistics(result.outcomes)["accuracy"], result.out / "summary.png", result.evaluation)
+        with atomic_file(result.out / "summary.png") as tmp:
+            plot_summary(evaluation_statistics(result.outcomes)["accuracy"], tmp, result.evaluation)
 
 
 def plot_summary(accuracy: dict, path: Path, evaluation: str = "") -> None:

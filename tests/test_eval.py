@@ -14,7 +14,8 @@ from rora.config import EvalConfig
 from rora.registry import TASKS as TASK_NAMES
 from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
-from rora.evaluation.evaluate import EvalResults, evaluate, load_adapter
+from rora.evaluation.evaluate import EvalResults, evaluate
+from rora.models import load_adapter
 from rora.evaluation.generate import _BeamLayer, _groups, _layout, generate_reference, generate_responses
 from rora.evaluation.loglik import MIN_SHARED, _common_prefix, _shared_prefix  # noqa: E402
 from rora.evaluation.score import (_plan, argmax, encode_pair,

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # stage's temporary directory are written (prune, merge, export) or after a recovery checkpoint.
 PAUSER = textwrap.dedent('''
     import os, pathlib, sys, time
-    import rora.deployment.hf as E, rora.pruning.prune as P, rora.recovery.merge as M
+    import rora.artifacts as A, rora.deployment.gguf as G, rora.deployment.hf as E
     from rora.recovery import trainer as T
     where, flag = os.environ.get("PAUSE_AT", ""), os.environ.get("PAUSE_FLAG", "")
     def pausing(real, name):
@@ -35,9 +35,13 @@ PAUSER = textwrap.dedent('''
                 time.sleep(300)
             return result
         return wrapped
-    P.save_model_dir = pausing(P.save_model_dir, "prune")
-    M.save_model_dir = pausing(M.save_model_dir, "merge")
+    def stage_pausing(real):  # every model stage writes its manifest last, inside its unfinished output
+        def wrapped(output, stage, *args, **kwargs):
+            return pausing(real, stage)(output, stage, *args, **kwargs)
+        return wrapped
+    A.write_stage_manifest = stage_pausing(A.write_stage_manifest)
     E.save_model_dir = pausing(E.save_model_dir, "export")
+    G.write_gguf = pausing(G.write_gguf, "gguf")
     T._Run.save_checkpoint = pausing(T._Run.save_checkpoint, "checkpoint")
     from rora.cli import main
     main(sys.argv[1:], prog_name="rora")
@@ -47,8 +51,8 @@ PAUSER = textwrap.dedent('''
 _env = subprocess_env
 
 
-def killed_at(root, where, *argv):
-    """Start `rora ARGV` pausing at `where`, SIGKILL it there; returns when it is dead."""
+def killed_at(root, where, *argv, sig=signal.SIGKILL):
+    """Start `rora ARGV` pausing at `where`, send it `sig` there (SIGKILL); returns the process once it ended."""
     flag = root / f"paused-{where}"
     flag.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, str(root / "pauser.py"), *map(str, argv)],
@@ -60,10 +64,10 @@ def killed_at(root, where, *argv):
             raise AssertionError(f"rora {' '.join(map(str, argv))} ended before the kill: {proc.stderr.read()[-2000:]}")
         assert time.time() < deadline, "never reached the kill point"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return proc.pid
+    assert proc.returncode == -signal.SIGKILL or sig != signal.SIGKILL
+    return proc
 
 
 def completes(root, *argv):
@@ -79,6 +83,13 @@ def completes(root, *argv):
 
 def hidden(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
+
+
+def marked_by(directory, pid):
+    """The hidden leftovers in `directory` whose ownership marker names the process `pid`."""
+    from rora.artifacts import read_marker
+
+    return [n for n in hidden(directory) if (read_marker(directory / n) or {}).get("pid") == pid]
 
 
 def same_tensors(a, b):
@@ -101,9 +112,9 @@ def test_sigkill_during_prune_then_rerun(root):
     cfg = PruneConfig(ratio=0.5, importance="l2", num_samples=2, seq_len=16, holdout_samples=2)
     cfg.to_yaml(root / "prune.yaml")
     PRUNE = ["--config", root / "prune.yaml"]
-    pid = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", *PRUNE)
+    pid = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", *PRUNE).pid
     assert not (root / "pruned").exists()
-    assert [n for n in hidden(root) if f".tmp-{pid}-" in n]  # the killed run's half-written directory
+    assert marked_by(root, pid)  # the killed run's half-written directory, marked as its own
     completes(root, "prune", root / "base", "--out", root / "pruned", *PRUNE)
     assert hidden(root) == []  # removed by the rerun: its process is gone
 
@@ -174,8 +185,9 @@ def test_sigkill_at_several_points_of_run_then_rerun_equals_uninterrupted(root):
     def config(out):
         return PipelineConfig.from_dict({
             "model": str(root / "base"), "out": str(root / out), "data": str(root / "data"), "data_dir": str(root / "data"),
-            "skip": ["eval_base", "eval_pruned"],
+            "skip": ["eval_base", "eval_pruned", "eval_reconstructed"],
             "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+            "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32},
             "recover": {"rank": 4, "max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
                         "warmup_steps": 1, "eval_steps": 2, "save_steps": 2},
             "eval": {"tasks": ["boolq"], "limit": 6, "batch_size": 3},
@@ -193,6 +205,24 @@ def test_sigkill_at_several_points_of_run_then_rerun_equals_uninterrupted(root):
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["evals"] == reference.evals
     stages = {s for s, t in summary["stages"].items() if t["skipped"]}
-    assert stages == {"prune", "recover"}  # done before the kills; recovery had resumed from its checkpoint
+    assert stages == {"prune", "reconstruct", "recover"}  # done before the kills; recovery resumed from its checkpoint
     for path in ("recovery/adapter/adapter_model.safetensors", "export/model.safetensors"):
         same_tensors(root / "run" / path, root / "reference" / path)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(root):
+    proc = killed_at(root, "prune", "prune", root / "base", "--out", root / "pruned", "--importance", "l2",
+                     "--num-samples", "2", sig=signal.SIGTERM)
+    assert proc.returncode == 2 and proc.stderr.read().splitlines()[-1].startswith("rora: error: terminated")
+    assert not (root / "pruned").exists() and hidden(root) == []  # its half-written directory went with it
+
+
+def test_a_killed_gguf_export_leaves_a_marked_work_directory_that_the_next_export_removes(root):
+    argv = ["export", root / "base", "--format", "gguf", "--out", root / "deploy" / "m.gguf"]
+    (root / "deploy").mkdir()
+    pid = killed_at(root, "gguf", *argv).pid
+    left = marked_by(root / "deploy", pid)
+    assert left and list((root / "deploy" / left[0]).glob("f32-m.gguf"))  # the f32 work file, inside the marked one
+    assert sorted(p.name for p in (root / "deploy").iterdir()) == left
+    completes(root, *argv)
+    assert hidden(root / "deploy") == [] and (root / "deploy" / "m.gguf").is_file()

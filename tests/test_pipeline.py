@@ -44,7 +44,7 @@ def _config(root, **changes):
         "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
         "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32},
         "recover": {"rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
-                    "cutoff_len": 512, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2},
+                    "cutoff_len": 256, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2},
         "eval": {"tasks": ["boolq"], "limit": 6, "batch_size": 3},
         **changes,
     })

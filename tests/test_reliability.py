@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import make_model
 
-from rora.artifacts import atomic_dir, remove_stale_temporaries, save_model_dir, write_json
+from rora.artifacts import MARKER, atomic_dir, process_identity, remove_stale_temporaries, save_model_dir, write_json
 from rora.cli import main
 from rora.config import RecoverConfig
 from rora.registry import TASKS as TASK_NAMES
@@ -47,25 +47,44 @@ def test_outputs_honour_the_umask(tmp_path):
     assert (mode(tmp_path / "out"), mode(tmp_path / "out" / "a.json"), mode(tmp_path / "b.json")) == (0o755, 0o644, 0o644)
 
 
-def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tmp_path):
+def _marked(directory, **identity):
+    """A directory holding rora's ownership marker for `identity` (pid, start, boot)."""
+    directory.mkdir()
+    (directory / MARKER).write_text(json.dumps({**process_identity(), **identity, "token": "t"}))
+    (directory / "weights").write_bytes(b"x" * 100)
+    return directory
+
+
+def test_only_marked_leftovers_of_gone_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    me = process_identity()
     leftovers = {
-        f".out.tmp-{dead.pid}-abc": True,  # its process is gone
-        f".out.old-{dead.pid}": True,
-        f".out.tmp-{os.getpid()}-xyz": False,  # a run still going (this one)
-        ".out.tmp-k3j4h5": True,  # an older rora's name without a pid, a day old
-        ".other.tmp-1-abc": False,  # another output's
+        _marked(tmp_path / ".out.tmp-a1", pid=dead.pid): True,  # its process is gone
+        _marked(tmp_path / ".out.tmp-a2", start=me["start"] - 1): True,  # this pid, but reused: another process's
+        _marked(tmp_path / ".out.tmp-a3", boot="another-boot"): True,  # written before a reboot
+        _marked(tmp_path / ".out.tmp-a4"): False,  # a run still going (this one)
+        _marked(tmp_path / ".other.tmp-a5", pid=dead.pid): False,  # another output's
     }
-    for name in leftovers:
+    for name in (f".out.tmp-{dead.pid}-abc", f".out.old-{dead.pid}"):  # rora's old names, but no marker: the user's
         (tmp_path / name).mkdir()
-        (tmp_path / name / "weights").write_bytes(b"x" * 100)
-    day_ago = time.time() - 2 * 24 * 3600
-    os.utime(tmp_path / ".out.tmp-k3j4h5", (day_ago, day_ago))
+        (tmp_path / name / "precious").write_text("keep")
+        leftovers[tmp_path / name] = False
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("new")
-    assert {n: not (tmp_path / n).exists() for n in leftovers} == leftovers
+    assert {p: not p.exists() for p in leftovers} == leftovers
     assert remove_stale_temporaries(tmp_path / "out") == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f"]  # the marker is not published
+
+
+def test_an_older_output_a_kill_left_in_its_holder_is_put_back(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = _marked(tmp_path / ".out.old-x1", pid=dead.pid)
+    (holder / "out").mkdir()
+    (holder / "out" / "model.safetensors").write_text("the older output")
+    assert remove_stale_temporaries(tmp_path / "out") == [holder]
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the older output" and not holder.exists()
 
 
 def test_recover_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tokenizer, tmp_path, monkeypatch):
@@ -197,3 +216,179 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["prune", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "not writable" in result.stderr and str(tmp_path) in result.stderr  # before the model was even looked at
+
+
+# ---- issue 19: data loss at the edges, the manifest chain, one adapter loader, storage errors, modes, leftovers ---
+
+RECOVER_ARGS = ["--rank", "4", "--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "2", "--val-set-size",
+                "4", "--eval-steps", "2", "--save-steps", "2", "--warmup-steps", "0"]  # a checkpoint at step 2
+
+
+def _cli(*argv):
+    return CliRunner().invoke(main, [str(a) for a in argv])
+
+
+def _one_line_error(result, fragment):
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("rora: error: ") and fragment in lines[-1], result.output
+    assert result.stderr.count("rora: error:") == 1 and "Traceback" not in result.output
+
+
+@pytest.fixture
+def saved(tokenizer, tmp_path):
+    save_model_dir(make_model(), tokenizer, tmp_path / "model")
+    (tmp_path / "data.json").write_text(json.dumps(records()))
+    return tmp_path
+
+
+def test_a_reused_pid_in_a_partial_run_does_not_block_resume_but_a_live_owner_does(saved, monkeypatch):
+    def crash(self, source):
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod._Run, "finish", crash)
+        result = _cli("recover", saved / "model", "--data", saved / "data.json", "--out", saved / "rec", *RECOVER_ARGS)
+    assert result.exit_code == 1 and (saved / ".rec.partial" / "checkpoints" / "step-2").is_dir()
+    marker = saved / ".rec.partial" / MARKER
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        marker.write_text(json.dumps({**process_identity(live.pid), "token": "t"}))  # another process trains
+        _one_line_error(_cli("recover", saved / "model", "--data", saved / "data.json", "--out", saved / "rec",
+                             "--resume", *RECOVER_ARGS), f"another rora process (pid {live.pid})")
+        # the same pid, but another process's start time: the pid was reused after the owner died
+        marker.write_text(json.dumps({**process_identity(live.pid), "start": 1, "token": "t"}))
+        resumed = _cli("recover", saved / "model", "--data", saved / "data.json", "--out", saved / "rec", "--resume",
+                       *RECOVER_ARGS)
+    finally:
+        live.kill()
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in saved.iterdir()) == ["data.json", "model", "rec"]
+    assert not (saved / "rec" / MARKER).exists()
+
+
+def test_merge_refuses_a_recovery_whose_base_was_repruned_in_place(saved):
+    prune = ["prune", saved / "model", "--out", saved / "pruned", "--importance", "l2", "--num-samples", "2"]
+    assert _cli(*prune, "--ratio", "0.25").exit_code == 0
+    trained = _cli("recover", saved / "pruned", "--data", saved / "data.json", "--out", saved / "rec", *RECOVER_ARGS)
+    assert trained.exit_code == 0, trained.output
+    assert _cli("merge", saved / "rec", "--out", saved / "merged").exit_code == 0  # the base it was trained on
+    assert _cli(*prune, "--ratio", "0.5", "--overwrite").exit_code == 0  # re-pruned in place, same path
+    _one_line_error(_cli("merge", saved / "rec", "--out", saved / "merged2"), "has changed since")
+    assert not (saved / "merged2").exists()
+
+
+def _tiny_run(root, out, **changes):
+    from rora.config import PipelineConfig
+
+    (root / "evaldata" / "boolq").mkdir(parents=True, exist_ok=True)
+    (root / "evaldata" / "boolq" / "test.json").write_text(json.dumps(
+        [{**r, "answer": "true" if i % 2 == 0 else "false"} for i, r in enumerate(records(4))]))
+    return PipelineConfig.from_dict({
+        "model": str(root / "model"), "out": str(out), "data": str(root / "data.json"),
+        "data_dir": str(root / "evaldata"), "skip": ["eval_base", "eval_pruned"],
+        "prune": {"ratio": 0.25, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "recover": {"rank": 4, "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
+                    "warmup_steps": 0, "eval_steps": 2, "save_steps": 2},
+        "eval": {"tasks": ["boolq"], "limit": 2, "batch_size": 2}, **changes})
+
+
+def test_run_rebuilds_a_deleted_or_changed_stage_output_and_ignores_a_malformed_record(saved):
+    import shutil
+
+    from rora.pipeline import run_pipeline
+
+    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "recover", "merge", "eval_recovered"])
+    assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is False
+    assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is True
+    shutil.rmtree(saved / "run" / "pruned")  # its done-record stays
+    rerun = run_pipeline(cfg, progress=False)
+    assert rerun.stages["prune"]["skipped"] is False and (saved / "run" / "pruned" / "model.safetensors").is_file()
+    (saved / "run" / "pruned" / "config.json").write_text("{}")  # changed since it was written
+    assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is False
+    for garbage in ("[" * 100_000, "[1, 2]", json.dumps({"fingerprint": ["x"]})):
+        (saved / "run" / "stages" / "prune.json").write_text(garbage)
+        assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is False
+    (saved / "run" / "stages" / "export.json").write_text(json.dumps({"fingerprint": 5}))
+    assert run_pipeline(cfg, progress=False).stages["export"]["skipped"] is False
+
+
+def test_run_restores_a_finished_recovery_only_through_the_one_adapter_loader(saved):
+    from safetensors.torch import load_file
+
+    from rora.errors import ModelLoadError
+    from rora.pipeline import run_pipeline
+
+    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "merge", "eval_recovered", "export"])
+    run_pipeline(cfg, progress=False)
+    adapter = saved / "run" / "recovery" / "adapter"
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    assert run_pipeline(cfg, progress=False).stages["recover"]["skipped"] is False  # not what it wrote: retrained
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "adapter_model.bin").exists()
+    # a record without the output's fingerprint (an older rora's) is restored, but never through a pickle
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    record = json.loads((saved / "run" / "stages" / "recover.json").read_text())
+    del record["output_fingerprint"]
+    (saved / "run" / "stages" / "recover.json").write_text(json.dumps(record))
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        run_pipeline(cfg, progress=False)
+
+
+def _fill_disk(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_writing_safetensors_is_one_line_and_keeps_the_older_output(saved, monkeypatch):
+    import transformers.modeling_utils
+
+    prune = ["prune", saved / "model", "--out", saved / "pruned", "--importance", "l2", "--num-samples", "2"]
+    assert _cli(*prune).exit_code == 0
+    before = (saved / "pruned" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _fill_disk)  # safetensors' own error type
+    _one_line_error(_cli(*prune, "--ratio", "0.5", "--overwrite"), f"cannot write {saved / 'pruned'}: No space left")
+    assert (saved / "pruned" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in saved.iterdir()) == ["data.json", "model", "pruned"]
+
+
+def test_a_full_small_file_system_is_one_line_and_leaves_nothing(saved):
+    small = saved / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN); the patched writer test covers it")
+    try:
+        _one_line_error(_cli("prune", saved / "model", "--out", small / "pruned", "--importance", "l2", "--num-samples",
+                             "2"), "No space left on device")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_every_file_a_run_writes_honours_the_umask_and_a_relative_gguf_export_works(saved, monkeypatch):
+    from rora.pipeline import run_pipeline
+
+    monkeypatch.chdir(saved)
+    old = os.umask(0o022)
+    try:
+        cfg = _tiny_run(saved, "runs/relative", skip=["eval_base", "eval_pruned"], export={"format": "gguf"})
+        run_pipeline(cfg, progress=False)
+        exported = _cli("export", saved / "model", "--format", "gguf", "--out", "m.gguf")
+    finally:
+        os.umask(old)
+    assert exported.exit_code == 0, exported.output
+    written = [p for p in (saved / "runs").rglob("*")] + [saved / n for n in ("m.gguf", "m.md", "m.rora.json")]
+    assert {p.suffix for p in written} >= {".safetensors", ".gguf", ".json", ".jsonl", ".md", ".png"}
+    modes = {str(p.relative_to(saved)): stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes == {name: 0o755 if (saved / name).is_dir() else 0o644 for name in modes}
+    assert (saved / "runs" / "relative" / "model.gguf").is_file() and not list(saved.glob(".*"))
+
+
+def test_a_flag_wins_over_a_preset_s_exclusive_setting():
+    import yaml
+
+    result = _cli("run", "--preset", "quickstart", "--limit", "2", "--print-config")
+    assert result.exit_code == 0, result.output
+    assert {k: yaml.safe_load(result.output)["eval"][k] for k in ("limit", "sample")} == {"limit": 2, "sample": None}

@@ -32,6 +32,7 @@ import torch
 from ..architecture import check_supported, is_uniform, layer_shapes
 from ..artifacts import FILE_MANIFEST_SUFFIX, check_output, count_parameters
 from ..config import ExportConfig
+from ..models import check_loaded
 from ..errors import ExportError
 from ..numerics import logits_on, probe_inputs
 from .common import ExportReport
@@ -52,6 +53,7 @@ def export(model, tokenizer, config: ExportConfig | None = None, out=None, *, ov
 def export_model(model, tokenizer, config: ExportConfig | None = None, out=None, *, overwrite: bool = False,
                  card: dict | None = None, source: str | None = None) -> ExportReport:
     """`export`, returning the full ExportReport (sizes, padding overhead, verified logit difference)."""
+    check_loaded(model, tokenizer)
     config = ExportConfig.coerce(config)
     if out is None:
         raise ExportError("no output path given (--out)")
@@ -60,7 +62,7 @@ def export_model(model, tokenizer, config: ExportConfig | None = None, out=None,
     shapes = layer_shapes(model)
     uniform = is_uniform(shapes)
     layout = "uniform" if uniform else config.layout
-    _check_request(config, model, out, uniform, overwrite)
+    _check_request(config, model, out, uniform, overwrite, inputs=[source])
     source_params = count_parameters(model)
     ids = probe_inputs(model.config.vocab_size)
     # Compared in float64: padding changes the summation order, and fp32 rounding of SmolLM2's ~1e4 activations
@@ -72,7 +74,7 @@ def export_model(model, tokenizer, config: ExportConfig | None = None, out=None,
     return writer(target, tokenizer, config, out, overwrite, layout, source_params, ids, reference, card, source)
 
 
-def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwrite: bool) -> None:
+def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwrite: bool, inputs=()) -> None:
     """Every reason to refuse, before any work (and before anything is written)."""
     problems = []
     if config.format == "gguf":
@@ -82,7 +84,11 @@ def _check_request(config: ExportConfig, model, out: Path, uniform: bool, overwr
         problems += gguf_model_problems(model.config, layer_shapes(model), layout, GGUF_DTYPES[config.dtype])
     if problems:
         raise ExportError("; ".join(problems))
-    check_output(out, overwrite)
-    if config.format == "gguf":
-        check_output(out.with_suffix(".md"), overwrite)
-        check_output(out.with_suffix(FILE_MANIFEST_SUFFIX), overwrite)
+    for path in export_paths(out, config.format):
+        check_output(path, overwrite, inputs)
+
+
+def export_paths(out: str | Path, fmt: str) -> list[Path]:
+    """What an export to `out` writes: the directory (hf), or the .gguf file with its card and manifest beside it."""
+    out = Path(out)
+    return [out, out.with_suffix(".md"), out.with_suffix(FILE_MANIFEST_SUFFIX)] if fmt == "gguf" else [out]

@@ -35,7 +35,7 @@ def card_from_stages(path: str | Path) -> dict:
         if manifest.stage == "prune":
             # Per-layer lists and nested figures have their own sections; keep the card's tables to scalars.
             card.setdefault("pruning", {k: v for k, v in manifest.report.items() if not isinstance(v, (dict, list))})
-            card.setdefault("base_model", manifest.source["model"])
+            card.setdefault("base_model", manifest.source.get("model"))
         elif manifest.stage == "recover":
             card.setdefault("recover", {**manifest.config, **manifest.report})
         elif manifest.stage == "merge":

@@ -2,7 +2,6 @@
 verified in llama.cpp when it is installed, and a quantized file's held-out perplexity against the f32 one."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +55,10 @@ def write_gguf_export(model, tokenizer, config, out, overwrite, layout, source_p
     qtype = GGUF_DTYPES[config.dtype]
     shapes = layer_shapes(model)
     notes = []
-    with atomic_file(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+    with atomic_file(out) as tmp:
         # Always an f32 file first: it is checked exactly, and it is the unquantized reference of the quality check.
-        f32 = Path(work) / "f32.gguf"
+        # It is a work file of the export's marked staging directory, so a killed export leaves nothing unmarked.
+        f32 = tmp.with_name(f"f32-{out.name}")
         arch = write_gguf(model, tokenizer, f32, "F32", name=out.stem)
         reader, f32_model = _read_back(f32, model, arch, shapes)
         f32_diff = verify_logits(f32_model, ids, reference, config, True, f"GGUF ({arch}, F32) read back by {reader}")
@@ -135,7 +135,8 @@ def _read_back(path: Path, model, arch: str, shapes):
     from transformers import AutoModelForCausalLM
 
     if _transformers_reads(arch, model.config, shapes):
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32)
+        # gguf_file is a name inside the folder: a relative folder given twice would name another file
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         return "transformers (gguf_file)", loaded
     return "rora's GGUF reader", read_gguf_model(path, model)
 

@@ -6,11 +6,11 @@ full run. `sample` keeps a seeded random N instead (sample_indices), so a small 
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
+from ..artifacts import DATA_LIMIT, read_json
 from ..errors import ConfigError, DataError
 from .tasks import Task
 
@@ -54,10 +54,7 @@ def load_examples(task: Task, data_dir: Path | None, limit: int | None = None, *
         source = data_dir / task.name / task.file
         if not source.is_file():
             raise DataError(f"{source} not found; {LAYOUT}")
-        try:
-            records = json.loads(source.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{source} is not valid JSON: {exc}") from None
+        records = read_json(source, DataError, DATA_LIMIT)
     if not isinstance(records, list):
         raise DataError(f"{source} must hold a JSON list of records, not {type(records).__name__}")
     keep = sample_indices(len(records), sample, seed, task.name) if sample is not None else \

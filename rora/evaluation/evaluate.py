@@ -9,15 +9,15 @@ With `out` (a JSON path) it writes the JSON, a Markdown table beside it (.md) an
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import atomic_file, check_output, provenance, write_json
+from ..artifacts import atomic_file, check_output, provenance, to_json
 from ..config import EvalConfig
-from ..errors import ConfigError, MergeError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..measure import Prose
+from ..models import check_loaded
 from .data import load_examples, resolve_data_dir, sample_indices
 from .tasks import ANSWER_PREFIX, Task, eval_prompt, extract_answer, get_task, record_labels
 
@@ -97,21 +97,22 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
     return out, out.with_suffix(".md"), out.with_name(out.stem + ".examples.jsonl")
 
 
-def check_outputs(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse existing outputs before any work, unless `overwrite`; and an --out that one of the other two
-    outputs would overwrite (`--out r.md` is also the Markdown table's name)."""
+def check_outputs(out: str | Path, overwrite: bool = False, inputs=()) -> None:
+    """Refuse existing outputs before any work, unless `overwrite`; outputs that overlap `inputs` (the model, the
+    adapter, the data directory); and an --out that one of the other two outputs would overwrite (`--out r.md` is
+    also the Markdown table's name)."""
     paths = output_paths(out)
     if len(set(paths)) < len(paths):
         raise ConfigError(f"--out {out} names the JSON results but is also where the Markdown table goes; "
                           f"use {Path(out).with_suffix('.json')}")
     for path in paths:
-        check_output(path, overwrite)
+        check_output(path, overwrite, inputs)
 
 
 def check_data(config: EvalConfig, data_dir=None) -> None:
     """Fail on a missing task file or a --sample larger than a task before a model is loaded (evaluate checks
     again; this is for the CLI, so that bad input costs nothing)."""
-    from .lmeval_bridge import task_source
+    from .lmeval_bridge import offline_size, task_source
 
     data_dir = resolve_data_dir(data_dir)
     if data_dir is None:  # downloaded or hub data: checked when it is fetched
@@ -122,9 +123,7 @@ def check_data(config: EvalConfig, data_dir=None) -> None:
             continue
         task_source(task, data_dir)
         if config.sample is not None:  # the offline files hold one example per line
-            with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
-                size = sum(1 for line in f if line.strip())
-            sample_indices(size, config.sample, config.seed, task.name)
+            sample_indices(offline_size(task, data_dir), config.sample, config.seed, task.name)
 
 
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
@@ -137,14 +136,15 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     is loaded). `config.prose` adds the loss and perplexity on held-out prose, and with `reference` (the unpruned
     model) the KL to it.
     """
+    check_loaded(model, tokenizer)
     config = EvalConfig.coerce(config)
     tasks = [get_task(name) for name in config.tasks]
     if tokenizer is None:
         raise ModelLoadError("the model has no tokenizer, and every protocol needs one; load a model directory or "
                              "GGUF file that includes its tokenizer")
-    if out is not None:
-        check_outputs(out, overwrite)
     data_dir = resolve_data_dir(data_dir)
+    if out is not None:
+        check_outputs(out, overwrite, inputs=[data_dir])
     prose = Prose.load(config.prose, config.prose_documents, data_dir)  # a bad prose file fails before the compute
     model.eval()
     if config.protocol == "lm-eval":
@@ -228,45 +228,13 @@ def _run_lmeval(model, tokenizer, tasks, data_dir, config):
 
 
 def write_results(results: EvalResults, out: str | Path) -> None:
-    """The JSON summary, the Markdown table and the per-example JSONL, each written atomically."""
+    """The JSON summary, the Markdown table and the per-example JSONL: all three written, then all three put in
+    place, so a failure (a full disk) replaces none of them."""
+    import contextlib
     import json
 
-    json_path, md_path, jsonl_path = output_paths(out)
-    write_json(json_path, results.to_dict())
-    with atomic_file(md_path) as tmp:
-        tmp.write_text(results.to_markdown() + "\n")
-    with atomic_file(jsonl_path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.records))
-
-
-_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (\S+ ?\S*) from checkpoint, "
-                       r"the shape in current model is (\S+ ?\S*)\.")
-
-
-def load_adapter(model, adapter_dir: str | Path, allow_pickle: bool = False):
-    """`PeftModel.from_pretrained(model, adapter_dir)` for evaluation; a shape mismatch names the module.
-    Pickled adapter weights (adapter_model.bin alone) are refused unless `allow_pickle`."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
-    from ..models import peft_wrapping, weights_files
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights_files(adapter_dir, allow_pickle, "adapter"):
-        raise ModelLoadError(f"{adapter_dir} has no adapter weights (adapter_model.safetensors)")
-    try:
-        with peft_wrapping():
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as exc:
-        found = _MISMATCH.search(str(exc))
-        if not found:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"cannot load the adapter {adapter_dir}: {detail}") from None
-        name, theirs, ours = found.groups()
-        module = re.sub(r"^base_model\.model\.|\.lora_[AB].*$|\.weight$", "", name)
-        raise MergeError(
-            f"adapter {adapter_dir} does not fit the model: {module} has shape {ours.rstrip('.')} in the model but "
-            f"{theirs} in the adapter ({name}); load the model the adapter was trained on (e.g. the pruned one)"
-        ) from None
+    texts = (to_json(results.to_dict()), results.to_markdown() + "\n",
+             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.records))
+    with contextlib.ExitStack() as stack:
+        for path, text in zip(output_paths(out), texts):
+            stack.enter_context(atomic_file(path)).write_text(text)

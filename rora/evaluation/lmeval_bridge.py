@@ -16,7 +16,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import DataError
+from ..artifacts import DATA_LIMIT, read_text
+from ..errors import DataError, detail
 from .data import sample_indices
 from .tasks import Task
 
@@ -31,6 +32,7 @@ def task_source(task: Task, data_dir: Path | None) -> tuple[str, str]:
     if not path.is_file():
         raise DataError(f"{path} not found: the lm-eval protocol reads <data_dir>/{task.name}/{task.lmeval_file} "
                         "(the original dataset's records, one JSON object per line)")
+    offline_size(task, data_dir)  # UTF-8 text of a sane size, checked before any compute
     return task.lmeval_task, "offline"
 
 
@@ -58,7 +60,7 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
         if sample is not None:
             for task in tasks:
                 name, kind = sources[task.name]
-                size = _offline_size(task, data_dir) if kind == "offline" else _task_size(name, manager)
+                size = offline_size(task, data_dir) if kind == "offline" else _task_size(name, manager)
                 subsets[task.name] = sample_indices(size, sample, seed, task.name)
         backend = {"rora": RoraLM, "lm-eval": HFLM}[engine]
         lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
@@ -76,7 +78,7 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
                                       bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
         except Exception as exc:  # lm-eval raises plain errors for missing data (offline hub, bad files)
             hint = "" if kind == "offline" else " (no data directory given, so lm-eval's hub task was tried)"
-            raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            raise DataError(f"lm-eval task {name} failed{hint}: {type(exc).__name__}: {detail(exc)}") from exc
         seconds = time.perf_counter() - start
         metrics = res["results"][name]
         samples = res["samples"][name]
@@ -99,10 +101,11 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
     return out
 
 
-def _offline_size(task: Task, data_dir: Path) -> int:
-    """Examples in an offline task's file (its non-empty lines), without building the lm-eval task."""
-    with (data_dir / task.name / task.lmeval_file).open(encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+def offline_size(task: Task, data_dir: Path) -> int:
+    """Examples in an offline task's file (its non-empty lines), without building the lm-eval task; DataError
+    naming the file when it is not UTF-8 text or too large."""
+    text = read_text(data_dir / task.name / task.lmeval_file, DataError, DATA_LIMIT)
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 def _task_size(name: str, manager) -> int:

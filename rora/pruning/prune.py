@@ -31,6 +31,7 @@ import torch
 
 from ..artifacts import count_parameters, save_stage_model
 from ..config import PruneConfig
+from ..models import check_loaded
 from ..errors import PruningError
 from .calibration import encode, load_calibration, split_pool
 from .importance import SCORERS, UnitScores, needs_samples
@@ -78,6 +79,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     `holdout_samples`); None loads `config.calibration` ('builtin' or a path to training data).
     """
     start = time.perf_counter()
+    check_loaded(model, tokenizer)
     config = PruneConfig.coerce(config)
     check_supported(model.config)
     before = layer_shapes(model)
@@ -211,7 +213,8 @@ def heldout_loss(model, samples: list[torch.Tensor]) -> float | None:
 def save_pruned(model, tokenizer, report: PruneReport, out, overwrite: bool = False, source: str | None = None) -> Path:
     """Write the pruned model (safetensors, config, tokenizer) and its manifest atomically to `out`; `source` is
     the spec of the model that was pruned."""
-    return save_stage_model(model, tokenizer, out, "prune", {"model": source}, report.to_dict(), overwrite)
+    return save_stage_model(model, tokenizer, out, "prune", {"model": source}, report.to_dict(), overwrite,
+                            inputs=[source])
 
 
 def _kept(shape: LayerShape, removed) -> tuple[list[int], list[int], list[int]]:

@@ -242,4 +242,4 @@ def save_reconstructed(model, tokenizer, report: ReconstructReport, out, overwri
     """Write the reconstructed model and its manifest atomically to `out`; `source` is the pruned model's spec,
     `teacher` the unpruned model's."""
     return save_stage_model(model, tokenizer, out, "reconstruct", {"model": source, "teacher": teacher},
-                            report.to_dict(), overwrite)
+                            report.to_dict(), overwrite, inputs=[source, teacher])

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import DataError
+from ..artifacts import DATA_LIMIT, read_json, read_text
+from ..config import MAX_STEPS
+from ..errors import ConfigError, DataError, detail
 from ..sources.text import pack, read_documents
 from .prompts import split_prompt
 
@@ -45,6 +48,8 @@ def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
     """Records from a list, a .json/.jsonl file, a directory of <task>/train.json, or a hub dataset id."""
     if isinstance(data, (list, tuple)):
         records = list(data)
+    elif not isinstance(data, (str, os.PathLike)):
+        raise DataError(f"training data is a path, a hub id or a list of records, got {type(data).__name__}")
     else:
         path = Path(data).expanduser()
         if path.is_file():
@@ -64,22 +69,15 @@ def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
 
 
 def _read_file(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text: {exc}") from None
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), 1):  # each line is parsed alone: report the file's line
+        for number, line in enumerate(read_text(path, DataError, DATA_LIMIT).splitlines(), 1):  # the file's line
             try:
                 records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} is not valid JSONL: line {number} column {exc.colno}: {exc.msg}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{path} is not valid JSONL: line {number}: {detail(exc)}") from None
         return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    records = read_json(path, DataError, DATA_LIMIT)
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a JSON list of records, not {type(records).__name__}")
     return records
@@ -92,7 +90,7 @@ def _load_hub(name: str) -> list[dict]:
         ds = datasets.load_dataset(name, split="train")
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFound...)
         raise DataError(
-            f"cannot load dataset {name!r} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"cannot load dataset {name!r} from the hub ({type(exc).__name__}: {detail(exc)}); "
             "offline, pass a local JSON/JSONL file or a directory of <task>/train.json"
         ) from None
     return [dict(r) for r in ds]
@@ -208,7 +206,11 @@ def count_steps(num_examples: int, config) -> int:
         return config.max_steps
     micro_per_epoch = -(-num_examples // config.micro_batch_size)
     accumulation = config.batch_size // config.micro_batch_size
-    return max(1, -(-int(round(config.epochs * micro_per_epoch)) // accumulation))
+    steps = max(1, -(-int(round(config.epochs * micro_per_epoch)) // accumulation))
+    if steps > MAX_STEPS:  # the step plan holds one entry per step: refused before it is built
+        raise ConfigError(f"recover.epochs {config.epochs:g} over {num_examples} examples is {steps} optimizer steps, "
+                          f"more than {MAX_STEPS}; lower --epochs or set --max-steps")
+    return steps
 
 
 def collate(examples: list[Example], pad_id: int):

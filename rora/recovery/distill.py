@@ -167,6 +167,16 @@ def check_teacher(teacher, student, tokenizer=None, teacher_tokenizer=None) -> N
                           f"the student's {s_rows}; distillation needs the same tokenizer and vocabulary")
 
 
+def check_positions(model, tokens: int, role: str) -> None:
+    """ConfigError when `model` (the student or the teacher) handles fewer positions than `tokens` (the cutoff):
+    found before the first step, not as an IndexError in it (or as silently extrapolated positions)."""
+    config = getattr(causal_lm_of(model), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and limit < tokens:
+        raise ConfigError(f"the {role} handles {limit} positions (max_position_embeddings) but --cutoff-len is "
+                          f"{tokens}; lower --cutoff-len to {limit} or less")
+
+
 def tokenizer_difference(student_tok, teacher_tok) -> str | None:
     """What differs between two tokenizers (vocabulary size, a token's id, a special token), or None."""
     if len(student_tok) != len(teacher_tok):

@@ -15,16 +15,17 @@ final (cast) model is reported too, as `max_abs_diff_after_cast`: that is the pr
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..artifacts import check_output, read_json, save_stage_model
+from ..artifacts import read_json, save_stage_model
 from ..config import MergeConfig
-from ..errors import MergeError
-from ..models import peft_wrapping, weights_files
+from ..errors import MergeError, detail
+from ..models import check_loaded, load_adapter, safetensors_shapes, weights_files
 from ..numerics import cast_parameters, logits_on, probe_inputs, resolve_dtype
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,6 +70,7 @@ def merge(model, adapter=None, config: MergeConfig | None = None, *, probe_ids: 
     """
     from peft.tuners.lora import LoraLayer
 
+    check_loaded(model)
     config = MergeConfig.coerce(config)
     peft_model = _attach(model, adapter, allow_pickle)
     cast_parameters(peft_model, resolve_dtype(config.compute_dtype))  # whatever the adapter was trained in
@@ -122,15 +124,10 @@ def _attach(model, adapter, allow_pickle: bool = False):
         return model
     if adapter is None:
         raise MergeError("no adapter to merge: pass a PeftModel or an adapter directory (--adapter DIR)")
-    from safetensors import SafetensorError
-
-    adapter = Path(adapter)
+    if not isinstance(adapter, (str, os.PathLike)):
+        raise MergeError(f"the adapter must be a directory's path, got {type(adapter).__name__}")
     check_fit(model, adapter, allow_pickle)
-    try:
-        with peft_wrapping():
-            return PeftModel.from_pretrained(model, str(adapter))
-    except (ValueError, RuntimeError, KeyError, TypeError, OSError, SafetensorError) as exc:  # PEFT's own checks
-        raise MergeError(f"cannot attach the adapter {adapter} to the model: {str(exc).splitlines()[0]}") from None
+    return load_adapter(model, adapter, allow_pickle)
 
 
 def check_fit(model, adapter: str | Path, allow_pickle: bool = False) -> None:
@@ -166,21 +163,18 @@ def check_fit(model, adapter: str | Path, allow_pickle: bool = False) -> None:
 
 def _weight_shapes(path: Path) -> dict[str, tuple]:
     """Tensor name -> shape, from safetensors (header only) or, opted in, a pickle read with weights_only."""
-    from safetensors import SafetensorError, safe_open
-
+    if path.suffix == ".safetensors":
+        return safetensors_shapes([path], MergeError)
     try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as exc:
-        raise MergeError(f"{path} is corrupt or not adapter weights: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    except (OSError, RuntimeError, ValueError, AttributeError) as exc:
+        raise MergeError(f"{path} is corrupt or not adapter weights: {detail(exc)}") from None
 
 
 def save_merged(model, tokenizer, report: MergeReport, out, overwrite: bool = False, source=None,
                 adapter=None) -> Path:
     """Write the merged model as an atomic directory: safetensors, config, tokenizer, manifest. `source` is the
     base model's spec, `adapter` the adapter directory (default: the one merge() read, `report.adapter`)."""
-    out = check_output(out, overwrite)
-    return save_stage_model(model, tokenizer, out, "merge", {"model": source, "adapter": adapter or report.adapter},
-                            report.to_dict(), overwrite)
+    adapter = adapter or report.adapter
+    return save_stage_model(model, tokenizer, out, "merge", {"model": source, "adapter": adapter}, report.to_dict(),
+                            overwrite, inputs=[source, adapter])

@@ -50,6 +50,12 @@ def peft_config(config: RecoverConfig, model):
             f"{did_you_mean(missing[0], available)}; it has: {', '.join(available)}"
         )
     b, alpha, r = scaling_exponent(config), config.resolved_alpha, config.rank
+    # Checked before PEFT allocates r x width matrices per module: a rank past every adapted layer's smaller side
+    # adds nothing, and a huge one would exhaust memory.
+    widest = max(min(m.in_features, m.out_features) for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules)
+    if r > widest:
+        raise ConfigError(f"recover.rank {r} is more than any adapted layer's smaller side ({widest}); use at most {widest}")
     use_rslora = b == 0.5
     stored_alpha = alpha if b in (0.5, 1.0) else alpha * r ** (1.0 - b)
     return LoraConfig(

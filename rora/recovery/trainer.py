@@ -39,21 +39,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..artifacts import (ADAPTER_DIR, atomic_dir, check_output, is_recovery, process_alive, read_json, replace_dir,
-                         write_json, write_stage_manifest)
+from ..artifacts import (ADAPTER_DIR, MARKER, alive, atomic_dir, check_apart, check_output, claim, is_mine,
+                         is_recovery, read_json, read_marker, remove_owned, replace_dir, write_json, write_stage_manifest)
 from ..config import RecoverConfig
+from ..models import check_loaded, peft_wrapping
 from ..numerics import model_signature
-from ..models import peft_wrapping
-from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError
+from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, mix, prepare, prepare_text, step_plan
-from .distill import (DistillLoss, batch_sums, check_objective, check_teacher, labelled_ce,
+from .distill import (DistillLoss, batch_sums, check_objective, check_positions, check_teacher, labelled_ce,
                       prepare_teacher, teacher_dtype)
 from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
 STATE_FILE = "trainer_state.json"
-OWNER_FILE = "rora.pid"  # in the partial run: the process training into it
 
 
 @dataclass
@@ -130,13 +129,20 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
+    check_loaded(model, tokenizer)
+    if teacher is not None:
+        check_loaded(teacher, teacher_tokenizer, "teacher")
     config = RecoverConfig.coerce(config).with_objective(teacher is not None)
     out = Path(out) if out is not None else None
     check_objective(config, teacher is not None)
     if teacher is not None:
         check_teacher(teacher, model, tokenizer, teacher_tokenizer)
+    for role, lm in (("model", model), ("teacher", teacher)):
+        if lm is not None:
+            check_positions(lm, config.cutoff_len, role)
     if out is not None:
-        check_recover_output(out, resume, overwrite)
+        check_recover_output(out, resume, overwrite, inputs=[source, data if isinstance(data, (str, os.PathLike)) else None,
+                                                            config.text])
     lora_config = peft_config(config, model)
     tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
     accelerator = _accelerator()
@@ -159,12 +165,11 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         identity["teacher"] = model_signature(teacher)
     work = partial_dir(out) if out is not None else None
     state = _load_state(work, identity) if resume and work is not None else None
-    if work is not None and state is None and accelerator.is_main_process:
-        if work.exists():
-            shutil.rmtree(work)  # nothing to resume in it (check_recover_output): start clean
-        (work / "checkpoints").mkdir(parents=True)
     if work is not None and accelerator.is_main_process:
-        (work / OWNER_FILE).write_text(str(os.getpid()))
+        if state is None:
+            remove_owned(work)  # nothing to resume in it, and check_recover_output proved it rora's: start clean
+            (work / "checkpoints").mkdir(parents=True)
+        claim(work)  # its marker is the lock: this process trains into it now
     accelerator.wait_for_everyone()
 
     torch.manual_seed(config.seed)  # PEFT's random init of lora_A: same seed, same adapter, on every process
@@ -196,12 +201,12 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
         # failed before this point has no checkpoint either: the next run into `out` removes it.)
         if work is not None and accelerator.is_main_process and _latest_checkpoint(work) is None:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_owned(work)
         raise
     if out is not None:
         if accelerator.is_main_process:
-            (work / OWNER_FILE).unlink(missing_ok=True)
             replace_dir(work, out)
+            (out / MARKER).unlink()  # a finished run is no partial one
         accelerator.wait_for_everyone()
         result.adapter_dir, result.metrics_path = out / ADAPTER_DIR, out / "metrics.jsonl"
     return result
@@ -213,8 +218,7 @@ def _restore(run, ckpt: Path) -> None:
     try:
         run.restore(ckpt)
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"cannot resume from {ckpt}: the checkpoint is corrupt ({detail}); "
+        raise TrainingError(f"cannot resume from {ckpt}: the checkpoint is corrupt ({detail(exc)}); "
                             "start again with --overwrite") from None
 
 
@@ -224,16 +228,22 @@ def partial_dir(out: Path) -> Path:
 
 
 def check_recover_output(out, resume: bool = False, overwrite: bool = False, inputs=()) -> Path:
-    """Refuse, before any work, a run into `out` that could lose data: an existing `out` without --overwrite, an
+    """Refuse, before any work, a run into `out` that could lose data: `out` or its partial sibling overlapping
+    an input, an existing `out` without --overwrite, a partial sibling that is not rora's (no marker), an
     interrupted run (a checkpoint in the partial sibling) without --resume or --overwrite, a run another live
     process is training, and --resume where there is nothing of rora's to resume. Deletes nothing."""
     out = Path(out)
     partial = partial_dir(out)
-    check_output(out, overwrite=True, inputs=inputs)  # writable, and not an input
-    if partial.is_dir():
-        owner = (partial / OWNER_FILE).read_text().strip() if (partial / OWNER_FILE).is_file() else ""
-        if owner.isdigit() and int(owner) != os.getpid() and process_alive(int(owner)):
-            raise OutputError(f"another rora process (pid {owner}) is training into {out}; wait for it or choose another --out")
+    check_output(out, overwrite=True, inputs=inputs)  # writable, not the working directory, not an input
+    check_apart(partial, inputs)
+    if os.path.lexists(partial):
+        owner = read_marker(partial)
+        if owner is None:
+            raise OutputError(f"{partial} is in the way: a run into {out} trains there, but it holds no rora marker "
+                              f"({MARKER}), so it is not rora's to reuse or delete; move it away or choose another --out")
+        if alive(owner) and not is_mine(owner):
+            raise OutputError(f"another rora process (pid {owner['pid']}) is training into {out}; wait for it or "
+                              "choose another --out")
         if _latest_checkpoint(partial) is not None:
             if resume or overwrite:
                 return out

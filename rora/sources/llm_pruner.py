@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, detail
 from ..architecture import build_from_state_dict, check_supported, decoder_layers, layer_shapes, sync_config
 
 
@@ -22,7 +22,7 @@ def load_llm_pruner_checkpoint(path: str | Path, dtype=None):
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling can fail in many ways (missing classes, truncated file, ...)
-        raise ModelLoadError(f"cannot read {path} as an LLM-Pruner checkpoint: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read {path} as an LLM-Pruner checkpoint: {detail(exc)}") from None
     module = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(module, torch.nn.Module) or not hasattr(module, "config"):
         raise ModelLoadError(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..artifacts import DATA_LIMIT, read_json, read_text
+from ..errors import DataError, detail
 
 # General openings for teacher-written text when no task prompts are given (LLM-QAT starts from single tokens; a few
 # words give small teachers a more natural start).
@@ -38,11 +39,7 @@ def read_documents(path: str | Path) -> list[str]:
         raise DataError(f"text file not found: {path}")
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"{path}: plain text must be a .txt file or a .jsonl file with a 'text' field")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    text = read_text(path, DataError, DATA_LIMIT)
     if path.suffix == ".txt":
         docs = [text]
     else:
@@ -52,8 +49,8 @@ def read_documents(path: str | Path) -> list[str]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{path} line {n} is not valid JSON: {detail(exc)}") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{path} line {n} has no string 'text' field")
             docs.append(row["text"])
@@ -89,10 +86,7 @@ def read_records(source: str | Path) -> list[dict]:
         raise DataError(f"calibration data not found: {path} (give a JSON file of records or a dir of <task>/train.json)")
     records = []
     for f in files:
-        try:
-            found = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{f} is not valid JSON: {exc}") from None
+        found = read_json(f, DataError, DATA_LIMIT)
         if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
             raise DataError(f"{f} must hold a JSON list of {{instruction, input, output}} records")
         records += found
