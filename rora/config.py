@@ -338,6 +338,27 @@ class EvalConfig(StageConfig):
 
 
 @dataclass
+class GenerateConfig(StageConfig):
+    """Free text generation (rora generate, rora.generate_text): greedy unless temperature > 0."""
+
+    SECTION = "generate"
+    max_new_tokens: int = setting(128, "New tokens to write per prompt at most (the end-of-text token stops sooner).")
+    temperature: float = setting(0.0, "0: greedy (the most likely token every step); > 0: sample at this temperature.")
+    top_p: float = setting(1.0, "Sampling: draw from the smallest set of tokens whose probability reaches top_p, in "
+                                "(0, 1]; 1 keeps every token.")
+    seed: int = setting(0, "Sampling: the seed; the same prompts, seed and batch size give the same text.")
+    chat: bool | None = setting(None, "Wrap each prompt in the model's chat template as a user turn (default: when "
+                                      "the tokenizer has one).")
+    batch_size: int = setting(8, "Prompts written at once when not streaming.")
+
+    def problems(self) -> list[str]:
+        out = self.out_of_bounds(positive=("max_new_tokens", "batch_size"), non_negative=("temperature",))
+        if not 0 < self.top_p <= 1:
+            out.append(f"generate.top_p must be in (0, 1], got {self.top_p}")
+        return out
+
+
+@dataclass
 class MergeConfig(StageConfig):
     """Merging adapters into dense weights (computed in compute_dtype, then cast; see recovery/merge.py)."""
 
