@@ -6,6 +6,7 @@ The public API (imports are lazy, so `import rora` and `rora --help` stay fast):
     recover(model, tokenizer, data, RecoverConfig, out) -> RecoverResult
     evaluate(model, tokenizer, EvalConfig) -> EvalResults
     generate_text(model, tokenizer, prompts, GenerateConfig) -> [Generation]   (what the model writes)
+    generation_quality(model, tokenizer, reference) -> dict      (repetition, distinct-2, reference perplexity)
     merge(model, adapter, MergeConfig) -> (merged model, MergeReport)
     export(model, tokenizer, ExportConfig, out) -> Path
     run_pipeline(PipelineConfig) -> PipelineResult
@@ -24,6 +25,7 @@ _API = {
     "recover": "rora.recovery.trainer",
     "evaluate": "rora.evaluation.evaluate",
     "generate_text": "rora.evaluation.text",
+    "generation_quality": "rora.evaluation.quality",
     "merge": "rora.recovery.merge",
     "export": "rora.deployment",
     "run_pipeline": "rora.pipeline",

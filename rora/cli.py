@@ -283,16 +283,19 @@ def load_with_adapter(model, adapter, allow_pickle: bool):
 @main.command("eval")
 @model_argument
 @adapter_option
-@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size")
+@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size", "generation",
+                "generation_prompts", "generation_tokens")
+@click.option("--reference", help="The model whose perplexity scores the generated text (any MODEL spec); default: the "
+              "unpruned model a stage output was made from, else MODEL itself.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_file, **flags):
-    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite;
-    prints a Markdown table."""
+def eval_(model, allow_pickle, adapter, reference, tasks, data_dir, out, overwrite, config_file, **flags):
+    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite, and
+    the quality of its own writing; prints a Markdown table."""
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
@@ -303,8 +306,24 @@ def eval_(model, allow_pickle, adapter, tasks, data_dir, out, overwrite, config_
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
     source, m, tok = load_with_adapter(model, adapter, allow_pickle)
-    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter)
+    ref, ref_name = _reference(cfg, source, m, reference, allow_pickle)
+    results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter,
+                       reference=ref, reference_name=ref_name)
     click.echo(results.to_markdown())
+
+
+def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: bool):
+    """(reference model, its name) for the generation figures: --reference, else the model MODEL was made from;
+    the evaluated model itself when that is what it names (and it carries no adapter)."""
+    if not cfg.generation:
+        return None, None
+    from .artifacts import root_model
+    from .models import load_model
+
+    spec = spec or root_model(source.model)
+    if str(spec) == str(source.model) and source.adapter is None:
+        return model, str(spec)
+    return load_model(spec, allow_pickle=allow_pickle)[0], str(spec)
 
 
 @main.command()

@@ -329,9 +329,17 @@ class EvalConfig(StageConfig):
                                   "rora engine batches by a token budget.")
     num_beams: int = setting(4, "Beams of the generate protocol's beam search.")
     max_new_tokens: int = setting(32, "New tokens the generate protocol decodes per answer.")
+    # Accuracy alone cannot see a model that no longer writes (a recovery can raise it while the model's own text
+    # degenerates into "yes, yes, yes"); these figures can (rora.evaluation.quality).
+    generation: bool = setting(True, "Also score the model's own writing: greedy continuations of held-out prompts, by "
+                                     "repetition, distinct-2 and perplexity under a reference model.")
+    generation_prompts: int = setting(12, "Generation figures: up to N of the shipped text openings, plus N task "
+                                          "prompts when held-out training records are given (rora run).")
+    generation_tokens: int = setting(48, "Generation figures: new tokens per greedy continuation.")
 
     def problems(self) -> list[str]:
-        out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens"))
+        out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens",
+                                           "generation_prompts", "generation_tokens"))
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
         return out

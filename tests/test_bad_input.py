@@ -209,6 +209,10 @@ CLI_CASES = [
     ("run-bad-model", "run --model {w}/cfg_empty --out {w}/run --data {w}/data.json --data-dir {w}/evaldata "
      "--tasks boolq", "cannot load"),
     ("run-ratio-nan", "run --model {w}/model --out {w}/run --ratio nan", "finite"),
+    ("eval-generation-tokens", "eval {w}/model --generation-tokens 0 --data-dir {w}/evaldata --out {w}/e.json",
+     "generation_tokens must be > 0"),
+    ("eval-reference-missing", "eval {w}/model --reference {w}/nope --tasks boolq --data-dir {w}/evaldata "
+     "--out {w}/e.json", "unknown model"),
     ("generate-no-prompt", "generate {w}/model", "no prompt"),
     ("generate-prompts-file-missing", "generate {w}/model --prompts-file {w}/nope.txt", "prompts file not found"),
     ("generate-prompts-file-blank", "generate {w}/model --prompts-file {w}/blank.txt", "holds no prompts"),
