@@ -354,8 +354,9 @@ def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_jso
     if stream and not as_json:  # each prompt alone, its text printed as it comes
         for i, prompt in enumerate(texts):
             _heading(i, texts)
-            generate_text(m, tok, [prompt], cfg, stream=lambda piece: click.echo(piece, nl=False))
+            (g,) = generate_text(m, tok, [prompt], cfg, stream=lambda piece: click.echo(piece, nl=False))
             click.echo()
+            _note_if_empty(i, g)
         return
     found = generate_text(m, tok, texts, cfg)
     if as_json:
@@ -366,12 +367,21 @@ def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_jso
     for i, g in enumerate(found):
         _heading(i, texts)
         click.echo(g.text)
+        _note_if_empty(i, g)
 
 
 def _heading(i: int, prompts: list[str]) -> None:
     """With several prompts, a line naming the prompt before its text (and a blank line between texts)."""
     if len(prompts) > 1:
         click.echo(("\n" if i else "") + f"[{i + 1}/{len(prompts)}] {prompts[i]}")
+
+
+def _note_if_empty(i: int, g) -> None:
+    """An empty line alone would look like a hang or a bug: say on stderr that the model wrote nothing readable."""
+    if not g.text.strip():
+        how = "ended its text at once" if g.stopped and len(g.new_ids) == 1 else \
+            f"wrote {len(g.new_ids)} tokens of no visible text"
+        click.echo(f"rora: note: prompt {i + 1}: the model {how}", err=True)
 
 
 # rora run's short flags: fields of the pipeline (a top-level key or section.key); every other key takes --set.

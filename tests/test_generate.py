@@ -220,6 +220,18 @@ def test_cli_chat_template_by_default(world):
     assert plain == expected_texts(model, tok, 10)
 
 
+def test_cli_says_when_the_model_writes_nothing_visible(world, tmp_path, tokenizer):
+    model = make_model(heads=4, kv_heads=2)
+    with torch.no_grad():  # every logit 0: the argmax is token 0, <unk>, which decodes to nothing
+        model.model.norm.weight.zero_()
+    save_model_dir(model, tokenizer, tmp_path / "mute")
+    for flag in ("--stream", "--no-stream"):
+        result = CliRunner().invoke(main, ["generate", str(tmp_path / "mute"), "--prompt", "A cat", "--max-new-tokens",
+                                           "5", flag])
+        assert result.exit_code == 0 and result.stdout == "\n"
+        assert result.stderr == "rora: note: prompt 1: the model wrote 5 tokens of no visible text\n"
+
+
 def test_cli_sampling_is_reproducible(world):
     args = [world / "model", "--prompts-file", world / "prompts.jsonl", "--max-new-tokens", 10, "--temperature", 1.2,
             "--top-p", 0.9, "--json"]
