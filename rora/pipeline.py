@@ -32,7 +32,7 @@ from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError
 from .evaluation.stats import accuracy_table, outcomes_from_records
 from .registry import PIPELINE_STAGES
-from .summary import evaluation_statistics, heldout_statistics, write_summary
+from .summary import evaluation_statistics, heldout_statistics, repetition_warning, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_recovered": "recovered"}
 
@@ -45,6 +45,7 @@ class PipelineResult:
     evals: dict = field(default_factory=dict)  # "base" | "pruned" | "recovered" -> {task: accuracy, "average": ...}
     outcomes: dict = field(default_factory=dict)  # the same labels -> {task: [0/1 per example]}, to recompute anything
     heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out text
+    generation: dict = field(default_factory=dict)  # the same labels -> generation quality (quality.generation_quality)
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -58,6 +59,8 @@ class PipelineResult:
         self.outcomes[label] = record["outcomes"]
         if record.get("heldout"):
             self.heldout[label] = record["heldout"]
+        if record.get("generation"):
+            self.generation[label] = record["generation"]
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +69,8 @@ class PipelineResult:
             **evaluation_statistics(self.outcomes),
             "heldout": self.heldout,
             **heldout_statistics(self.heldout),
+            "generation": self.generation,
+            "generation_warning": repetition_warning(self.generation),
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -272,17 +277,19 @@ def _pruned(ctx: _Context) -> str:
 
 
 def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
-    """Accuracy on the suite, and whole-text loss and KL to the base model (none for the base itself) on the
-    held-out records."""
+    """Accuracy on the suite, whole-text loss and KL to the base model (none for the base itself) on the held-out
+    records, and the quality of the model's own writing on held-out prompts, scored by the base model."""
     from .evaluation.evaluate import evaluate
 
     names = {"base": ctx.config.model, "pruned": _pruned(ctx), "recovered": str(ctx.out / "merged")}
     reference = None if label == "base" else flow.teacher
     res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
-                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress)
+                   out=ctx.out / f"eval_{label}" / "results.json", model_name=names[label], progress=ctx.progress,
+                   reference=reference, reference_name=ctx.config.model, heldout_records=ctx.heldout)
     return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
             "outcomes": outcomes_from_records(res.records),
-            "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
+            "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len),
+            "generation": res.generation}
 
 
 def _eval_settings(ctx: _Context) -> list:
