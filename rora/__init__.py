@@ -5,6 +5,8 @@ The public API (imports are lazy, so `import rora` and `rora --help` stay fast):
     prune(model, tokenizer, PruneConfig) -> PruneReport            (model pruned in place)
     recover(model, tokenizer, data, RecoverConfig, out) -> RecoverResult
     evaluate(model, tokenizer, EvalConfig) -> EvalResults
+    generate_text(model, tokenizer, prompts, GenerateConfig) -> [Generation]   (what the model writes)
+    generation_quality(model, tokenizer, reference) -> dict      (repetition, distinct-2, reference perplexity)
     merge(model, adapter, MergeConfig) -> (merged model, MergeReport)
     export(model, tokenizer, ExportConfig, out) -> Path
     run_pipeline(PipelineConfig) -> PipelineResult
@@ -22,6 +24,8 @@ _API = {
     "prune": "rora.pruning.prune",
     "recover": "rora.recovery.trainer",
     "evaluate": "rora.evaluation.evaluate",
+    "generate_text": "rora.evaluation.text",
+    "generation_quality": "rora.evaluation.quality",
     "merge": "rora.recovery.merge",
     "export": "rora.deployment",
     "run_pipeline": "rora.pipeline",
@@ -29,6 +33,7 @@ _API = {
     "PruneConfig": "rora.config",
     "RecoverConfig": "rora.config",
     "EvalConfig": "rora.config",
+    "GenerateConfig": "rora.config",
     "MergeConfig": "rora.config",
     "ExportConfig": "rora.config",
     "PipelineConfig": "rora.config",

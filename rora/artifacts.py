@@ -566,6 +566,16 @@ def lineage(output: str | Path) -> list[Manifest]:
     return found
 
 
+def root_model(spec: str | Path) -> str:
+    """The model the stage output `spec` was made from, following `source` pointers upstream past every stage
+    output (a pruned, recovered, merged or exported model's unpruned model); `spec` itself when it is none."""
+    for manifest in reversed(lineage(spec)):  # farthest upstream first
+        model = manifest.source.get("model")
+        if model and _owner(model) is None:
+            return model
+    return str(spec)
+
+
 def _owner(pointer) -> Path | None:
     path = Path(str(pointer)).expanduser()
     if is_stage_output(path):

@@ -17,7 +17,8 @@ import typing
 import click
 from click.core import ParameterSource
 
-from .config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, ReconstructConfig, RecoverConfig
+from .config import (EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PipelineConfig, PruneConfig, ReconstructConfig,
+                     RecoverConfig)
 
 
 def _fail(message: str) -> None:
@@ -162,6 +163,7 @@ def main():
 
     \b
     Stages:  prune -> recover -> eval -> merge -> export   (or all at once: rora run)
+    Look:    rora info MODEL, rora generate MODEL --prompt TEXT
     Models:  a hub id, a local HF directory, a .gguf file, an LLM-Pruner checkpoint (--allow-pickle),
              or the embedded alias smollm2-135m.
     """
@@ -404,22 +406,39 @@ def format_recover(r: dict, cfg) -> str:
     ])
 
 
+def adapter_option(fn):
+    return click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory (or a recovery "
+                        "directory) to load onto MODEL; not needed when MODEL is a recovery directory.")(fn)
+
+
+def load_with_adapter(model, adapter, allow_pickle: bool):
+    """(StageInput, model, tokenizer): MODEL with its adapter on, a recovery directory standing for both."""
+    from .artifacts import resolve_input
+    from .models import load_adapter, load_model
+
+    source = resolve_input(model, adapter)
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
+    if source.adapter:
+        m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
+    return source, m, tok
+
+
 @main.command("eval")
 @model_argument
-@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT adapter directory (or a recovery directory) to "
-              "load onto MODEL; not needed when MODEL is a recovery directory.")
+@adapter_option
 @config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size", "prose",
-                "prose_documents")
-@click.option("--reference", help="The unpruned model (any MODEL spec): adds the KL to it on the held-out prose.")
+                "prose_documents", "generation", "generation_prompts", "generation_tokens")
+@click.option("--reference", help="The unpruned model (any MODEL spec): the KL to it on the held-out prose, and the "
+              "perplexity that scores the generated text; default: the unpruned model a stage output was made from.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, tasks, reference, data_dir, out, overwrite, config_file, **flags):
-    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite;
-    prints a Markdown table."""
+def eval_(model, allow_pickle, adapter, reference, tasks, data_dir, out, overwrite, config_file, **flags):
+    """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite, on
+    held-out prose, and the quality of its own writing; prints a Markdown table."""
     from .evaluation.evaluate import check_data, check_outputs
     from .evaluation.tasks import parse_tasks
 
@@ -430,18 +449,88 @@ def eval_(model, allow_pickle, adapter, tasks, reference, data_dir, out, overwri
     cfg = cfg.replace(tasks=parse_tasks(tasks) if tasks is not None else None, **flags)
     source = resolve_input(model, adapter)  # a recovery directory is its base model plus its adapter
     # before loading the model: bad input writes nothing, and no output overwrites what the command reads
-    check_outputs(out, overwrite, inputs=[model, source.model, source.adapter, resolve_data_dir(data_dir)])
+    check_outputs(out, overwrite, inputs=[model, source.model, source.adapter, resolve_data_dir(data_dir),
+                                          *cfg.input_paths()])
     from .evaluation.evaluate import evaluate
-    from .models import load_adapter, load_model
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
-    if source.adapter:
-        m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
-    ref = load_model(reference, allow_pickle=allow_pickle)[0] if reference else None
+    source, m, tok = load_with_adapter(model, adapter, allow_pickle)
+    ref, ref_name = _reference(cfg, source, m, reference, allow_pickle)
     results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter,
-                       reference=ref)
+                       reference=ref, reference_name=ref_name)
     click.echo(results.to_markdown())
+
+
+def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: bool):
+    """(reference model, its name) for the prose KL and the generation figures: --reference, else the model MODEL
+    was made from; the evaluated model itself when that is what it names (and it carries no adapter)."""
+    if not cfg.generation and cfg.prose == "none":
+        return None, None
+    from .artifacts import root_model
+    from .models import load_model
+
+    spec = spec or root_model(source.model)
+    if str(spec) == str(source.model) and source.adapter is None:
+        return model, str(spec)
+    return load_model(spec, allow_pickle=allow_pickle)[0], str(spec)
+
+
+@main.command()
+@model_argument
+@adapter_option
+@click.option("--prompt", "prompts", multiple=True, help="A text for the model to continue (repeatable).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False),
+              help="Prompts, one per line; or a .jsonl file with a \"prompt\" (or \"text\") field per line.")
+@config_options(GenerateConfig, "max_new_tokens", "temperature", "top_p", "seed", "chat", "batch_size")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Print the text as it is written (one prompt at a time).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (settings, and per prompt its text, new tokens and "
+              "whether it stopped on an end-of-text token) once everything is written.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with GenerateConfig keys (flags win).")
+@handles_errors
+def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_json, config_file, **flags):
+    """Let MODEL (any MODEL spec or stage output; a recovery directory, or --adapter, brings its adapter) write a
+    continuation of each prompt: greedy by default, sampled with --temperature. With several prompts, each text
+    follows a [i/n] line naming its prompt."""
+    from .evaluation.text import gather_prompts
+
+    cfg = (GenerateConfig.from_yaml(config_file) if config_file else GenerateConfig()).replace(**flags)
+    texts = gather_prompts(prompts, prompts_file)  # before loading the model: bad input costs nothing
+    from .evaluation.text import chat_enabled, generate_text
+
+    source, m, tok = load_with_adapter(model, adapter, allow_pickle)
+    chat = chat_enabled(tok, cfg.chat)  # --chat on a model without a template fails before any writing
+    if stream and not as_json:  # each prompt alone, its text printed as it comes
+        for i, prompt in enumerate(texts):
+            _heading(i, texts)
+            (g,) = generate_text(m, tok, [prompt], cfg, stream=lambda piece: click.echo(piece, nl=False))
+            click.echo()
+            _note_if_empty(i, g)
+        return
+    found = generate_text(m, tok, texts, cfg)
+    if as_json:
+        click.echo(json.dumps({"model": source.model, "adapter": str(source.adapter) if source.adapter else None,
+                               "chat": chat, "config": cfg.to_dict(), "outputs": [g.to_dict() for g in found]},
+                              indent=2, ensure_ascii=False))
+        return
+    for i, g in enumerate(found):
+        _heading(i, texts)
+        click.echo(g.text)
+        _note_if_empty(i, g)
+
+
+def _heading(i: int, prompts: list[str]) -> None:
+    """With several prompts, a line naming the prompt before its text (and a blank line between texts)."""
+    if len(prompts) > 1:
+        click.echo(("\n" if i else "") + f"[{i + 1}/{len(prompts)}] {prompts[i]}")
+
+
+def _note_if_empty(i: int, g) -> None:
+    """An empty line alone would look like a hang or a bug: say on stderr that the model wrote nothing readable."""
+    if not g.text.strip():
+        how = "ended its text at once" if g.stopped and len(g.new_ids) == 1 else \
+            f"wrote {len(g.new_ids)} tokens of no visible text"
+        click.echo(f"rora: note: prompt {i + 1}: the model {how}", err=True)
 
 
 # rora run's short flags: fields of the pipeline (a top-level key or section.key); every other key takes --set.

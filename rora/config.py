@@ -441,10 +441,18 @@ class EvalConfig(StageConfig):
                          input=True)
     prose_documents: int = setting(64, "Prose documents measured (a seeded sample), each cut to 256 tokens.",
                                    maximum=2**16)
+    # Accuracy alone cannot see a model that no longer writes (a recovery can raise it while the model's own text
+    # degenerates into "yes, yes, yes"); these figures can (rora.evaluation.quality).
+    generation: bool = setting(True, "Also score the model's own writing: greedy continuations of held-out prompts, by "
+                                     "repetition, distinct-2 and perplexity under a reference model.")
+    generation_prompts: int = setting(12, "Generation figures: up to N of the shipped text openings, plus N task "
+                                          "prompts when held-out training records are given (rora run).",
+                                      maximum=2**12)
+    generation_tokens: int = setting(48, "Generation figures: new tokens per greedy continuation.", maximum=2**12)
 
     def problems(self) -> list[str]:
         out = self.out_of_bounds(positive=("limit", "sample", "batch_size", "num_beams", "max_new_tokens",
-                                           "prose_documents"))
+                                           "prose_documents", "generation_prompts", "generation_tokens"))
         if self.sample is not None and self.limit is not None:
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
         if not self.tasks:
@@ -452,6 +460,27 @@ class EvalConfig(StageConfig):
         twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if twice:
             out.append(f"eval.tasks names {', '.join(twice)} more than once")
+        return out
+
+
+@dataclass
+class GenerateConfig(StageConfig):
+    """Free text generation (rora generate, rora.generate_text): greedy unless temperature > 0."""
+
+    SECTION = "generate"
+    max_new_tokens: int = setting(128, "New tokens to write per prompt at most (the end-of-text token stops sooner).")
+    temperature: float = setting(0.0, "0: greedy (the most likely token every step); > 0: sample at this temperature.")
+    top_p: float = setting(1.0, "Sampling: draw from the smallest set of tokens whose probability reaches top_p, in "
+                                "(0, 1]; 1 keeps every token.")
+    seed: int = setting(0, "Sampling: the seed; the same prompts, seed and batch size give the same text.")
+    chat: bool | None = setting(None, "Wrap each prompt in the model's chat template as a user turn (default: when "
+                                      "the tokenizer has one).")
+    batch_size: int = setting(8, "Prompts written at once when not streaming.")
+
+    def problems(self) -> list[str]:
+        out = self.out_of_bounds(positive=("max_new_tokens", "batch_size"), non_negative=("temperature",))
+        if not 0 < self.top_p <= 1:
+            out.append(f"generate.top_p must be in (0, 1], got {self.top_p}")
         return out
 
 

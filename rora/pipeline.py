@@ -34,7 +34,7 @@ from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError, RoraError
 from .evaluation.stats import accuracy_table, outcomes_from_records
 from .registry import PIPELINE_STAGES
-from .summary import evaluation_statistics, heldout_statistics, write_summary
+from .summary import evaluation_statistics, heldout_statistics, repetition_warning, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
                   "eval_recovered": "recovered"}
@@ -50,6 +50,7 @@ class PipelineResult:
     outcomes: dict = field(default_factory=dict)  # the same labels -> {task: [0/1 per example]}, to recompute anything
     heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out records
     prose: dict = field(default_factory=dict)  # the same labels -> {"loss", "perplexity", "kl", "tokens", ...}
+    generation: dict = field(default_factory=dict)  # the same labels -> generation quality (quality.generation_quality)
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -65,6 +66,8 @@ class PipelineResult:
             self.heldout[label] = record["heldout"]
         if record.get("prose"):
             self.prose[label] = record["prose"]
+        if record.get("generation"):
+            self.generation[label] = record["generation"]
 
     def to_dict(self) -> dict:
         return {
@@ -74,6 +77,8 @@ class PipelineResult:
             "heldout": self.heldout,
             "prose": self.prose,
             **heldout_statistics(self.heldout, self.prose),
+            "generation": self.generation,
+            "generation_warning": repetition_warning(self.generation),
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -322,7 +327,8 @@ def _runs(config: PipelineConfig, stage: "Stage") -> bool:
 
 def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
     """Accuracy on the suite; loss, perplexity and KL to the base model (none for the base itself) on held-out
-    prose and on the held-out records."""
+    prose and on the held-out records; and the quality of the model's own writing on held-out prompts, scored by
+    the base model."""
     from .evaluation.evaluate import evaluate
 
     names = {"base": ctx.config.model, "pruned": _pruned(ctx), "reconstructed": str(ctx.out / "reconstructed"),
@@ -330,10 +336,11 @@ def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
     reference = None if label == "base" else flow.teacher
     res = evaluate(flow.model, flow.tokenizer, ctx.config.eval, data_dir=ctx.data_dir,
                    out=_eval_dir(label)(ctx) / "results.json", model_name=names[label], progress=ctx.progress,
-                   reference=reference)
+                   reference=reference, reference_name=ctx.config.model, heldout_records=ctx.heldout)
     return {"accuracy": {t: r["accuracy"] for t, r in res.per_task.items()}, "average": res.average,
             "outcomes": outcomes_from_records(res.records), "prose": res.prose,
-            "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
+            "heldout": _heldout(flow.model, reference, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len),
+            "generation": res.generation}
 
 
 def _eval_dir(label: str) -> Callable[[_Context], Path]:

@@ -1,9 +1,10 @@
 """The summary of a pipeline run: accuracy ± standard error per model, paired differences, the share of the
-pruning gap each stage closed, held-out prose and records (loss, perplexity, KL); as summary.json, summary.md and
-summary.png."""
+pruning gap each stage closed, held-out prose and records (loss, perplexity, KL), the quality of each model's own
+writing with example continuations; as summary.json, summary.md and summary.png."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from .artifacts import atomic_file, write_json
@@ -14,6 +15,10 @@ from .evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_
 COMPARISONS = (("reconstructed", "pruned"), ("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
 AFTER_PRUNING = ("reconstructed", "recovered")  # the models whose share of the pruning gap is reported
 AVERAGES = ("average", WITHOUT_PRIOR)
+# A recovered model that repeats itself this many times as much as the unpruned model gets a warning: its accuracy
+# can look recovered while its own text degenerates.
+REPETITION_LIMIT = 1.5
+EXAMPLES, EXAMPLE_CHARS = 3, 160
 
 
 def evaluation_statistics(outcomes: dict) -> dict:
@@ -106,6 +111,8 @@ def summary_table(result) -> str:
             lines.append(f"| {label} | {h['loss']:.3f} | {math.exp(min(h['loss'], 50)):.1f} | {kl} | "
                          f"{h.get('tokens', 0):,} |")
         lines.append("")
+    if result.generation:
+        lines += generation_lines(result.generation) + [""]
     for name, n in result.parameters.items():
         lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
     for name, b in result.sizes.items():
@@ -113,6 +120,55 @@ def summary_table(result) -> str:
     for stage, t in result.stages.items():
         lines.append(f"- time, {stage}: {t['seconds']:.1f} s{' (done earlier)' if t['skipped'] else ''}")
     return "\n".join(lines)
+
+
+def repetition_warning(generation: dict) -> str | None:
+    """A plain warning when the recovered model repeats itself more than REPETITION_LIMIT times as much as the
+    unpruned model on the same prompts; None otherwise (or when either figure is missing)."""
+    base, recovered = (generation.get(k, {}).get("repetition") for k in ("base", "recovered"))
+    if base is None or recovered is None or recovered <= REPETITION_LIMIT * base:
+        return None
+    versus = f"{recovered / base:.1f}x the unpruned model's {100 * base:.1f}%" if base else \
+        "where the unpruned model repeats none"
+    return (f"Warning: the recovered model repeats itself: {100 * recovered:.1f}% of its 4-grams are repeats, {versus} "
+            f"(the limit is {REPETITION_LIMIT:g}x). Its accuracy can look recovered while its own text degenerates: "
+            "read the examples, or look with `rora generate`.")
+
+
+def generation_lines(generation: dict) -> list[str]:
+    """Markdown: repetition, distinct-2 and reference perplexity per model, the warning, and EXAMPLES continuations
+    side by side (text openings first, then a task prompt)."""
+    labels = list(generation)
+    first = generation[labels[0]]
+    sets = ", ".join(f"{s['prompts']} {'text openings' if name == 'text' else 'task prompts'}"
+                     for name, s in first["by_set"].items())
+    lines = [f"Generation: greedy continuations ({first['new_tokens']} new tokens) of held-out prompts ({sets}); "
+             "perplexity of the written text under the unpruned model:", "",
+             "| model | repetition (% of 4-grams) | distinct-2 | reference perplexity |", "|---|---|---|---|"]
+    for label, g in generation.items():
+        rep = "-" if g["repetition"] is None else f"{100 * g['repetition']:.1f}"
+        dis = "-" if g["distinct_2"] is None else f"{g['distinct_2']:.3f}"
+        lines.append(f"| {label} | {rep} | {dis} | {g['reference_ppl']:.2f} |")
+    warning = repetition_warning(generation)
+    if warning:
+        lines += ["", warning]
+    examples = first["examples"]
+    text = [k for k, e in enumerate(examples) if e["set"] == "text"]
+    task = [k for k, e in enumerate(examples) if e["set"] == "task"]
+    shown = (text[:EXAMPLES - 1] + task[:1]) if task else text[:EXAMPLES]
+    lines += ["", "Example continuations:", "", "| prompt | " + " | ".join(labels) + " |",
+              "|---" * (len(labels) + 1) + "|"]
+    for k in shown:
+        cells = [_cell(examples[k]["prompt"])] + [_cell(generation[label]["examples"][k]["text"]) for label in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    """One line of a Markdown table cell: whitespace runs as one space, pipes escaped, long text cut."""
+    text = re.sub(r"\s+", " ", text).strip()
+    text = text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS - 1] + "…"
+    return text.replace("|", "\\|") or "(nothing)"
 
 
 def write_summary(result) -> None:

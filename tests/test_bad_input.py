@@ -61,6 +61,7 @@ def world(tmp_path_factory, tokenizer):
     (root / "evaldata" / "boolq").mkdir(parents=True)
     (root / "evaldata" / "boolq" / "test.json").write_text(json.dumps(_records(4)))
     (root / "a_file").write_text("not a directory")
+    (root / "blank.txt").write_text("\n  \n")
     (root / "existing").mkdir()
     (root / "existing" / "precious.txt").write_text("keep me")
 
@@ -303,6 +304,23 @@ CLI_CASES = [
     ("run-bad-model", "run --model {w}/cfg_empty --out {w}/run --data {w}/data.json --data-dir {w}/evaldata "
      "--tasks boolq", "cannot load"),
     ("run-ratio-nan", "run --model {w}/model --out {w}/run --ratio nan", "finite"),
+    ("eval-generation-tokens", "eval {w}/model --generation-tokens 0 --data-dir {w}/evaldata --out {w}/e.json",
+     "generation_tokens must be > 0"),
+    ("eval-reference-missing", "eval {w}/model --reference {w}/nope --tasks boolq --data-dir {w}/evaldata "
+     "--out {w}/e.json", "unknown model"),
+    ("generate-no-prompt", "generate {w}/model", "no prompt"),
+    ("generate-prompts-file-missing", "generate {w}/model --prompts-file {w}/nope.txt", "prompts file not found"),
+    ("generate-prompts-file-blank", "generate {w}/model --prompts-file {w}/blank.txt", "holds no prompts"),
+    ("generate-prompts-jsonl-field", "generate {w}/model --prompts-file {w}/bad.jsonl", "line 1 has no string"),
+    ("generate-temperature-negative", "generate {w}/model --prompt hi --temperature -1", "temperature must be >= 0"),
+    ("generate-temperature-nan", "generate {w}/model --prompt hi --temperature nan", "finite"),
+    ("generate-top-p", "generate {w}/model --prompt hi --top-p 1.5", "top_p must be in (0, 1]"),
+    ("generate-max-new-tokens", "generate {w}/model --prompt hi --max-new-tokens 0", "max_new_tokens must be > 0"),
+    ("generate-not-a-model", "generate {w}/a_file --prompt hi", "is not a model"),
+    ("generate-unknown-model", "generate {w}/nope --prompt hi", "unknown model"),
+    ("generate-no-chat-template", "generate {w}/model --prompt hi --chat", "no chat template"),
+    ("generate-adapter-pickle", "generate {w}/model --adapter {w}/adapter_bin --prompt hi", "--allow-pickle"),
+    ("generate-adapter-other-shape", "generate {w}/model --adapter {w}/adapter_other_shape --prompt hi", "does not fit"),
 ]
 
 
@@ -397,6 +415,13 @@ def test_cli_bad_input_is_one_line_and_touches_nothing(world, argv, fragment, mo
     argv = argv.format(w=world, p=os.path.relpath(world, PRESETS_DIR))
     line = fails_cleanly(world, *argv.split(" "))  # not on newlines: a path may hold one
     assert fragment in line, line
+
+
+@pytest.mark.parametrize("prompts", [[""], ["a", "   "]])
+def test_cli_generate_empty_prompt_is_one_line(world, prompts):
+    argv = [x for p in prompts for x in ("--prompt", p)]
+    line = fails_cleanly(world, "generate", world / "model", *argv)
+    assert f"prompt {len(prompts)} is empty" in line, line
 
 
 API_CASES = [

@@ -16,7 +16,7 @@ from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate
 from rora.models import load_adapter
-from rora.evaluation.generate import _BeamLayer, _groups, _layout, generate_reference, generate_responses
+from rora.evaluation.generate import _BeamLayer, _groups, layout_rows, generate_reference, generate_responses
 from rora.evaluation.loglik import MIN_SHARED, _common_prefix, _shared_prefix  # noqa: E402
 from rora.evaluation.score import (_plan, argmax, encode_pair,
                                    loglikelihoods)
@@ -169,13 +169,13 @@ def test_prefill_groups_bound_padded_tokens():
 
 def test_layout_gives_every_token_its_solo_position():
     rows = [[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 2, 3, 4]]
-    ids, mask = _layout(rows, 3, pad_id=0, device="cpu")
+    ids, mask = layout_rows(rows, 3, pad_id=0, device="cpu")
     positions = mask.cumsum(-1) - 1
     for j, r in enumerate(rows):
         assert ids[j][mask[j] == 1].tolist() == r
         assert positions[j][mask[j] == 1].tolist() == list(range(len(r)))
     assert ids[:, :3].tolist() == [[5, 6, 7]] * 3 and mask[:, :3].all()
-    plain, plain_mask = _layout(rows, 0, pad_id=0, device="cpu")
+    plain, plain_mask = layout_rows(rows, 0, pad_id=0, device="cpu")
     assert plain[1].tolist() == [0, 0, 5, 6, 7, 1] and plain_mask[1].tolist() == [0, 0, 1, 1, 1, 1]
 
 

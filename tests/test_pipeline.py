@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from rora.artifacts import save_model_dir
 from rora.cli import main
 from rora.config import PipelineConfig, load_preset, preset_names
+from rora.summary import repetition_warning as result_warning
 
 QUESTIONS = ["is the sky blue", "is fire cold", "do cats bark", "is water wet", "can fish swim", "is ice hot"]
 
@@ -107,6 +108,17 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     recovery = json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())
     assert recovery["source"]["model"].endswith("reconstructed")
     assert (tiny_setup / "run" / "summary.png").stat().st_size > 1000
+    # The models' own writing, on the same held-out prompts (text openings and the validation records' prompts),
+    # scored by the base model.
+    gen = summary["generation"]
+    assert set(gen) == {"base", "pruned", "recovered"} and summary["generation_warning"] == result_warning(gen)
+    assert {g["by_set"]["task"]["prompts"] for g in gen.values()} == {4}  # val_set_size records
+    assert len({tuple(e["prompt"] for e in g["examples"]) for g in gen.values()}) == 1
+    recorded = json.loads((tiny_setup / "run" / "eval_pruned" / "results.json").read_text())
+    assert recorded["generation"] == gen["pruned"] and recorded["reference"] == str(tiny_setup / "base")
+    md = (tiny_setup / "run" / "summary.md").read_text()
+    assert "| model | repetition (% of 4-grams) | distinct-2 | reference perplexity |" in md
+    assert "Example continuations:" in md and "| prompt | base | pruned | recovered |" in md
 
     # rora run has the unpruned model, so the default objective (auto) distils it.
     assert json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())["config"]["objective"] == "kd"

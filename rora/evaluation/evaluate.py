@@ -4,6 +4,9 @@
     score     the same prompt + "the correct answer is ", argmax log-likelihood over the record's allowed labels
     lm-eval   zero-shot lm-eval-harness multiple choice (LLM-Pruner's way), acc or acc_norm per task
 
+With `config.generation` it also scores the model's own writing (rora.evaluation.quality): repetition, distinct-2
+and perplexity under a reference model of its greedy continuations of held-out prompts.
+
 With `out` (a JSON path) it writes the JSON, a Markdown table beside it (.md) and every example as JSONL
 (`<stem>.examples.jsonl`: task, index, response, prediction, answer, correct) for error analysis.
 """
@@ -34,7 +37,8 @@ PROTOCOLS = {
 class EvalResults:
     """What an evaluation found. `per_task[task]` holds accuracy, n, protocol, seconds, examples_per_s (lm-eval adds
     acc, acc_norm, metric, source); `average` is the plain mean of the task accuracies; `records` one dict per
-    example."""
+    example; `generation` the generation-quality figures (quality.generation_quality; None when not measured),
+    their perplexity under the model named `reference`."""
 
     per_task: dict[str, dict]
     average: float
@@ -45,6 +49,8 @@ class EvalResults:
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     prose: dict | None = None  # loss, perplexity, kl, tokens, documents, source on held-out prose (rora.measure.Prose)
+    generation: dict | None = None
+    reference: str | None = None
 
     def to_dict(self) -> dict:
         """The JSON summary (records excluded: they go to the .examples.jsonl file)."""
@@ -56,6 +62,8 @@ class EvalResults:
             "average": self.average,
             "per_task": {t: {**r, "model": self.model, "adapter": self.adapter} for t, r in self.per_task.items()},
             "prose": self.prose,
+            "generation": self.generation,
+            "reference": self.reference,
             "config": self.config,
             "provenance": self.provenance,
         }
@@ -84,11 +92,20 @@ class EvalResults:
             kl = "" if p["kl"] is None else f", KL to the reference {p['kl']:.3f} nats/token"
             lines += ["", f"held-out prose: loss {p['loss']:.3f}, perplexity {p['perplexity']:.1f}{kl} "
                           f"({p['tokens']:,} tokens of {p['documents']} documents: {p['source']})"]
+        if self.generation:
+            g = self.generation
+            lines += ["", f"generation: {g['prompts']} held-out prompts, {g['new_tokens']} greedy tokens each: "
+                          f"repetition {_pct(g['repetition'])}% of 4-grams, distinct-2 {_ratio(g['distinct_2'])}, "
+                          f"perplexity {g['reference_ppl']:.2f} under {self.reference or 'the model itself'}"]
         return "\n".join(lines)
 
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
@@ -127,7 +144,8 @@ def check_data(config: EvalConfig, data_dir=None) -> None:
 
 
 def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=None, out=None, model_name=None,
-             adapter=None, progress: bool = True, overwrite: bool = True, reference=None) -> EvalResults:
+             adapter=None, progress: bool = True, overwrite: bool = True, reference=None, reference_name=None,
+             heldout_records=None) -> EvalResults:
     """Evaluate `model` on `config.tasks` under `config.protocol`; write the outputs when `out` is given.
 
     data_dir: holds `<task>/test.json` (and `<task>/lmeval_<split>.jsonl` for lm-eval); default $RORA_DATA_DIR,
@@ -135,6 +153,9 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
     (`seed`). Existing outputs are replaced unless `overwrite=False` (the CLI's default, checked before the model
     is loaded). `config.prose` adds the loss and perplexity on held-out prose, and with `reference` (the unpruned
     model) the KL to it.
+    Generation quality (`config.generation`): `reference` scores the written text (the unpruned model; None: `model`
+    itself), named `reference_name` in the outputs; `heldout_records` (held-out training records, never a test set)
+    add task prompts to the shipped text openings.
     """
     check_loaded(model, tokenizer)
     config = EvalConfig.coerce(config)
@@ -167,6 +188,13 @@ def evaluate(model, tokenizer, config: EvalConfig | None = None, *, data_dir=Non
         config={**config.to_dict(), "data_dir": str(data_dir) if data_dir else None}, provenance=provenance(),
         prose=prose.measure(model, reference, tokenizer) if prose else None,
     )
+    if config.generation:
+        from .quality import generation_quality
+
+        results.generation = generation_quality(
+            model, tokenizer, reference, heldout_records, prompts=config.generation_prompts,
+            new_tokens=config.generation_tokens, batch_size=config.batch_size, progress=progress)
+        results.reference = (reference_name or "the reference model") if reference is not None else results.model
     if out is not None:
         write_results(results, out)
     return results

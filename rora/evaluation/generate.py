@@ -44,7 +44,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, num_beams: i
         chunk = order[start:start + batch_size]
         input_ids, mask, cache = _prefill(model, [encoded[i] for i in chunk], config.pad_token_id, num_beams,
                                           max_new_tokens)
-        with _quiet_generate():
+        with quiet_generate():
             out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
                                  generation_config=config)
         # Decode the whole row like the reference (pads are special tokens and vanish), then split.
@@ -63,7 +63,7 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, num_beams: i
     responses = []
     for prompt in prompts:
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-        with _quiet_generate():
+        with quiet_generate():
             out = model.generate(input_ids=input_ids, generation_config=config)
         responses.append(response_of(tokenizer.decode(out[0], skip_special_tokens=True)))
     return responses
@@ -86,7 +86,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
     from transformers import DynamicCache
 
     shared = shared_prefix_length(rows, limit=min(len(r) for r in rows) - 1)
-    input_ids, mask = _layout(rows, shared, pad_id, model.device)
+    input_ids, mask = layout_rows(rows, shared, pad_id, model.device)
     length = input_ids.shape[1] - 1  # the cache holds every position but the last
     cache = DynamicCache(config=model.config)
     if length == 0 or any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -115,7 +115,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
         put([(k[0], v[0]) for k, v in prefix], slice(None), shared)  # every row starts with it
     tails = [r[shared:-1] for r in rows]
     for group in _groups([len(t) for t in tails], TOKENS_PER_PASS):
-        ids, tail_mask = _layout([tails[j] for j in group], 0, pad_id, model.device)
+        ids, tail_mask = layout_rows([tails[j] for j in group], 0, pad_id, model.device)
         if ids.shape[1] == 0:
             continue
         positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
@@ -189,7 +189,7 @@ class _BeamLayer(DynamicLayer):
         self._views()
 
 
-def _layout(rows: list[list[int]], shared: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def layout_rows(rows: list[list[int]], shared: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) laid out as [common prefix | left pads | rest of the prompt].
 
     The rows' first `shared` tokens are equal, so their cache is computed once and sits in front; the pads sit
@@ -207,7 +207,7 @@ def _layout(rows: list[list[int]], shared: int, pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-class _quiet_generate:
+class quiet_generate:
     """transformers warns on every call without a mask (the reference's way) and on generation flags; hush it."""
 
     def __enter__(self):

@@ -1,0 +1,61 @@
+"""The summary's generation section: figures per model, three example continuations side by side, and the warning
+when the recovered model repeats itself far more than the unpruned one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rora.pipeline import PipelineResult
+from rora.summary import REPETITION_LIMIT, generation_lines, repetition_warning, summary_table
+
+
+def _quality(repetition: float, texts: list[str]) -> dict:
+    sets = ["text", "text", "text", "task"]
+    prompts = ["Volcanoes form where", "The engineers tested | the bridge by", "Once", "Is 2 even?"]
+    return {"prompts": 4, "repetition": repetition, "distinct_2": 0.5, "reference_ppl": 3.25, "new_tokens": 48,
+            "by_set": {"text": {"prompts": 3}, "task": {"prompts": 1}},
+            "examples": [{"set": s, "prompt": p, "text": t} for s, p, t in zip(sets, prompts, texts)]}
+
+
+def _result(base: float, recovered: float) -> PipelineResult:
+    result = PipelineResult(out=Path("."))
+    result.generation = {
+        "base": _quality(base, ["plates meet.", "loading it\nwith trucks.", "upon a time", "true"]),
+        "pruned": _quality(0.3, ["the the", "x", "y", "z"]),
+        "recovered": _quality(recovered, ["yes, yes, yes", "yes " * 100, "yes", "Yes, yes, yes"]),
+    }
+    return result
+
+
+def test_the_summary_shows_the_figures_and_three_examples_side_by_side():
+    table = summary_table(_result(0.12, 0.15))
+    assert "Generation: greedy continuations (48 new tokens) of held-out prompts (3 text openings, 1 task prompts)" \
+        in table
+    assert "| base | 12.0 | 0.500 | 3.25 |" in table and "| recovered | 15.0 | 0.500 | 3.25 |" in table
+    lines = table.splitlines()
+    head = lines.index("| prompt | base | pruned | recovered |")
+    rows = lines[head + 2:head + 5]
+    assert rows[0] == "| Volcanoes form where | plates meet. | the the | yes, yes, yes |"
+    assert rows[1].startswith("| The engineers tested \\| the bridge by | loading it with trucks. | x | yes yes")
+    assert rows[1].endswith("… |") and len(rows[1].split(" | ")[3].removesuffix(" |")) == 160
+    assert rows[2] == "| Is 2 even? | true | z | Yes, yes, yes |"  # two openings, then a task prompt
+    assert "Warning" not in table
+
+
+def test_warning_when_the_recovered_model_repeats_far_more():
+    assert repetition_warning(_result(0.12, REPETITION_LIMIT * 0.12).generation) is None
+    warning = repetition_warning(_result(0.12, 0.72).generation)
+    assert warning.startswith("Warning: the recovered model repeats itself: 72.0% of its 4-grams are repeats, "
+                              "6.0x the unpruned model's 12.0%")
+    assert warning in summary_table(_result(0.12, 0.72)).splitlines()
+    assert "repeats none" in repetition_warning(_result(0.0, 0.1).generation)
+    assert repetition_warning({"recovered": {"repetition": 0.9}}) is None  # nothing to compare with
+
+
+def test_only_text_prompts_give_three_openings():
+    g = {"base": _quality(0.1, ["a", "b", "c", "d"])}
+    for e in g["base"]["examples"]:
+        e["set"] = "text"
+    lines = generation_lines(g)
+    head = lines.index("| prompt | base |")
+    assert lines[head + 2:] == ["| Volcanoes form where | a |", "| The engineers tested \\| the bridge by | b |",
+                                "| Once | c |"]
