@@ -25,7 +25,9 @@ def synthetic_prompts(records: list[dict] | None, n: int, seed: int) -> list[str
 
 def synthetic_texts(teacher, tokenizer, records: list[dict] | None, config, progress: bool = False) -> Path:
     """The cached teacher-written texts for `config` (generated first when not cached); returns the .jsonl path."""
-    prompts = synthetic_prompts(records if config.synthetic_prompts == "records" else None, config.synthetic,
-                                config.seed)
+    from_records = records if config.synthetic_prompts == "records" else None
+    prompts = synthetic_prompts(from_records, config.synthetic, config.seed)
+    # General text runs its full length (a general opening has no natural end), as the reconstruction's calibration
+    # text does: with the same count, length, temperature and seed, the two share one cached file.
     return teacher_written(teacher, tokenizer, prompts, config.synthetic_tokens, config.synthetic_temperature,
-                           config.seed, progress)
+                           config.seed, progress, full_length=not from_records)

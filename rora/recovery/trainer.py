@@ -26,7 +26,6 @@ run would have done (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -160,7 +159,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         )
     total_steps = count_steps(len(tokenized.train), config)
     identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint,
-                "model_fingerprint": model_fingerprint(model)}
+                "model_fingerprint": model_signature(model)}
     if teacher is not None:
         identity["teacher"] = model_signature(teacher)
     work = partial_dir(out) if out is not None else None
@@ -255,18 +254,6 @@ def check_recover_output(out, resume: bool = False, overwrite: bool = False, inp
         what = "a finished recovery run" if is_recovery(out) else "not an interrupted rora recovery run"
         raise OutputExistsError(f"nothing to resume: {out} is {what}; pass --overwrite to train again (or choose another --out)")
     return out
-
-
-def model_fingerprint(model) -> str:
-    """A hash of the base model's tensor names, shapes and a strided sample of their values, so --resume refuses a
-    checkpoint trained on another model (hashing every weight of a 7B model would take a minute)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progress: bool = False):
