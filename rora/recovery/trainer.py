@@ -42,7 +42,7 @@ from torch import nn
 from ..artifacts import (ADAPTER_DIR, MARKER, alive, atomic_dir, check_apart, check_output, claim, is_mine,
                          is_recovery, read_json, read_marker, remove_owned, replace_dir, write_json, write_stage_manifest)
 from ..config import RecoverConfig
-from ..models import check_loaded, peft_wrapping
+from ..models import adopt, check_loaded, peft_wrapping
 from ..numerics import model_signature
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, mix, prepare, prepare_text, step_plan
@@ -129,7 +129,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
-    check_loaded(model, tokenizer)
+    adopt(model, tokenizer)  # a model pruned elsewhere gets a config that tells the truth (what merge/export save)
     if teacher is not None:
         check_loaded(teacher, teacher_tokenizer, "teacher")
     config = RecoverConfig.coerce(config).with_objective(teacher is not None)
