@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rora"
 # The core every stage may use; it imports no stage.
 CORE = {"rora", "rora.errors", "rora.config", "rora.registry", "rora.artifacts", "rora.architecture", "rora.numerics",
         "rora.models", "rora.measure", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner",
-        "rora.sources.text"}
+        "rora.sources.text", "rora.sources.torch_pruning"}
 STAGES = ("rora.pruning", "rora.reconstruction", "rora.recovery", "rora.evaluation", "rora.deployment")
 # Composition: the pipeline, its summary, the CLI; they may import anything.
 TOP = {"rora.pipeline", "rora.summary", "rora.cli", "rora.__main__"}
