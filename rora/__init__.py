@@ -30,7 +30,7 @@ _API = {
     "generation_quality": "rora.evaluation.quality",
     "merge": "rora.recovery.merge",
     "export": "rora.deployment",
-    "run_pipeline": "rora.pipeline",
+    "run_pipeline": "rora.pipelines.run",
     "read_manifest": "rora.artifacts",
     "PruneConfig": "rora.config",
     "RecoverConfig": "rora.config",
