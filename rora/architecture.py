@@ -257,7 +257,7 @@ def plain_config(config):
         raise PruningError("plain_config needs uniform layers; pad a non-uniform model first (pad_layer)")
     from transformers import MistralConfig
 
-    if config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if not has_plain_config(config):
         raise UnsupportedModelError(
             f"no standard config describes this {config.model_type} model ({shapes[0].q_heads} query heads over "
             f"hidden size {config.hidden_size}); export it with --layout compact (rora.load_model reads it)"
@@ -269,6 +269,14 @@ def plain_config(config):
                   intermediate_size=shapes[0].intermediate, head_dim=head_dim(config), sliding_window=None,
                   architectures=["MistralForCausalLM"])
     return MistralConfig(**fields)
+
+
+def has_plain_config(config) -> bool:
+    """Whether plain_config can describe this uniform model: a standard config, or a bias-free Llama whose Mistral
+    twin takes its head count (MistralConfig has no biases, so a reconstructed Llama with output biases and a head
+    count LlamaConfig refuses has no plain config: rora.load_model reads it)."""
+    return is_standard_config(config) or (config.model_type == "llama" and not getattr(config, "attention_bias", False)
+                                          and not getattr(config, "mlp_bias", False))
 
 
 def is_standard_config(config) -> bool:

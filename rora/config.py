@@ -295,8 +295,9 @@ class ReconstructConfig(StageConfig):
     holdout_samples: int = setting(16, "Further sequences, held out, on which each projection's rule and damping are "
                                        "chosen.", maximum=BIG)
     seq_len: int = setting(128, "Tokens per calibration sequence.", maximum=2**16)
-    damping: list[float] = setting([1e-3, 1e-2, 1e-1, 1.0], "lstsq: damping grid toward the old weights, relative to "
-                                                            "the mean diagonal of the inputs' Gram matrix.")
+    damping: list[float] = setting([1e-2, 1e-1, 1.0, 10.0, 100.0], "lstsq: damping grid toward the old weights, "
+                                                                 "relative to the mean diagonal of the inputs' Gram "
+                                                                 "matrix.")
     bias: bool = setting(True, "Allow an output bias (Llama: attention_bias and mlp_bias, read by transformers and "
                                "llama.cpp); other architectures refit weights only.")
     batch_size: int = setting(8, "Calibration sequences per forward pass.", maximum=BIG)

@@ -129,7 +129,8 @@ SMOLLM2_N = {"boolq": 5, "hellaswag": 5, "ARC-Easy": 6, "ARC-Challenge": 6, "piq
 def test_smollm2_engine_equals_hflm_on_the_suite(data_dir, smollm2):
     model, tok = smollm2
     for task in TASK_NAMES.names():
-        cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=SMOLLM2_N[task], generation=False)  # accuracy only
+        cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=SMOLLM2_N[task], generation=False,
+                         prose="none")  # accuracy only
         ours = evaluate(model, tok, cfg.replace(engine="rora"), data_dir=data_dir, progress=False)
         theirs = evaluate(model, tok, cfg.replace(engine="lm-eval"), data_dir=data_dir, progress=False)
         _assert_same(ours, theirs, atol=1e-4)

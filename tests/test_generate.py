@@ -198,7 +198,7 @@ def test_cli_single_prompt_prints_only_the_text(world):
     (("{w}/model", "--adapter", "{w}/recovery"), "recovery/adapter"),
 ])
 def test_cli_through_an_adapter(world, args, adapter):
-    from rora.evaluation.evaluate import load_adapter
+    from rora.models import load_adapter
 
     model, tok = load_model(world / "model")
     base = expected_texts(model, tok, 10)

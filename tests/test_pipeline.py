@@ -111,14 +111,15 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     # The models' own writing, on the same held-out prompts (text openings and the validation records' prompts),
     # scored by the base model.
     gen = summary["generation"]
-    assert set(gen) == {"base", "pruned", "recovered"} and summary["generation_warning"] == result_warning(gen)
+    assert set(gen) == {"base", "pruned", "reconstructed", "recovered"}
+    assert summary["generation_warning"] == result_warning(gen)
     assert {g["by_set"]["task"]["prompts"] for g in gen.values()} == {4}  # val_set_size records
     assert len({tuple(e["prompt"] for e in g["examples"]) for g in gen.values()}) == 1
     recorded = json.loads((tiny_setup / "run" / "eval_pruned" / "results.json").read_text())
     assert recorded["generation"] == gen["pruned"] and recorded["reference"] == str(tiny_setup / "base")
     md = (tiny_setup / "run" / "summary.md").read_text()
     assert "| model | repetition (% of 4-grams) | distinct-2 | reference perplexity |" in md
-    assert "Example continuations:" in md and "| prompt | base | pruned | recovered |" in md
+    assert "Example continuations:" in md and "| prompt | base | pruned | reconstructed | recovered |" in md
 
     # rora run has the unpruned model, so the default objective (auto) distils it.
     assert json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())["config"]["objective"] == "kd"
@@ -137,8 +138,8 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
 def test_changed_rank_reruns_recovery_but_keeps_pruning(tiny_setup):
     from rora.pipelines.run import run_pipeline
 
-    run_pipeline(_config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"]), progress=False)
-    cfg = _config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_recovered", "export"])
+    run_pipeline(_config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_reconstructed", "eval_recovered", "export"]), progress=False)
+    cfg = _config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_reconstructed", "eval_recovered", "export"])
     cfg.recover.rank = 2
     result = run_pipeline(cfg, progress=False)
     assert result.stages["prune"]["skipped"] is True

@@ -24,8 +24,9 @@ def test_kd_recovery_distils_the_unpruned_base(tmp_path, tiny_gqa, tokenizer):
     (tmp_path / "data" / "boolq" / "train.json").write_text(json.dumps(_records(24)))
     cfg = PipelineConfig.from_dict({
         "model": str(tmp_path / "base"), "out": str(tmp_path / "run"), "data": str(tmp_path / "data"),
-        "skip": ["eval_base", "eval_pruned", "eval_recovered", "export"],
+        "skip": ["eval_base", "eval_pruned", "eval_reconstructed", "eval_recovered", "export"],
         "prune": {"ratio": 0.5, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32},
         "recover": {"objective": "kd", "rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2,
                     "val_set_size": 4, "warmup_steps": 1, "eval_steps": 3, "save_steps": 2},
     })

@@ -286,8 +286,9 @@ def _tiny_run(root, out, **changes):
         [{**r, "answer": "true" if i % 2 == 0 else "false"} for i, r in enumerate(records(4))]))
     return PipelineConfig.from_dict({
         "model": str(root / "model"), "out": str(out), "data": str(root / "data.json"),
-        "data_dir": str(root / "evaldata"), "skip": ["eval_base", "eval_pruned"],
+        "data_dir": str(root / "evaldata"), "skip": ["eval_base", "eval_pruned", "eval_reconstructed"],
         "prune": {"ratio": 0.25, "importance": "l2", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
+        "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32},
         "recover": {"rank": 4, "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
                     "warmup_steps": 0, "eval_steps": 2, "save_steps": 2},
         "eval": {"tasks": ["boolq"], "limit": 2, "batch_size": 2}, **changes})
@@ -298,7 +299,8 @@ def test_run_rebuilds_a_deleted_or_changed_stage_output_and_ignores_a_malformed_
 
     from rora.pipelines.run import run_pipeline
 
-    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "recover", "merge", "eval_recovered"])
+    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "eval_reconstructed", "recover", "merge",
+                                                         "eval_recovered"])
     assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is False
     assert run_pipeline(cfg, progress=False).stages["prune"]["skipped"] is True
     shutil.rmtree(saved / "run" / "pruned")  # its done-record stays
@@ -319,7 +321,8 @@ def test_run_restores_a_finished_recovery_only_through_the_one_adapter_loader(sa
     from rora.errors import ModelLoadError
     from rora.pipelines.run import run_pipeline
 
-    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "merge", "eval_recovered", "export"])
+    cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "eval_reconstructed", "merge",
+                                                         "eval_recovered", "export"])
     run_pipeline(cfg, progress=False)
     adapter = saved / "run" / "recovery" / "adapter"
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
@@ -373,7 +376,8 @@ def test_every_file_a_run_writes_honours_the_umask_and_a_relative_gguf_export_wo
     monkeypatch.chdir(saved)
     old = os.umask(0o022)
     try:
-        cfg = _tiny_run(saved, "runs/relative", skip=["eval_base", "eval_pruned"], export={"format": "gguf"})
+        cfg = _tiny_run(saved, "runs/relative", skip=["eval_base", "eval_pruned", "eval_reconstructed"],
+                       export={"format": "gguf"})
         run_pipeline(cfg, progress=False)
         exported = _cli("export", saved / "model", "--format", "gguf", "--out", "m.gguf")
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..architecture import check_supported, is_uniform, layer_shapes
+from ..architecture import check_supported, has_plain_config, is_uniform, layer_shapes
 from ..artifacts import FILE_MANIFEST_SUFFIX, check_output, count_parameters
 from ..config import ExportConfig
 from ..models import adopt
@@ -61,7 +61,10 @@ def export_model(model, tokenizer, config: ExportConfig | None = None, out=None,
     check_supported(model.config)
     shapes = layer_shapes(model)
     uniform = is_uniform(shapes)
-    layout = "uniform" if uniform else config.layout
+    # A uniform model that no standard config describes (output biases and a head count LlamaConfig refuses) is
+    # written to HF as rora writes non-uniform ones: compact, for rora.load_model.
+    plain = config.format != "hf" or has_plain_config(model.config)
+    layout = config.layout if not uniform else "uniform" if plain else "compact"
     _check_request(config, model, out, uniform, overwrite, inputs=[source])
     source_params = count_parameters(model)
     ids = probe_inputs(model.config.vocab_size)

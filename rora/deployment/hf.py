@@ -30,9 +30,10 @@ HF_LOADERS = {
         "(padded heads and channels are exact zeros and change no output)."
     ),
     "compact": (
-        "**Plain transformers cannot load this directory**: its layers have different shapes (listed under "
-        "`rora_layer_shapes` in config.json). Load it with `rora.load_model(path)`, or re-export with "
-        "`rora export PATH --format hf --layout padded` for a copy that loads anywhere."
+        "**Plain transformers cannot load this directory**: config.json lists its per-layer shapes under "
+        "`rora_layer_shapes` (its layers differ, or it has output biases and a head count that transformers' "
+        "LlamaConfig refuses). Load it with `rora.load_model(path)`; a non-uniform model re-exported with "
+        "`rora export PATH --format hf --layout padded` loads anywhere."
     ),
 }
 

@@ -11,8 +11,11 @@ width prune), layer by layer in order, on calibration text:
 The targets are the teacher's residual stream itself, so each refit also absorbs the drift the layers below left.
 Each refit is a damped least-squares problem over accumulated statistics (solve.py): float64, memory bounded by
 the projection's input width squared. Candidates (unchanged, bias only, and least squares at each damping of the
-grid) are scored on held-out calibration sequences in closed form; the best is refitted on all sequences. Time:
-one pass of the teacher and two of the pruned model over the calibration tokens, plus the solves.
+grid) are fitted on the calibration sequences and scored on held-out ones in closed form; the best is kept. The
+held-out sequences are never fitted on, so the choice at every layer (and the report) sees text the refits did not:
+least squares of a projection's ~d_in x d_out weights on a few thousand tokens overfits, and the damping that
+held-out text prefers is what keeps it from doing so (RCPU, arXiv 2510.07782). Time: one pass of the teacher and
+two of the pruned model over the calibration tokens, plus the solves.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from ..errors import ConfigError
 from ..measure import heldout_metrics
 from ..models import adopt
 from ..registry import RECONSTRUCT_METHODS
-from .solve import LinearStats, candidates, refit
+from .solve import LinearStats, candidates
 
 PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
@@ -216,8 +219,8 @@ def _walk(model, teacher, ids, n_fit, config, rules, fit_bias, report, progress)
 
 
 def _refit(linear: nn.Linear, batches, run, residual, target, rules, dampings, fit_bias, index, name) -> dict:
-    """Accumulate the projection's statistics (fit and held-out), choose the rule on the held-out sums, refit it
-    on all of them and write the weights into `linear`."""
+    """Accumulate the projection's statistics (fit and held-out), choose the rule on the held-out sums and write
+    its weights, fitted on the fit sums, into `linear`."""
     d_in, d_out = linear.in_features, linear.out_features
     fit, held = LinearStats(d_in, d_out, linear.weight.device), LinearStats(d_in, d_out, linear.weight.device)
     for b in batches:
@@ -225,15 +228,16 @@ def _refit(linear: nn.Linear, batches, run, residual, target, rules, dampings, f
         (held if b.held else fit).add(x, target(b) - residual(b))
     bias = linear.bias.detach() if linear.bias is not None else torch.zeros(d_out, device=linear.weight.device)
     weight = linear.weight.detach()
-    scored = [(held.sse(c.weight, c.bias), c) for c in candidates(fit, weight, bias, rules, dampings, fit_bias)]
+    # Scored on the held-out sums only, and never refitted on them: the held-out sequences stay held out for every
+    # layer above (a refit on them would make their hidden states in-sample and bias each later choice toward
+    # overfitting), and for the report's before/after figures.
+    scored = [(held.sse(c.weight, c.bias), c) for c in candidates(fit, weight, bias, rules, dampings, fit_bias)
+              if all(torch.isfinite(t).all() for t in (c.weight, c.bias))]  # a degenerate solve never wins
     before = scored[0][0]  # "unchanged" comes first
     after, best = min(scored, key=lambda sc: sc[0])
-    final = refit(best, fit + held, weight, bias, fit_bias)
-    if not all(torch.isfinite(t).all() for t in (final.weight, final.bias)):
-        final = scored[0][1]  # a degenerate solve never replaces working weights
-    linear.weight.data.copy_(final.weight.to(linear.weight.dtype))
+    linear.weight.data.copy_(best.weight.to(linear.weight.dtype))
     if linear.bias is not None:
-        linear.bias.data.copy_(final.bias.to(linear.bias.dtype))
+        linear.bias.data.copy_(best.bias.to(linear.bias.dtype))
     per = max(held.n * d_out, 1)
     return {"layer": index, "module": name, "rule": best.rule, "damping": best.damping,
             "error_before": before / per, "error_after": after / per}

@@ -109,12 +109,3 @@ def candidates(stats: LinearStats, weight: torch.Tensor, bias: torch.Tensor, rul
     if "lstsq" in rules:
         out += [Fit("lstsq", d, *lstsq(stats, weight, bias, d, fit_bias)) for d in dampings]
     return out
-
-
-def refit(rule: Fit, stats: LinearStats, weight: torch.Tensor, bias: torch.Tensor, fit_bias: bool) -> Fit:
-    """The same rule (and damping) fitted again on `stats` (all calibration tokens, once the choice is made)."""
-    if rule.rule == "unchanged":
-        return Fit("unchanged", None, weight.to(stats.gram), bias.to(stats.gram))
-    if rule.rule == "bias":
-        return Fit("bias", None, weight.to(stats.gram), bias_only(stats, weight))
-    return Fit("lstsq", rule.damping, *lstsq(stats, weight, bias, rule.damping, fit_bias))
