@@ -2,6 +2,7 @@
 
 The public API (imports are lazy, so `import rora` and `rora --help` stay fast):
     load_model(spec) -> (model, tokenizer)
+    adopt(model, tokenizer) -> model       (a model pruned in memory elsewhere: config synced to its weights, checked)
     prune(model, tokenizer, PruneConfig) -> PruneReport            (model pruned in place)
     recover(model, tokenizer, data, RecoverConfig, out) -> RecoverResult
     evaluate(model, tokenizer, EvalConfig) -> EvalResults
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "rora.models",
     "describe": "rora.models",
+    "adopt": "rora.models",
     "prune": "rora.pruning.prune",
     "recover": "rora.recovery.trainer",
     "evaluate": "rora.evaluation.evaluate",
@@ -28,7 +30,7 @@ _API = {
     "generation_quality": "rora.evaluation.quality",
     "merge": "rora.recovery.merge",
     "export": "rora.deployment",
-    "run_pipeline": "rora.pipeline",
+    "run_pipeline": "rora.pipelines.run",
     "read_manifest": "rora.artifacts",
     "PruneConfig": "rora.config",
     "RecoverConfig": "rora.config",

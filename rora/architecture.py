@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, PruningError, UnsupportedModelError
+from .errors import ModelLoadError, ModelShapeError, PruningError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -131,6 +131,79 @@ def weights_problems(config: dict, tensors: dict[str, tuple] | None) -> list[str
 
 def _valid_shape(s: LayerShape) -> bool:
     return all(type(v) is int and v > 0 for v in (s.q_heads, s.kv_heads, s.intermediate)) and s.q_heads % s.kv_heads == 0
+
+
+def module_problems(model, hd: int) -> list[str]:
+    """What in a Llama-family model's modules contradicts itself, read from the weights alone (the config may be
+    stale): every projection's widths against the hidden size (the embedding's width) and its partners, whole heads
+    of `hd` rows, query heads a multiple of the KV heads, RoPE's frequencies against `hd`. A pruner that left any
+    of these inconsistent made a model that no config describes; every problem is listed, one per layer."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    problems = []
+    rotary = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "inv_freq", None)
+    if rotary is not None and rotary.numel() * 2 != hd:
+        problems.append(f"RoPE rotates {rotary.numel() * 2} dimensions per head but the heads are {hd} wide "
+                        "(head dimensions were pruned; rora keeps whole heads only)")
+    for i, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = (_weight(getattr(attn, n)) for n in ATTENTION_PROJ)
+        gate, up, down = (_weight(getattr(mlp, n)) for n in MLP_PROJ)
+        found = [f"{name} reads {w.shape[1]} features, not the hidden size {hidden}"
+                 for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("gate_proj", gate), ("up_proj", up))
+                 if w.shape[1] != hidden]
+        found += [f"{name} writes {w.shape[0]} features, not the hidden size {hidden}"
+                  for name, w in (("o_proj", o), ("down_proj", down)) if w.shape[0] != hidden]
+        found += [f"{name} has {w.shape[0]} rows, not whole heads of {hd}" for name, w in (("q_proj", q), ("k_proj", k))
+                  if w.shape[0] % hd or not w.shape[0]]
+        if v.shape[0] != k.shape[0]:
+            found.append(f"v_proj has {v.shape[0]} rows but k_proj {k.shape[0]}")
+        if o.shape[1] != q.shape[0]:
+            found.append(f"o_proj reads {o.shape[1]} features but q_proj writes {q.shape[0]}")
+        if not found and (q.shape[0] // hd) % (k.shape[0] // hd):
+            found.append(f"{q.shape[0] // hd} query heads are not a multiple of {k.shape[0] // hd} KV heads")
+        if gate.shape[0] != up.shape[0] or down.shape[1] != up.shape[0] or not up.shape[0]:
+            found.append(f"the MLP's gate/up/down widths {gate.shape[0]}/{up.shape[0]}/{down.shape[1]} differ")
+        if found:
+            problems.append(f"layer {i}: " + "; ".join(found))
+    return problems
+
+
+def sync_to_weights(model) -> list[LayerShape]:
+    """Make `model`'s config and attention modules describe its weights, in place, as another pruner left them
+    (Torch-Pruning, LLM-Pruner and hand surgery keep the original head counts and widths in the config); returns
+    the per-layer shapes. ModelShapeError, listing every problem, when the modules contradict each other.
+
+    The head width comes from the attention modules (they compute with it), else the config. The hidden size is
+    the embedding's width: a pruner that narrowed it everywhere leaves a consistent, smaller model."""
+    config = model.config
+    hd = getattr(decoder_layers(model)[0].self_attn, "head_dim", None) or head_dim(config)
+    problems = module_problems(model, hd)
+    if problems:
+        raise ModelShapeError("the model's modules contradict each other, so no config can describe it: "
+                              + " | ".join(problems))
+    config.hidden_size = model.get_input_embeddings().weight.shape[1]
+    config.head_dim = hd
+    shapes = layer_shapes(model)
+    sync_modules(model, shapes)
+    sync_config(config, shapes)
+    return shapes
+
+
+def sync_modules(model, shapes: list[LayerShape]) -> None:
+    """Make each module's own counts match its weights (`shapes`), as rebuild_layer and keep_units do: every
+    projection's in/out_features (PEFT sizes its adapters by them); transformers' eager and grouped-query
+    attention repeat the KV heads `num_key_value_groups` times, and older versions also read
+    `num_heads`/`num_key_value_heads` from the module."""
+    for layer, shape in zip(decoder_layers(model), shapes):
+        attn = layer.self_attn
+        for owner, names in ((attn, ATTENTION_PROJ), (layer.mlp, MLP_PROJ)):
+            for name in names:
+                linear = getattr(getattr(owner, name), "base_layer", getattr(owner, name))
+                linear.out_features, linear.in_features = linear.weight.shape
+        attn.num_key_value_groups = shape.group_size
+        for name, value in (("num_heads", shape.q_heads), ("num_key_value_heads", shape.kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
 
 
 def layer_runs(shapes: list[dict]) -> list[tuple[str, tuple[int, int, int]]]:

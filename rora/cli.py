@@ -572,8 +572,8 @@ def run(config_file, preset, settings, print_config, overwrite, **flags):
 
         click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
-    from .pipeline import run_pipeline
-    from .summary import summary_table
+    from .pipelines.run import run_pipeline
+    from .pipelines.summary import summary_table
 
     result = run_pipeline(cfg, say=lambda msg: click.echo(msg, err=True), overwrite=overwrite)
     click.echo(summary_table(result))

@@ -577,7 +577,7 @@ def parse_setting(text: str) -> tuple[str, Any]:
     return path.strip(), load_yaml(value, f"the value of --set {text}")
 
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS_DIR = Path(__file__).parent / "pipelines" / "presets"
 
 
 def preset_names() -> list[str]:
@@ -585,7 +585,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> PipelineConfig:
-    """A shipped pipeline preset by name (rora/presets/NAME.yaml); a name, never a path."""
+    """A shipped pipeline preset by name (rora/pipelines/presets/NAME.yaml); a name, never a path."""
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, preset_names())}; presets: {', '.join(preset_names())}")
     return PipelineConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")

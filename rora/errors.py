@@ -18,6 +18,11 @@ class UnsupportedModelError(ModelLoadError):
     """The model's architecture is not one this project knows how to prune or rebuild."""
 
 
+class ModelShapeError(UnsupportedModelError):
+    """A model's modules contradict each other (a pruner left, e.g., k_proj and v_proj of different widths), so no
+    config can describe it."""
+
+
 class DataError(RoraError):
     """Training or evaluation data is missing or malformed."""
 

@@ -22,7 +22,7 @@ import torch
 
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
 from .errors import ConfigError, MergeError, ModelLoadError, RoraError, UnsupportedModelError, detail
-from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported, weights_problems
+from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported, sync_to_weights, weights_problems
 from .numerics import resolve_dtype
 from .sources.gguf import GGUF_TOKENIZER_KEY, check_gguf, gguf_architecture, source_tokenizer_keys
 
@@ -92,6 +92,20 @@ def check_loaded(model, tokenizer=None, role: str = "model") -> None:
     if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "eos_token_id")):
         raise ConfigError(f"the tokenizer must be a Hugging Face tokenizer (what rora.load_model returns), got "
                           f"{type(tokenizer).__name__}")
+
+
+def adopt(model, tokenizer=None):
+    """Take a Llama-family model pruned in memory by another tool (Torch-Pruning, LLM-Pruner, hand surgery) into
+    rora: its config and attention modules are synced, in place, to what its weights say (per-layer head counts
+    and MLP widths, the head width, the hidden size; see architecture.sync_to_weights), so every stage, merge and
+    export sees a model whose config tells the truth. Returns the model. Raises ConfigError for something that is
+    not a loaded model, UnsupportedModelError for another architecture, ModelShapeError (listing every problem)
+    when the modules contradict each other. recover, reconstruct and export call it themselves."""
+    check_loaded(model, tokenizer)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    check_supported(lm.config)
+    sync_to_weights(lm)
+    return model
 
 
 def check_device(device: str | None) -> None:

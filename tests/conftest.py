@@ -72,9 +72,22 @@ def recover_worker(root: Path, model_dir, teacher_dir, out, cfg: dict, **env):
             json.dumps(cfg)], subprocess_env(**env)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it: a launcher's workers (torchrun starts each in its own
+    session, so killing the launcher's process group would leave them training)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [*root.children(recursive=True), root]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, steps: int) -> tuple[dict, dict]:
-    """Run `worker(out, **env)` uninterrupted into `full`; run it into `killed`, SIGKILL it once step 4 is
-    checkpointed, resume it; the adapters must be bit-identical and the metrics must log each step once.
+    """Run `worker(out, **env)` uninterrupted into `full`; run it into `killed`, SIGKILL it (with every process it
+    started) once step 4 is checkpointed, resume it; the adapters must be bit-identical and the metrics must log each step once.
     Returns the two manifests for the caller's own checks."""
     import json
     import signal
@@ -86,18 +99,18 @@ def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, ste
     from rora.recovery.trainer import partial_dir
 
     cmd, env = worker(full)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     cmd, env = worker(killed, SLOW_STEPS="0.4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
     cmd, env = worker(killed, RESUME="1")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter/adapter_model.safetensors"):
         a, b = load_file(full / name), load_file(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rora"
 # The core every stage may use; it imports no stage.
 CORE = {"rora", "rora.errors", "rora.config", "rora.registry", "rora.artifacts", "rora.architecture", "rora.numerics",
         "rora.models", "rora.measure", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner",
-        "rora.sources.text"}
+        "rora.sources.text", "rora.sources.torch_pruning"}
 STAGES = ("rora.pruning", "rora.reconstruction", "rora.recovery", "rora.evaluation", "rora.deployment")
-# Composition: the pipeline, its summary, the CLI; they may import anything.
-TOP = {"rora.pipeline", "rora.summary", "rora.cli", "rora.__main__"}
+# Composition: rora/pipelines/ (the pipeline, its summary), the CLI; they may import anything.
+TOP = {"rora.pipelines", "rora.pipelines.run", "rora.pipelines.summary", "rora.cli", "rora.__main__"}
 
 
 def _module_name(path: Path) -> str:

@@ -176,7 +176,7 @@ def _records(n):
 
 def test_sigkill_at_several_points_of_run_then_rerun_equals_uninterrupted(root):
     from rora.config import PipelineConfig
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     (root / "data" / "boolq").mkdir(parents=True)
     (root / "data" / "boolq" / "train.json").write_text(json.dumps(_records(24)))

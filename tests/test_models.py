@@ -102,3 +102,86 @@ def test_garbage_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
         load_model(tmp_path / "bad.gguf")
+
+
+# ---- rora.adopt: a model pruned in memory by another tool ------------------------------------------------------
+def _hand_pruned(model, layer: int, keep_q: list[int], keep_kv: list[int], channels: int):
+    """Slice one layer's projections with plain torch, as a pruner outside rora would: the config and the
+    attention module's num_key_value_groups keep their old values."""
+    hd = model.config.head_dim
+    rows = lambda heads: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])  # noqa: E731
+    attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+    with torch.no_grad():
+        for linear, index, dim in ((attn.q_proj, rows(keep_q), 0), (attn.k_proj, rows(keep_kv), 0),
+                                   (attn.v_proj, rows(keep_kv), 0), (attn.o_proj, rows(keep_q), 1),
+                                   (mlp.gate_proj, torch.arange(channels), 0), (mlp.up_proj, torch.arange(channels), 0),
+                                   (mlp.down_proj, torch.arange(channels), 1)):
+            linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index))
+    return model
+
+
+def test_adopt_syncs_a_model_pruned_elsewhere_and_it_computes_what_rora_surgery_computes(tiny_gqa, tokenizer):
+    import copy
+
+    import rora
+    from rora.architecture import LayerShape, config_layer_shapes, keep_units
+
+    reference = copy.deepcopy(tiny_gqa)
+    model = _hand_pruned(_hand_pruned(tiny_gqa, 0, [0, 2], [0, 1], 64), 1, [2, 3], [1], 80)
+    assert model.config.num_attention_heads == 4 and model.model.layers[0].self_attn.num_key_value_groups == 2
+    assert rora.adopt(model, tokenizer) is model
+    want = [LayerShape(2, 2, 64), LayerShape(2, 1, 80)]
+    assert layer_shapes(model) == config_layer_shapes(model.config) == want
+    assert [layer.self_attn.num_key_value_groups for layer in model.model.layers] == [1, 2]
+    keep_units(reference.model.layers[0], reference.config, [0, 2], [0, 1], list(range(64)))
+    keep_units(reference.model.layers[1], reference.config, [2, 3], [1], list(range(80)))
+    for impl in ("eager", "sdpa"):
+        model.config._attn_implementation = reference.config._attn_implementation = impl
+        ids = torch.randint(0, 384, (2, 9))
+        torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), rtol=0, atol=0)
+    rora.adopt(model, tokenizer)  # idempotent
+    assert config_layer_shapes(model.config) == want
+
+
+def test_recover_adopts_what_it_is_given(tiny_gqa, tokenizer):
+    from conftest import even_odd_records, tiny_recover_config
+
+    import rora
+    from rora.architecture import config_layer_shapes
+
+    model = _hand_pruned(tiny_gqa, 0, [1, 3], [0, 1], 48)
+    result = rora.recover(model, tokenizer, even_odd_records(24), tiny_recover_config(max_steps=1, val_set_size=4),
+                          progress=False)
+    assert config_layer_shapes(result.model.get_base_model().config) == layer_shapes(result.model)
+
+
+def test_adopt_refuses_modules_that_contradict_each_other(tiny_gqa, tokenizer):
+    import rora
+    from rora.errors import ConfigError, ModelShapeError
+
+    layers = tiny_gqa.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.v_proj.weight = torch.nn.Parameter(layers[0].self_attn.v_proj.weight[:16])
+        layers[1].self_attn.o_proj.weight = torch.nn.Parameter(layers[1].self_attn.o_proj.weight[:, :48])
+        layers[1].mlp.down_proj.weight = torch.nn.Parameter(layers[1].mlp.down_proj.weight[:, :90])
+    with pytest.raises(ModelShapeError) as raised:
+        rora.adopt(tiny_gqa, tokenizer)
+    message = str(raised.value)
+    assert "layer 0: v_proj has 16 rows but k_proj 32" in message
+    assert "layer 1: o_proj reads 48 features but q_proj writes 64" in message and "gate/up/down widths 96/96/90" in message
+    assert isinstance(raised.value, UnsupportedModelError)
+    with pytest.raises(ConfigError, match="not a loaded model"):
+        rora.adopt("runs/pruned")
+
+
+def test_adopt_refuses_pruned_head_dimensions(tiny_gqa):
+    import rora
+    from rora.errors import ModelShapeError
+
+    for layer in tiny_gqa.model.layers:  # every head 16 -> 12 wide: whole heads of 16 no longer
+        attn = layer.self_attn
+        keep = torch.cat([torch.arange(h * 16, h * 16 + 12) for h in range(attn.q_proj.weight.shape[0] // 16)])
+        attn.head_dim = 12
+        attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight[keep])
+    with pytest.raises(ModelShapeError, match="RoPE rotates 16 dimensions per head but the heads are 12 wide"):
+        rora.adopt(tiny_gqa)

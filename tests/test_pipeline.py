@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from rora.artifacts import save_model_dir
 from rora.cli import main
 from rora.config import PipelineConfig, load_preset, preset_names
-from rora.summary import repetition_warning as result_warning
+from rora.pipelines.summary import repetition_warning as result_warning
 
 QUESTIONS = ["is the sky blue", "is fire cold", "do cats bark", "is water wet", "can fish swim", "is ice hot"]
 
@@ -52,7 +52,7 @@ def _config(root, **changes):
 
 
 def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
-    import rora.pipeline as run_mod
+    import rora.pipelines.run as run_mod
 
     cfg = _config(tiny_setup)
     import rora.deployment as export_mod
@@ -136,7 +136,7 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
 
 
 def test_changed_rank_reruns_recovery_but_keeps_pruning(tiny_setup):
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     run_pipeline(_config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_reconstructed", "eval_recovered", "export"]), progress=False)
     cfg = _config(tiny_setup, skip=["eval_base", "eval_pruned", "eval_reconstructed", "eval_recovered", "export"])

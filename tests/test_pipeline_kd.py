@@ -16,7 +16,7 @@ def _records(n):
 
 def test_kd_recovery_distils_the_unpruned_base(tmp_path, tiny_gqa, tokenizer):
     from rora.models import load_model
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
     from rora.numerics import model_signature
 
     save_model_dir(tiny_gqa, tokenizer, tmp_path / "base")

@@ -192,7 +192,7 @@ def test_readme_reliability_promises_name_real_tests():
 def test_run_into_a_foreign_dir_needs_overwrite_which_reruns_every_stage(tokenizer, tmp_path):
     from rora.config import PipelineConfig
     from rora.errors import OutputExistsError
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     save_model_dir(make_model(), tokenizer, tmp_path / "model")
     (tmp_path / "out").mkdir()
@@ -297,7 +297,7 @@ def _tiny_run(root, out, **changes):
 def test_run_rebuilds_a_deleted_or_changed_stage_output_and_ignores_a_malformed_record(saved):
     import shutil
 
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "eval_reconstructed", "recover", "merge",
                                                          "eval_recovered"])
@@ -319,7 +319,7 @@ def test_run_restores_a_finished_recovery_only_through_the_one_adapter_loader(sa
     from safetensors.torch import load_file
 
     from rora.errors import ModelLoadError
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     cfg = _tiny_run(saved, saved / "run", skip=["eval_base", "eval_pruned", "eval_reconstructed", "merge",
                                                          "eval_recovered", "export"])
@@ -371,7 +371,7 @@ def test_a_full_small_file_system_is_one_line_and_leaves_nothing(saved):
 
 
 def test_every_file_a_run_writes_honours_the_umask_and_a_relative_gguf_export_works(saved, monkeypatch):
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     monkeypatch.chdir(saved)
     old = os.umask(0o022)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rora.pipeline import PipelineResult
-from rora.summary import REPETITION_LIMIT, generation_lines, repetition_warning, summary_table
+from rora.pipelines.run import PipelineResult
+from rora.pipelines.summary import REPETITION_LIMIT, generation_lines, repetition_warning, summary_table
 
 
 def _quality(repetition: float, texts: list[str]) -> dict:

@@ -32,7 +32,7 @@ import torch
 from ..architecture import check_supported, has_plain_config, is_uniform, layer_shapes
 from ..artifacts import FILE_MANIFEST_SUFFIX, check_output, count_parameters
 from ..config import ExportConfig
-from ..models import check_loaded
+from ..models import adopt
 from ..errors import ExportError
 from ..numerics import logits_on, probe_inputs
 from .common import ExportReport
@@ -53,7 +53,7 @@ def export(model, tokenizer, config: ExportConfig | None = None, out=None, *, ov
 def export_model(model, tokenizer, config: ExportConfig | None = None, out=None, *, overwrite: bool = False,
                  card: dict | None = None, source: str | None = None) -> ExportReport:
     """`export`, returning the full ExportReport (sizes, padding overhead, verified logit difference)."""
-    check_loaded(model, tokenizer)
+    adopt(model, tokenizer)
     config = ExportConfig.coerce(config)
     if out is None:
         raise ExportError("no output path given (--out)")

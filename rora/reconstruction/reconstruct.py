@@ -32,6 +32,7 @@ from ..artifacts import save_stage_model
 from ..config import ReconstructConfig
 from ..errors import ConfigError
 from ..measure import heldout_metrics
+from ..models import adopt
 from ..registry import RECONSTRUCT_METHODS
 from .solve import LinearStats, candidates
 
@@ -91,6 +92,7 @@ def reconstruct(model, teacher, tokenizer, config: ReconstructConfig | dict | No
     `config.holdout_samples` are held out to choose each projection's rule and damping. `source` says where they
     came from, for the report. Both models stay where they are (same device expected)."""
     config = ReconstructConfig.coerce(config)
+    adopt(model, tokenizer)  # a model pruned elsewhere: its config synced to its weights before they are compared
     check_pair(model, teacher)
     method = RECONSTRUCT_METHODS[config.method]
     fit_bias = config.bias and can_hold_output_biases(model.config)

@@ -86,16 +86,27 @@ def labelled_ce(causal_lm, hidden, labels) -> tuple[torch.Tensor, torch.Tensor]:
     return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
 
 
-class DistillLoss(nn.Module):
+class StudentLoss(nn.Module):
+    """A loss over a PEFT-wrapped student: the module `accelerate.prepare` wraps (DDP, or FSDP with one unit per
+    decoder layer, the layers the causal LM names in `_no_split_modules`)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        self._no_split_modules = getattr(peft_model.get_base_model(), "_no_split_modules", None)
+
+
+class DistillLoss(StudentLoss):
     """(summed KD term, summed SFT term) of a micro-batch for a PEFT-wrapped student and a frozen teacher.
 
-    The teacher is kept outside the module tree on purpose: DDP must neither wrap nor broadcast its weights (every
-    process holds its own copy), and `.to()` / `.train()` on this module must not touch it.
+    The teacher is kept outside the module tree on purpose: DDP must neither wrap nor broadcast its weights and FSDP
+    must not shard them (every process holds its own frozen copy: the teacher runs forward only, for every
+    micro-batch, and replicated it needs no communication), and `.to()` / `.train()` on this module must not
+    touch it.
     """
 
     def __init__(self, peft_model, teacher, temperature: float, chunk_size: int, sft: bool):
-        super().__init__()
-        self.peft_model = peft_model
+        super().__init__(peft_model)
         object.__setattr__(self, "teacher", causal_lm_of(teacher))
         self.temperature, self.chunk_size, self.sft = temperature, chunk_size, sft
 

@@ -41,12 +41,13 @@ from torch import nn
 from ..artifacts import (ADAPTER_DIR, MARKER, alive, atomic_dir, check_apart, check_output, claim, is_mine,
                          is_recovery, read_json, read_marker, remove_owned, replace_dir, write_json, write_stage_manifest)
 from ..config import RecoverConfig
-from ..models import check_loaded, peft_wrapping
+from ..models import adopt, check_loaded, peft_wrapping
 from ..numerics import model_signature
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
 from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, mix, prepare, prepare_text, step_plan
-from .distill import (DistillLoss, batch_sums, check_objective, check_positions, check_teacher, labelled_ce,
+from .distill import (DistillLoss, StudentLoss, batch_sums, check_objective, check_positions, check_teacher, labelled_ce,
                       prepare_teacher, teacher_dtype)
+from . import sharding
 from .dropout import use_sparse_dropout
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
@@ -90,16 +91,12 @@ class RecoverResult:
         }
 
 
-class LabelledTokenLoss(nn.Module):
+class LabelledTokenLoss(StudentLoss):
     """Summed cross-entropy over labelled positions of a PEFT-wrapped causal LM, and their count.
 
     The decoder runs on every position, but the LM head (hidden x vocab) only on positions whose next-token label
     is not IGNORE_INDEX. Wrapping this in a module keeps DDP/FSDP hooks intact under `accelerate launch`.
     """
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
         causal_lm = self.peft_model.get_base_model()
@@ -128,7 +125,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     """
     from peft import get_peft_model
 
-    check_loaded(model, tokenizer)
+    adopt(model, tokenizer)  # a model pruned elsewhere gets a config that tells the truth (what merge/export save)
     if teacher is not None:
         check_loaded(teacher, teacher_tokenizer, "teacher")
     config = RecoverConfig.coerce(config).with_objective(teacher is not None)
@@ -144,7 +141,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
                                                             config.text])
     lora_config = peft_config(config, model)
     tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
-    accelerator = _accelerator()
+    accelerator = sharding.accelerator()
     if teacher is not None:
         teacher = prepare_teacher(teacher, accelerator.device, teacher_dtype(config.teacher_dtype))
     if tokenized is None:
@@ -275,14 +272,6 @@ def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progres
         raise DataError("no training data: give records (--data), a text file (--text) or --synthetic N")
     records = prepare(data, tokenizer, config)
     return records if text is None else mix(text, records, config.text_ratio)
-
-
-def _accelerator():
-    from accelerate import Accelerator
-
-    gpu = torch.cuda.is_available()
-    # cpu=True on CPU-only machines: accelerate then sets up gloo data parallel under torchrun/accelerate launch.
-    return Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
 
 
 def _scheduler(optimizer, config: RecoverConfig, total_steps: int):
@@ -419,15 +408,19 @@ class _Run:
         self.peft_model.eval()
         order = sorted(range(len(val)), key=lambda i: len(val[i]))
         mb = cfg.micro_batch_size
-        batches = [order[s : s + mb] for s in range(0, len(order), mb)][acc.process_index :: acc.num_processes]
+        every = [order[s : s + mb] for s in range(0, len(order), mb)]
+        batches = [(b, 1.0) for b in every[acc.process_index :: acc.num_processes]]
+        if sharding.is_sharded(self.wrapped):  # each forward gathers shards with the other processes: same count
+            batches += [(every[0], 0.0)] * (-(-len(every) // acc.num_processes) - len(batches))
         sums = torch.zeros(5, device=acc.device)
         student = self.peft_model.get_base_model()
-        for batch in batches:
-            examples = [val[i] for i in batch]
-            ids, labels = (t.to(acc.device) for t in collate(examples, self.pad_id))
-            lengths = torch.tensor([len(e) for e in examples], device=acc.device)
-            with acc.autocast():
-                sums += batch_sums(student, self.teacher, ids, labels, lengths, cfg.kd_chunk_size)
+        with sharding.whole_root(self.wrapped):
+            for batch, weight in batches:
+                examples = [val[i] for i in batch]
+                ids, labels = (t.to(acc.device) for t in collate(examples, self.pad_id))
+                lengths = torch.tensor([len(e) for e in examples], device=acc.device)
+                with acc.autocast():
+                    sums += weight * batch_sums(student, self.teacher, ids, labels, lengths, cfg.kd_chunk_size)
         sums = acc.reduce(sums, "sum")
         record = {"val_response_loss": float(sums[0] / sums[1].clamp(min=1)),
                   "val_text_loss": float(sums[2] / sums[3].clamp(min=1))}
@@ -455,13 +448,19 @@ class _Run:
 
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
 
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by parameter name, whole on every process (under FSDP a collective: every process
+        calls it); what `save_pretrained(state_dict=...)` writes in PEFT's format."""
+        return {n: sharding.gathered(p.detach()) for n, p in self.peft_model.named_parameters() if p.requires_grad}
+
     def save_best(self) -> None:
         if self.out is None:
             self.best_weights = self.adapter_state()
             return
+        weights = self.adapter_weights()
         if self.acc.is_main_process:
             with atomic_dir(self.out / "checkpoints" / "best", overwrite=True) as tmp:
-                self.peft_model.save_pretrained(tmp / "adapter")
+                self.peft_model.save_pretrained(tmp / "adapter", state_dict=weights)
                 write_json(tmp / "best.json", {"step": self.best_step, "val_loss": self.best_val_loss})
         self.acc.wait_for_everyone()
 
@@ -472,12 +471,14 @@ class _Run:
         """checkpoints/step-N, atomically; then the older step checkpoint is removed."""
         from safetensors.torch import save_file
 
+        weights = self.adapter_weights()
+        opt = self.optimizer.state_dict()
+        tensors = {f"{i}.{k}": sharding.gathered(v) for i, s in opt["state"].items() for k, v in s.items()
+                   if torch.is_tensor(v)}
         if self.acc.is_main_process:
             previous = self.latest_checkpoint()
-            opt = self.optimizer.state_dict()
-            tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
             with atomic_dir(self.out / "checkpoints" / f"step-{self.step}") as tmp:
-                self.peft_model.save_pretrained(tmp / "adapter")
+                self.peft_model.save_pretrained(tmp / "adapter", state_dict=weights)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
                 rng = {"torch": torch.get_rng_state()}
                 if torch.cuda.is_available():
@@ -509,10 +510,11 @@ class _Run:
         state = json.loads((ckpt / STATE_FILE).read_text())
         set_peft_model_state_dict(self.peft_model, load_peft_weights(str(ckpt / "adapter"), device="cpu"))
         tensors = load_file(ckpt / "optimizer.safetensors")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         opt_state: dict[int, dict] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
-            opt_state.setdefault(int(index), {})[name] = value
+            opt_state.setdefault(int(index), {})[name] = sharding.shard_like(value, params[int(index)])
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
@@ -541,16 +543,18 @@ class _Run:
         best adapter's figures on it); return the result."""
         self.load_best()
         self.peft_model.eval()
-        prose = prose.measure(self.peft_model, self.teacher, tokenizer) if prose is not None else None
+        with sharding.whole_root(self.wrapped):  # every process measures the same documents
+            prose = prose.measure(self.peft_model, self.teacher, tokenizer) if prose is not None else None
         cfg, acc = self.config, self.acc
         scales = module_scales(self.peft_model)
         tps = self.train_tokens / max(self.train_seconds, 1e-9)
         adapter_dir = metrics_path = None
         if self.out is not None:
             adapter_dir, metrics_path = self.out / ADAPTER_DIR, self.out / "metrics.jsonl"
+            weights = self.adapter_weights()
             if acc.is_main_process:
                 with atomic_dir(adapter_dir, overwrite=True) as tmp:
-                    self.peft_model.save_pretrained(tmp)
+                    self.peft_model.save_pretrained(tmp, state_dict=weights)
                 plot_losses(self.history, self.out / "loss.png")
                 lora = self.peft_model.peft_config[ADAPTER_NAME]
                 write_stage_manifest(self.out, "recover", source, cfg.to_dict(), {
@@ -571,6 +575,7 @@ class _Run:
                     "train_seconds": round(self.train_seconds, 3),
                     "tokens_per_second": round(tps, 2),
                     "num_processes": acc.num_processes,
+                    "distributed": str(acc.distributed_type.value),  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP
                     "data_fingerprint": self.data.fingerprint,
                     "prose": prose,
                 })

@@ -2,10 +2,10 @@
 
 LLM-Pruner saves `torch.save({'model': module, 'tokenizer': tokenizer})`: a pickle of the pruned module whose
 config still carries the ORIGINAL head counts and MLP width. Loading it runs code from the file, so
-`rora.models.load_model` only calls this with `allow_pickle=True`. Here the per-layer shapes are read from the
-weights, the config is synced to them, and the model is rebuilt from a plain state dict with
-`architecture.build_from_state_dict` — the result saves as safetensors with a truthful config and flows into the later
-stages like any other model.
+`rora.models.load_model` only calls this with `allow_pickle=True`. Here the config is synced to the weights'
+per-layer shapes (architecture.sync_to_weights, what `rora.adopt` does for a model in memory) and the model is
+rebuilt from a plain state dict with `architecture.build_from_state_dict`: the result saves as safetensors with a
+truthful config and flows into the later stages like any other model.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, detail
-from ..architecture import build_from_state_dict, check_supported, decoder_layers, layer_shapes, sync_config
+from ..architecture import build_from_state_dict, check_supported, sync_to_weights
 
 
 def load_llm_pruner_checkpoint(path: str | Path, dtype=None):
@@ -30,15 +30,9 @@ def load_llm_pruner_checkpoint(path: str | Path, dtype=None):
         )
     config = module.config
     check_supported(config)
-    # The attention modules know their head_dim; the stale config's hidden_size // num_attention_heads may not.
-    config.head_dim = getattr(decoder_layers(module)[0].self_attn, "head_dim", None) or _config_head_dim(config)
-    sync_config(config, layer_shapes(module))
+    sync_to_weights(module)
     params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
     # Keep parameters only: old checkpoints also hold buffers (rotary inv_freq) that the rebuilt model computes.
     state = {k: v for k, v in module.state_dict().items() if k in params}
     model = build_from_state_dict(config, state, dtype)
     return model, payload.get("tokenizer")
-
-
-def _config_head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import (changed_inputs, check_apart, check_writable, count_parameters, dir_size, fingerprint,
+from ..artifacts import (changed_inputs, check_apart, check_writable, count_parameters, dir_size, fingerprint,
                         is_stage_output, read_json, read_manifest, write_json)
-from .config import PipelineConfig
-from .errors import ConfigError, OutputError, OutputExistsError, RoraError
-from .evaluation.stats import accuracy_table, outcomes_from_records
-from .registry import PIPELINE_STAGES
+from ..config import PipelineConfig
+from ..errors import ConfigError, OutputError, OutputExistsError, RoraError
+from ..evaluation.stats import accuracy_table, outcomes_from_records
+from ..registry import PIPELINE_STAGES
 from .summary import evaluation_statistics, heldout_statistics, repetition_warning, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
@@ -196,7 +196,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     A rerun into the same `config.out` skips finished stages and resumes an interrupted recovery; an existing
     `out` that is not a rora run is refused unless `overwrite`, which also reruns every stage (each stage's
     output is replaced only once its new one is complete). Every input is checked before anything is written."""
-    from .models import load_model
+    from ..models import load_model
 
     config = PipelineConfig.coerce(config)
     out = Path(config.out)
@@ -262,7 +262,7 @@ def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[
     on which every evaluated model's whole-text loss and KL to the base model are measured. None without them."""
     if not records:
         return None
-    from .recovery.data import split_train_val
+    from ..recovery.data import split_train_val
 
     rc = config.recover
     return split_train_val(records, rc.val_set_size, rc.seed, rc.max_train_examples)[1] or None
@@ -271,8 +271,8 @@ def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[
 def _heldout(model, reference, tok, texts, cutoff_len: int) -> dict | None:
     if not texts:
         return None
-    from .measure import heldout_metrics
-    from .recovery.distill import record_examples
+    from ..measure import heldout_metrics
+    from ..recovery.distill import record_examples
 
     found = heldout_metrics(model, reference, tok, record_examples(texts, tok, cutoff_len))
     return {**found, "kl": 0.0 if reference is None else found["kl"]}  # the base model is its own reference
@@ -295,12 +295,12 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
     Returns the training records when recovery runs (None otherwise), so they are read once."""
     records = None
     if config.runs("recover") or (config.runs("reconstruct") and config.reconstruct.calibration == "records"):
-        from .recovery.data import load_records
+        from ..recovery.data import load_records
 
         records = load_records(train_data)
     if any(config.runs(s) for s in SUMMARY_LABELS):
-        from .evaluation.data import load_examples, resolve_data_dir
-        from .evaluation.tasks import get_task
+        from ..evaluation.data import load_examples, resolve_data_dir
+        from ..evaluation.tasks import get_task
 
         resolved = resolve_data_dir(data_dir)
         if resolved is not None and config.eval.protocol != "lm-eval":  # lm-eval falls back to the hub per task
@@ -329,7 +329,7 @@ def _evaluate(ctx: _Context, flow: _Flow, fp: str, label: str) -> dict:
     """Accuracy on the suite; loss, perplexity and KL to the base model (none for the base itself) on held-out
     prose and on the held-out records; and the quality of the model's own writing on held-out prompts, scored by
     the base model."""
-    from .evaluation.evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     names = {"base": ctx.config.model, "pruned": _pruned(ctx), "reconstructed": str(ctx.out / "reconstructed"),
              "recovered": str(ctx.out / "merged")}
@@ -353,7 +353,7 @@ def _eval_settings(ctx: _Context) -> list:
 
 
 def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .pruning.prune import prune, save_pruned
+    from ..pruning.prune import prune, save_pruned
 
     # The recovery's teacher and the held-out KL's reference: one untouched copy, since pruning works in place.
     if any(ctx.config.runs(n) for n in ("reconstruct", "recover", "eval_pruned", "eval_reconstructed")):
@@ -364,15 +364,15 @@ def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 def _load_pruned(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from .models import load_model
+    from ..models import load_model
 
     flow.teacher = flow.model  # the pruned model comes from disk: the base model in memory needs no copy
     flow.model, flow.tokenizer = load_model(ctx.out / "pruned")
 
 
 def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .reconstruction.calibration import calibration_sequences
-    from .reconstruction.reconstruct import reconstruct, save_reconstructed
+    from ..reconstruction.calibration import calibration_sequences
+    from ..reconstruction.reconstruct import reconstruct, save_reconstructed
 
     cfg = ctx.config.reconstruct
     records = _train_records(ctx) if cfg.calibration == "records" else None
@@ -387,14 +387,14 @@ def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 def _train_records(ctx: _Context) -> list[dict]:
     """The recovery's training records (its validation records left out): what reconstruction may calibrate on."""
-    from .recovery.data import split_train_val
+    from ..recovery.data import split_train_val
 
     rc = ctx.config.recover
     return split_train_val(ctx.records, rc.val_set_size, rc.seed, rc.max_train_examples)[0]
 
 
 def _load_reconstructed(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from .models import load_model
+    from ..models import load_model
 
     flow.model = load_model(ctx.out / "reconstructed")[0]
 
@@ -407,7 +407,7 @@ def _teacher(flow: _Flow):
 
 
 def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .recovery.trainer import recover
+    from ..recovery.trainer import recover
 
     config = ctx.config
     # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
@@ -420,14 +420,14 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from .models import load_adapter
+    from ..models import load_adapter
 
     _teacher(flow)
     flow.model = load_adapter(flow.model, ctx.out / "recovery" / "adapter")  # eval's and merge's loader and pickle rule
 
 
 def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .recovery.merge import merge, save_merged
+    from ..recovery.merge import merge, save_merged
 
     flow.model, report = merge(flow.model, config=ctx.config.merge)
     save_merged(flow.model, flow.tokenizer, report, ctx.out / "merged", overwrite=True, source=_recovery_base(ctx),
@@ -436,7 +436,7 @@ def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
 
 
 def _load_merged(ctx: _Context, flow: _Flow, record: dict) -> None:
-    from .models import load_model
+    from ..models import load_model
 
     flow.model = load_model(ctx.out / "merged")[0]
 
@@ -446,8 +446,8 @@ def _export_path(ctx: _Context) -> Path:
 
 
 def _export(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from .deployment import export
-    from .deployment.card import card_from_stages
+    from ..deployment import export
+    from ..deployment.card import card_from_stages
 
     config, result = ctx.config, ctx.result
     # The final model's stage directory: its manifest and those upstream of it give the card's records.

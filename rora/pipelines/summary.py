@@ -7,8 +7,8 @@ import math
 import re
 from pathlib import Path
 
-from .artifacts import atomic_file, write_json
-from .evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
+from ..artifacts import atomic_file, write_json
+from ..evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
 
 
 # Later model first: "reconstructed - pruned" is what reconstruction alone won back.
