@@ -418,7 +418,7 @@ def format_recover(r: dict, cfg) -> str:
         f"objective      {cfg.objective}" + (f" (T={cfg.kd_temperature:g})" if cfg.objective != "sft" else ""),
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
         f"learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
-        *([f"text           {text_line(r['text'])}"] if r.get("text") else []),
+        *([f"text           {describe_read(r['text'])}"] if r.get("text") else []),
         f"best {figure:<9} {best}",
         *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"
            + (f", KL to the teacher {held['val_kl']:.4f}" if "val_kl" in held else "")] if held else []),
@@ -435,13 +435,10 @@ def describe_lr_auto(summary: dict) -> str:
     return describe(summary)
 
 
-def text_line(t: dict) -> str:
-    """What a run read of its text source: tokens, documents, the source and its revision or fingerprint."""
-    what = t["source"] + "".join(f" {k} {t[k]}" for k in ("config", "split") if t.get(k))
-    ident = f"revision {t['revision']}" if t.get("revision") else f"fingerprint {t['fingerprint']}" \
-        if t.get("fingerprint") else "no revision known"
-    ran_out = " (the source ran out before the budget)" if t.get("exhausted") else ""
-    return f"{t['tokens']:,} tokens of {t['documents']:,} documents{ran_out}: {what} ({t['kind']}, {ident})"
+def describe_read(record: dict) -> str:
+    from .sources.text import describe_read as describe
+
+    return describe(record)
 
 
 def adapter_option(fn):

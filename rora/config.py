@@ -273,8 +273,10 @@ class PruneConfig(StageConfig):
     mlp: bool = setting(True, "Prune MLP intermediate channels.")
     gqa: str = setting("within-group", "within-group (query heads evenly per KV group) or whole-group (whole KV groups).",
                        GQA_MODES)
-    calibration: str = setting("builtin", "'builtin' text, or training data: a JSON file or a dir of <task>/train.json.",
-                               input=True)
+    calibration: str = setting("builtin", "'builtin' text, training records (a JSON file or a dir of "
+                                          "<task>/train.json), or a text source as for recover --text (options as "
+                                          "SPEC?split=..&field=..&config=..; its first num_samples + holdout_samples "
+                                          "sequences of seq_len tokens).", input=True)
     num_samples: int = setting(10, "Calibration samples for importance.", maximum=BIG)
     seq_len: int = setting(128, "Calibration sequence length in tokens.", maximum=BIG)
     holdout_samples: int = setting(8, "Held-out samples (disjoint from calibration) for the loss before/after.",
@@ -307,7 +309,9 @@ class ReconstructConfig(StageConfig):
                                    "projection keeps its old weights when held-out text says the refit does not help.",
                           RECONSTRUCT_METHODS)
     calibration: str = setting("teacher", "Calibration text: teacher (general text the unpruned model writes), records "
-                                          "(the recovery's training records) or a .txt/.jsonl file.", input=True)
+                                          "(the recovery's training records), a .json file or directory of records, or "
+                                          "a text source as for recover --text (options as "
+                                          "SPEC?split=..&field=..&config=..).", input=True)
     num_samples: int = setting(64, "Calibration sequences to fit on.", maximum=BIG)
     holdout_samples: int = setting(16, "Further sequences, held out, on which each projection's rule and damping are "
                                        "chosen.", maximum=BIG)
@@ -326,10 +330,10 @@ class ReconstructConfig(StageConfig):
             out.append(f"reconstruct.seq_len must be at least 2, got {self.seq_len}")
         if not self.damping or any(not (math.isfinite(d) and d > 0) for d in self.damping):
             out.append(f"reconstruct.damping must list finite numbers > 0, got {self.damping}")
-        if self.calibration not in CALIBRATION_TEXTS and not self.calibration.endswith((".txt", ".jsonl", ".json")) \
-                and not Path(self.calibration).expanduser().is_dir():
-            out.append(f"reconstruct.calibration must be one of {', '.join(CALIBRATION_TEXTS)} or a .txt/.jsonl/.json "
-                       f"file or directory of records, got {self.calibration!r}")
+        near = did_you_mean(self.calibration, CALIBRATION_TEXTS.names())
+        if self.calibration not in CALIBRATION_TEXTS and near and not Path(self.calibration).expanduser().exists():
+            out.append(f"reconstruct.calibration {self.calibration!r} is neither {' nor '.join(CALIBRATION_TEXTS.names())} "
+                       f"nor a file, directory or dataset{near}")
         return out
 
 

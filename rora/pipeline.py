@@ -51,6 +51,7 @@ class PipelineResult:
     heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out records
     prose: dict = field(default_factory=dict)  # the same labels -> {"loss", "perplexity", "kl", "tokens", ...}
     generation: dict = field(default_factory=dict)  # the same labels -> generation quality (quality.generation_quality)
+    recovery: dict = field(default_factory=dict)  # the learning rate (and --lr auto's probes), the text trained on
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -79,6 +80,7 @@ class PipelineResult:
             **heldout_statistics(self.heldout, self.prose),
             "generation": self.generation,
             "generation_warning": repetition_warning(self.generation),
+            "recovery": self.recovery,
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -298,6 +300,7 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
         from .recovery.data import load_records
 
         records = load_records(train_data)
+    check_text_sources(config)
     if any(config.runs(s) for s in SUMMARY_LABELS):
         from .evaluation.data import load_examples, resolve_data_dir
         from .evaluation.tasks import get_task
@@ -307,6 +310,21 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
             for name in config.eval.tasks:
                 load_examples(get_task(name), resolved, config.eval.limit)
     return records
+
+
+def check_text_sources(config: PipelineConfig) -> None:
+    """The text sources the stages will read (recovery text, pruning and reconstruction calibration) exist, match
+    files, and are no hub ids while offline: checked before the first stage, without reading them."""
+    from .recovery.data import check_text
+    from .sources.text import TextSource, names_records
+
+    if config.runs("recover"):
+        check_text(config.recover)
+    named = {"prune": (config.prune.calibration, ("builtin",)),
+             "reconstruct": (config.reconstruct.calibration, ("teacher", "records"))}
+    for stage, (source, words) in named.items():
+        if config.runs(stage) and source not in words and not names_records(source):
+            TextSource.parse(source).check()
 
 
 # ---- the stages ------------------------------------------------------------------------------------------------
@@ -412,16 +430,20 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     config = ctx.config
     # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
-    res = recover(flow.model, flow.tokenizer, None if config.recover.text else ctx.train_data, config.recover,
-                  ctx.out / "recovery", resume=ctx.stages.interrupted("recover", fp), overwrite=True,
-                  progress=ctx.progress, source=_recovery_base(ctx), teacher=_teacher(flow))
+    rc = config.recover
+    records = ctx.train_data if rc.text is None or rc.text_ratio is not None else None  # --text alone replaces them
+    res = recover(flow.model, flow.tokenizer, records, rc, ctx.out / "recovery",
+                  resume=ctx.stages.interrupted("recover", fp), overwrite=True, progress=ctx.progress,
+                  source=_recovery_base(ctx), teacher=_teacher(flow))
     flow.model = res.model
-    return {}  # the figures are in the recovery directory's manifest
+    ctx.result.recovery = {"lr": res.lr, "lr_auto": res.lr_auto, "text": res.text}
+    return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
     from .models import load_adapter
 
+    ctx.result.recovery = record.get("recovery") or {}
     _teacher(flow)
     flow.model = load_adapter(flow.model, ctx.out / "recovery" / "adapter")  # eval's and merge's loader and pickle rule
 

@@ -225,6 +225,39 @@ def pack_source(source: TextSource, tokenizer, length: int, max_tokens: int | No
     return PackedText(sequences, record)
 
 
+def describe_read(record: dict) -> str:
+    """One line of what a run read of its text source (a PackedText.record): tokens, documents, the source and its
+    revision or content fingerprint."""
+    where = record["source"] + "".join(f" {k} {record[k]}" for k in ("config", "split") if record.get(k))
+    ident = (f"revision {record['revision']}" if record.get("revision") else
+             f"fingerprint {record['fingerprint']}" if record.get("fingerprint") else "no revision known")
+    ran_out = ", the source ran out before the budget" if record.get("exhausted") else ""
+    return f"{record['tokens']:,} tokens of {record['documents']:,} documents of {where} ({record['kind']}, {ident}{ran_out})"
+
+
+def text_sequences(source: TextSource, tokenizer, length: int, count: int, seed: int) -> tuple[list[list[int]], str]:
+    """(`count` sequences of exactly `length` tokens, in a seeded order; what they are) from the first
+    count * length tokens of `source`: calibration text for pruning and reconstruction."""
+    packed = pack_source(source, tokenizer, length, count * length)
+    seqs = [q for q in packed.sequences if len(q) == length]
+    r = packed.record
+    what = f"{r['source']} ({r['tokens']:,} tokens of {r['documents']:,} documents)"
+    if len(seqs) < count:
+        raise DataError(f"the calibration text ({what}) fills {len(seqs)} sequences of {length} tokens, but {count} "
+                        "are needed; give more text or ask for fewer samples")
+    random.Random(seed).shuffle(seqs)
+    return seqs, what
+
+
+def names_records(spec: str) -> bool:
+    """Whether a calibration source names training records (a .json file, or a directory of <task>/train.json or of
+    train.json) rather than plain text."""
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec):
+        return False
+    return path.suffix == ".json" or (path.is_dir() and (any(path.glob("*/train.json")) or (path / "train.json").is_file()))
+
+
 def token_stream(docs, tokenizer, max_tokens: int | None = None) -> tuple[list[int], int, bool]:
     """(the documents' tokens, each document ended with EOS, cut at exactly `max_tokens`; how many documents
     contributed; whether the documents ran out first). Documents are read only as far as the budget needs."""
