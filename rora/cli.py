@@ -417,7 +417,7 @@ def format_recover(r: dict, cfg) -> str:
         f"method         {cfg.method} rank {cfg.rank} alpha {cfg.resolved_alpha:g} (scale {r['effective_scale']:.4g})",
         f"objective      {cfg.objective}" + (f" (T={cfg.kd_temperature:g})" if cfg.objective != "sft" else ""),
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
-        f"learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
+        "learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
         *([f"text           {describe_read(r['text'])}"] if r.get("text") else []),
         f"best {figure:<9} {best}",
         *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"

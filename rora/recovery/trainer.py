@@ -450,10 +450,10 @@ class _Run:
                 "tokens": self.train_tokens}
 
     def snapshot(self) -> dict:
-        """The training state in memory: adapter, optimizer, scheduler and counters."""
-        return {"adapter": self.adapter_state(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "scheduler": self.scheduler.state_dict(),
-                "counters": copy.deepcopy({k: getattr(self, k) for k in COUNTERS})}
+        """The training state, copied to host memory (a large adapter's optimizer state need not stay on the GPU
+        twice): adapter, optimizer, scheduler and counters. Loading it back restores each tensor exactly."""
+        return _on_cpu({"adapter": self.adapter_state(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "counters": {k: getattr(self, k) for k in COUNTERS}})
 
     def load_snapshot(self, snap: dict, lr: float | None = None) -> None:
         """Return to `snap`; with `lr`, as a fresh run at that learning rate (a new schedule from step 0)."""
@@ -716,6 +716,17 @@ class _Run:
         """The held-out figures logged at the best step (from the history, so a resumed run has them too)."""
         found = [r for r in self.history if "val_loss" in r and r["step"] == self.best_step]
         return {k: v for k, v in found[-1].items() if k != "step"} if found else {}
+
+
+def _on_cpu(value):
+    """A deep copy of `value` (dicts, lists, tensors, plain values) with every tensor in host memory."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
