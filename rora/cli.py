@@ -270,6 +270,10 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
     from .measure import Prose
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
+    from .registry import BUILTIN_CALIBRATION
+    from .sources.text import check_calibration
+
+    check_calibration(cfg.calibration, BUILTIN_CALIBRATION)  # a missing file or glob fails before the model loads
 
     held_out = Prose.load(prose)  # a bad --prose fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
@@ -324,6 +328,10 @@ def reconstruct(model, allow_pickle, teacher, out, data, prose, overwrite, confi
     check_output(out, overwrite, inputs=[i for i in (model, teacher, data) if i])  # before any work
     if cfg.calibration == "records" and not data:
         raise click.UsageError("--calibration records needs --data (the training records)")
+    from .registry import CALIBRATION_TEXTS
+    from .sources.text import check_calibration
+
+    check_calibration(cfg.calibration, CALIBRATION_TEXTS.names())  # before the models load
     from .measure import Prose
 
     held_out = Prose.load(prose)  # a bad --prose fails before the models load

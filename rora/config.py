@@ -22,9 +22,10 @@ import yaml
 
 from .artifacts import read_text
 from .errors import ConfigError, detail
-from .registry import (CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS,
-                       MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, RECONSTRUCT_METHODS, SCHEDULERS,
-                       SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES, Registry, did_you_mean)
+from .registry import (BUILTIN_CALIBRATION, CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES,
+                       IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS,
+                       RECONSTRUCT_METHODS, SCHEDULERS, SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
+                       Registry, did_you_mean)
 
 
 def setting(default: Any, help: str, names: Registry | None = None, *, maximum: float | None = None,
@@ -245,6 +246,15 @@ def _changed_defaults(f: dataclasses.Field, section: type) -> dict:
     return {k: v for k, v in given.items() if own[k] != v}
 
 
+def calibration_typo(section: str, value: str, words) -> list[str]:
+    """A calibration setting close to one of its words (teachr) that names no existing path: a typo, not a dataset
+    id to stream."""
+    near = did_you_mean(value, words)
+    if value in words or not near or Path(value).expanduser().exists():
+        return []
+    return [f"{section}.calibration {value!r} is neither {' nor '.join(words)} nor a file, directory or dataset{near}"]
+
+
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
@@ -291,6 +301,7 @@ class PruneConfig(StageConfig):
         out = self.out_of_bounds(positive=("channel_multiple", "num_samples", "seq_len"), non_negative=("holdout_samples",))
         if not 0.0 <= self.ratio < 1.0:
             out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
+        out += calibration_typo(self.section, self.calibration, BUILTIN_CALIBRATION)
         if self.layers != "uniform":
             start, sep, end = self.layers.partition(":")
             if not (sep and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
@@ -330,10 +341,7 @@ class ReconstructConfig(StageConfig):
             out.append(f"reconstruct.seq_len must be at least 2, got {self.seq_len}")
         if not self.damping or any(not (math.isfinite(d) and d > 0) for d in self.damping):
             out.append(f"reconstruct.damping must list finite numbers > 0, got {self.damping}")
-        near = did_you_mean(self.calibration, CALIBRATION_TEXTS.names())
-        if self.calibration not in CALIBRATION_TEXTS and near and not Path(self.calibration).expanduser().exists():
-            out.append(f"reconstruct.calibration {self.calibration!r} is neither {' nor '.join(CALIBRATION_TEXTS.names())} "
-                       f"nor a file, directory or dataset{near}")
+        out += calibration_typo(self.section, self.calibration, CALIBRATION_TEXTS.names())
         return out
 
 
@@ -355,7 +363,7 @@ class RecoverConfig(StageConfig):
                                     "the method, rank and objective, compared on the validation split; the run "
                                     "continues from the winning probe (rora.recovery.lr_auto).")
     lr_probe_steps: int | None = setting(None, "lr auto: optimizer steps per probe; unset: the warmup plus 5, at least "
-                                               "8, at most a quarter of the run.", maximum=MAX_STEPS)
+                                               "8, at most a quarter of the run (but 2 at least).", maximum=MAX_STEPS)
     epochs: float = setting(3.0, "Epochs (max_steps overrides them).")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", maximum=MAX_STEPS)
     batch_size: int = setting(16, "Examples per optimizer step.", maximum=BIG)
@@ -437,6 +445,9 @@ class RecoverConfig(StageConfig):
             non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
         if self.lr == AUTO and self.val_set_size == 0:
             out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
+        if self.text is None:
+            out += [f"recover.{k} is set, but recover.text names no text source" for k in
+                    ("text_split", "text_field", "text_config", "max_text_tokens") if getattr(self, k) is not None]
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
         if self.text_ratio is not None and not 0 < self.text_ratio < 1:

@@ -33,7 +33,7 @@ from .artifacts import (changed_inputs, check_apart, check_writable, count_param
 from .config import PipelineConfig
 from .errors import ConfigError, OutputError, OutputExistsError, RoraError
 from .evaluation.stats import accuracy_table, outcomes_from_records
-from .registry import PIPELINE_STAGES
+from .registry import BUILTIN_CALIBRATION, CALIBRATION_TEXTS, PIPELINE_STAGES
 from .summary import evaluation_statistics, heldout_statistics, repetition_warning, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
@@ -316,15 +316,14 @@ def check_text_sources(config: PipelineConfig) -> None:
     """The text sources the stages will read (recovery text, pruning and reconstruction calibration) exist, match
     files, and are no hub ids while offline: checked before the first stage, without reading them."""
     from .recovery.data import check_text
-    from .sources.text import TextSource, names_records
+    from .sources.text import check_calibration
 
     if config.runs("recover"):
         check_text(config.recover)
-    named = {"prune": (config.prune.calibration, ("builtin",)),
-             "reconstruct": (config.reconstruct.calibration, ("teacher", "records"))}
-    for stage, (source, words) in named.items():
-        if config.runs(stage) and source not in words and not names_records(source):
-            TextSource.parse(source).check()
+    if config.runs("prune"):
+        check_calibration(config.prune.calibration, BUILTIN_CALIBRATION)
+    if config.runs("reconstruct"):
+        check_calibration(config.reconstruct.calibration, CALIBRATION_TEXTS.names())
 
 
 # ---- the stages ------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def test_the_grid_follows_the_rule_of_thumb_for_method_rank_and_objective():
     assert _grid(method="dora", rank=8, objective="kd") == _grid(method="lora", rank=8, objective="kd")
     quick = RecoverConfig(warmup_steps=3)
     assert probe_steps(quick, 24) == 6 and probe_steps(RecoverConfig(warmup_steps=100), 30000) == 105
-    assert probe_steps(RecoverConfig(lr_probe_steps=3), 24) == 3 and probe_steps(quick, 2) == 1
+    assert probe_steps(RecoverConfig(lr_probe_steps=3), 24) == 3 and probe_steps(quick, 4) == 2
+    assert probe_steps(quick, 1) == 1
 
 
 def _result(lr, figure):

@@ -65,8 +65,8 @@ SOURCES = {
 @pytest.mark.parametrize("name", SOURCES)
 def test_datasets_sources_pack_to_the_same_batches_as_a_jsonl_file(corpus, tokenizer, name):
     base = dict(cutoff_len=24, val_set_size=3, max_text_tokens=900)
-    want = prepare_text(text_source(tiny_recover_config(text=str(corpus / "docs.jsonl"), **base)), tokenizer,
-                        tiny_recover_config(**base))
+    jsonl = tiny_recover_config(text=str(corpus / "docs.jsonl"), **base)
+    want = prepare_text(text_source(jsonl), tokenizer, jsonl)
     cfg = tiny_recover_config(**SOURCES[name](corpus), **base)
     got = prepare_text(text_source(cfg), tokenizer, cfg)
     assert got.train == want.train and got.val == want.val and got.fingerprint == want.fingerprint
@@ -173,3 +173,34 @@ def test_a_hub_id_needs_a_token_budget(monkeypatch):
         check_text(tiny_recover_config(text="someorg/some-corpus"))
     assert TextSource.parse("someorg/c?split=validation&field=body").check() == "hub"
     assert TextSource.parse("odd?name.txt") == TextSource("odd?name.txt")  # no query: a '?' in a file name
+
+
+def test_calibration_typos_and_orphan_text_options_are_config_errors():
+    from rora.config import PruneConfig, ReconstructConfig, RecoverConfig
+    from rora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reconstruct.calibration 'teachr' is neither .* \\(did you mean 'teacher'"):
+        ReconstructConfig(calibration="teachr")
+    with pytest.raises(ConfigError, match="prune.calibration 'builtn' .* \\(did you mean 'builtin'"):
+        PruneConfig(calibration="builtn")
+    with pytest.raises(ConfigError, match="recover.text_field is set, but recover.text names no text source"):
+        RecoverConfig(text_field="body")
+    assert ReconstructConfig(calibration="someorg/teacher-corpus").calibration == "someorg/teacher-corpus"
+
+
+@pytest.mark.parametrize("section, setting", [("recover", {"text": "{root}/none-*.parquet", "max_text_tokens": 100}),
+                                              ("prune", {"calibration": "{root}/none.parquet"}),
+                                              ("reconstruct", {"calibration": "someorg/corpus"})])
+def test_rora_run_checks_its_text_sources_before_the_first_stage(corpus, tmp_path, section, setting):
+    from rora.config import PipelineConfig
+    from rora.pipeline import run_pipeline
+
+    (tmp_path / "train.json").write_text(json.dumps(even_odd_records(8)))
+    cfg = PipelineConfig.from_dict({"model": str(tmp_path / "no-model"), "out": str(tmp_path / "run"),
+                                    "data": str(tmp_path / "train.json"), "skip": ["eval_base", "eval_pruned",
+                                    "eval_reconstructed", "eval_recovered"],
+                                    section: {k: v.format(root=corpus) if isinstance(v, str) else v
+                                              for k, v in setting.items()}})
+    with pytest.raises(DataError, match="no files match|not found|the hub is offline"):
+        run_pipeline(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -40,12 +40,13 @@ def initial_grid(centre: float) -> list[float]:
 
 
 def probe_steps(config, total_steps: int) -> int:
-    """Steps per probe: config.lr_probe_steps, else past the warmup (at least 8) but at most a quarter of the run;
+    """Steps per probe: config.lr_probe_steps, else past the warmup (at least 8) but at most a quarter of the run,
+    and at least 2 (a warmup's first step has learning rate 0: one step would tell the values apart by nothing);
     never more than the run."""
     if config.lr_probe_steps is not None:
         return min(config.lr_probe_steps, total_steps)
     least, past_warmup = PROBE_STEPS
-    return max(1, min(max(least, config.warmup_steps + past_warmup), total_steps // 4))
+    return max(min(2, total_steps), min(max(least, config.warmup_steps + past_warmup), total_steps // 4))
 
 
 def _round(lr: float) -> float:

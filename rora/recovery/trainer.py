@@ -15,9 +15,14 @@ sibling, with its checkpoints, for --resume:
     adapter/                 the best adapter (lowest held-out objective: response loss, KL, or both), PEFT format
     checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
     checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
+    checkpoints/probe/       --lr auto: the best probe so far and every finished probe's figures, until the run's
+                             first step checkpoint (rora.recovery.lr_auto)
     metrics.jsonl, loss.png  per-step training metrics and evaluations, the loss curve
     rora.json                manifest (artifacts.Manifest): base model and data, resolved config, scales per
                              module, results, provenance
+
+--lr auto probes a few learning rates, each for a few steps from the same initial adapter (rora.recovery.lr_auto),
+then continues from the winning probe's state: the run is exactly the run at that learning rate.
 
 Determinism: the data order is a pure function of (seed, epoch) and the dropout RNG is reseeded from
 (seed, step, process) at every step, so a run resumed from a checkpoint replays exactly what the uninterrupted

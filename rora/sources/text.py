@@ -249,6 +249,13 @@ def text_sequences(source: TextSource, tokenizer, length: int, count: int, seed:
     return seqs, what
 
 
+def check_calibration(spec: str, words: tuple[str, ...] = ()) -> None:
+    """A calibration setting that names a text source (not one of `words`, not training records) can be read:
+    checked without reading it (TextSource.check)."""
+    if spec not in words and not names_records(spec):
+        TextSource.parse(spec).check()
+
+
 def names_records(spec: str) -> bool:
     """Whether a calibration source names training records (a .json file, or a directory of <task>/train.json or of
     train.json) rather than plain text."""
