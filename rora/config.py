@@ -445,9 +445,6 @@ class RecoverConfig(StageConfig):
             non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
         if self.lr == AUTO and self.val_set_size == 0:
             out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
-        if self.text is None:
-            out += [f"recover.{k} is set, but recover.text names no text source" for k in
-                    ("text_split", "text_field", "text_config", "max_text_tokens") if getattr(self, k) is not None]
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
         if self.text_ratio is not None and not 0 < self.text_ratio < 1:

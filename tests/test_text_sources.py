@@ -175,16 +175,14 @@ def test_a_hub_id_needs_a_token_budget(monkeypatch):
     assert TextSource.parse("odd?name.txt") == TextSource("odd?name.txt")  # no query: a '?' in a file name
 
 
-def test_calibration_typos_and_orphan_text_options_are_config_errors():
-    from rora.config import PruneConfig, ReconstructConfig, RecoverConfig
+def test_calibration_typos_are_config_errors():
+    from rora.config import PruneConfig, ReconstructConfig
     from rora.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reconstruct.calibration 'teachr' is neither .* \\(did you mean 'teacher'"):
         ReconstructConfig(calibration="teachr")
     with pytest.raises(ConfigError, match="prune.calibration 'builtn' .* \\(did you mean 'builtin'"):
         PruneConfig(calibration="builtn")
-    with pytest.raises(ConfigError, match="recover.text_field is set, but recover.text names no text source"):
-        RecoverConfig(text_field="body")
     assert ReconstructConfig(calibration="someorg/teacher-corpus").calibration == "someorg/teacher-corpus"
 
 
@@ -204,3 +202,21 @@ def test_rora_run_checks_its_text_sources_before_the_first_stage(corpus, tmp_pat
     with pytest.raises(DataError, match="no files match|not found|the hub is offline"):
         run_pipeline(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_rora_run_takes_the_text_flags_and_defaults_to_lr_auto():
+    import yaml
+
+    from rora.cli import main
+
+    def resolved(*args):
+        done = CliRunner().invoke(main, ["run", *args, "--print-config"])
+        assert done.exit_code == 0, done.output
+        return yaml.safe_load(done.stdout)["recover"]
+
+    assert resolved()["lr"] == "auto" and resolved("--preset", "quickstart")["lr"] == 0.002  # the preset's measured lr
+    found = resolved("--preset", "quickstart", "--lr", "auto", "--text", "c/*.parquet", "--max-text-tokens", "5000",
+                     "--text-ratio", "0.25", "--set", "recover.text_field=body")
+    assert (found["lr"], found["text"], found["max_text_tokens"], found["text_ratio"], found["text_field"]) == (
+        "auto", "c/*.parquet", 5000, 0.25, "body")
+    assert resolved("--lr", "3e-4")["lr"] == 3e-4 and resolved("--set", "recover.lr=2e-4")["lr"] == 2e-4

@@ -182,6 +182,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
             f"{accelerator.num_processes} processes; make it a multiple of the process count"
         )
     total_steps = count_steps(len(tokenized.train), config)
+    if config.lr == AUTO and not tokenized.val:
+        raise ConfigError("--lr auto compares its probes on the validation split, which is empty (every validation "
+                          "example is longer than cutoff_len); raise --cutoff-len or --val-set-size")
     identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint,
                 "model_fingerprint": model_fingerprint(model)}
     if teacher is not None:
@@ -203,8 +206,6 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     search = LrSearch.start(config, effective_scale(config), total_steps) if config.lr == AUTO else None
-    if search is not None and not tokenized.val:
-        raise ConfigError("--lr auto compares its probes on the validation split, which is empty; raise --val-set-size")
     lr = search.grid[0] if search is not None else config.lr  # each probe sets its own
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, total_steps)
