@@ -51,3 +51,39 @@ def write_outputs(name: str, *, title: str, command: str, setting: str, table: s
           f"- versions: {versions}", f"- setting: {setting}", "", table, ""]
     md += [f"![{name}](benchmarks/results/{img})" for img in images]
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
+class Runs:
+    """<work>/runs.jsonl: the rows a benchmark finished so far, by name (`done`), so an interrupted benchmark
+    continues where it stopped; keep(row) appends one."""
+
+    def __init__(self, work: str | Path):
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.path = self.work / "runs.jsonl"
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.done = {r["name"]: r for r in map(json.loads, lines)}
+
+    def keep(self, row: dict, say: str | None = None) -> None:
+        self.done[row["name"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['name']}: {say}" if say else row["name"], flush=True)
+
+
+def publish(name: str, *, title: str, setting: str, table: str, data: dict) -> None:
+    """write_outputs for the running script (its command line, results/<name>.png beside it), and the table printed."""
+    import sys
+
+    script = Path(sys.argv[0]).name
+    write_outputs(name, title=title, command=f"python benchmarks/{script} " + " ".join(sys.argv[1:]), setting=setting,
+                  table=table, data={**data, "environment": environment()}, images=[f"{name}.png"])
+    print(table)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

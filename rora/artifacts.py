@@ -452,7 +452,8 @@ def _manifest_problem(data) -> str | None:
 
 
 # ---- fingerprints of inputs ---------------------------------------------------------------------------------------
-FINGERPRINTED = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".jsonl", ".txt", ".model")
+FINGERPRINTED = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".json", ".jsonl", ".txt", ".model", ".parquet",
+                 ".arrow")
 SAMPLE_BLOCKS, BLOCK = 64, 16 * 2**10
 MAX_ENTRIES = 100_000  # a directory larger than any model or data set has no fingerprint (a pointer to "/")
 

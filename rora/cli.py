@@ -102,7 +102,7 @@ def config_options(cls, *paths: str, required: tuple[str, ...] = ()):
         @functools.wraps(fn)
         def command(**kwargs):
             ctx = click.get_current_context()
-            for _, f in fields.values():  # the default is only there for --help to show it
+            for _, f, _ in fields.values():  # the default is only there for --help to show it
                 if ctx.get_parameter_source(f.name) is ParameterSource.DEFAULT:
                     kwargs[f.name] = None
             return fn(**kwargs)
@@ -115,17 +115,34 @@ def config_options(cls, *paths: str, required: tuple[str, ...] = ()):
 
 
 def _field(cls, path: str):
-    """(the dataclass that declares the field at `path`, the field)."""
+    """(the dataclass that declares the field at `path`, the field, its default there: a section's own, e.g. rora
+    run's recover.lr auto)."""
     *section, key = path.split(".")
     owner = typing.get_type_hints(cls)[section[0]] if section else cls
-    return owner, next(f for f in dataclasses.fields(owner) if f.name == key)
+    f = next(f for f in dataclasses.fields(owner) if f.name == key)
+    if section:
+        (outer,) = [g for g in dataclasses.fields(cls) if g.name == section[0]]
+        return owner, f, getattr(outer.default_factory(), key)
+    return owner, f, f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _option(owner, f: dataclasses.Field, required: bool):
+class _NumberOrAuto(click.ParamType):
+    """A float | str setting (recover.lr): a number, or a word the config checks (auto)."""
+
+    name = "number|auto"
+
+    def convert(self, value, param, ctx):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return value
+
+
+def _option(owner, f: dataclasses.Field, default, required: bool):
     hint = typing.get_type_hints(owner)[f.name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: None is the default, not a type
-        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kinds = [h for h in typing.get_args(hint) if h is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else _NumberOrAuto()
     flag = "--" + f.name.replace("_", "-")
     kwargs = {"help": f.metadata["help"], "required": required}
     if hint is bool:
@@ -253,6 +270,10 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
     from .measure import Prose
     from .models import load_model
     from .pruning.prune import prune as prune_model, save_pruned
+    from .registry import BUILTIN_CALIBRATION
+    from .sources.text import check_calibration
+
+    check_calibration(cfg.calibration, BUILTIN_CALIBRATION)  # a missing file or glob fails before the model loads
 
     held_out = Prose.load(prose)  # a bad --prose fails before the model loads
     m, tok = load_model(model, allow_pickle=allow_pickle)
@@ -307,6 +328,10 @@ def reconstruct(model, allow_pickle, teacher, out, data, prose, overwrite, confi
     check_output(out, overwrite, inputs=[i for i in (model, teacher, data) if i])  # before any work
     if cfg.calibration == "records" and not data:
         raise click.UsageError("--calibration records needs --data (the training records)")
+    from .registry import CALIBRATION_TEXTS
+    from .sources.text import check_calibration
+
+    check_calibration(cfg.calibration, CALIBRATION_TEXTS.names())  # before the models load
     from .measure import Prose
 
     held_out = Prose.load(prose)  # a bad --prose fails before the models load
@@ -354,8 +379,9 @@ def format_reconstruct(r: dict, path) -> str:
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
 @config_options(RecoverConfig, "objective")
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
-@config_options(RecoverConfig, "kd_temperature", "kd_weight", "teacher_dtype", "text", "synthetic", "synthetic_tokens",
-                "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "epochs", "max_steps",
+@config_options(RecoverConfig, "kd_temperature", "kd_weight", "teacher_dtype", "text", "text_split", "text_field",
+                "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens",
+                "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "lr_probe_steps", "epochs", "max_steps",
                 "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",
                 "eval_steps", "save_steps", "seed", "train_on_inputs", "gradient_checkpointing")
 @prose_option
@@ -373,6 +399,9 @@ def recover(model, allow_pickle, data, out, teacher, prose, resume, overwrite, c
     cfg = RecoverConfig.from_yaml(config_file) if config_file else RecoverConfig()
     cfg = cfg.replace(**flags).with_objective(teacher is not None)
     check_objective(cfg, teacher is not None)  # before loading anything
+    from .recovery.data import check_text
+
+    check_text(cfg)
     from .models import load_model
     from .recovery.trainer import check_recover_output, recover as recover_adapter
 
@@ -396,6 +425,8 @@ def format_recover(r: dict, cfg) -> str:
         f"method         {cfg.method} rank {cfg.rank} alpha {cfg.resolved_alpha:g} (scale {r['effective_scale']:.4g})",
         f"objective      {cfg.objective}" + (f" (T={cfg.kd_temperature:g})" if cfg.objective != "sft" else ""),
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
+        "learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
+        *([f"text           {describe_read(r['text'])}"] if r.get("text") else []),
         f"best {figure:<9} {best}",
         *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"
            + (f", KL to the teacher {held['val_kl']:.4f}" if "val_kl" in held else "")] if held else []),
@@ -404,6 +435,18 @@ def format_recover(r: dict, cfg) -> str:
         f"adapter        {r['adapter_dir']}",
         f"metrics        {r['metrics_path']}",
     ])
+
+
+def describe_lr_auto(summary: dict) -> str:
+    from .recovery.lr_auto import describe
+
+    return describe(summary)
+
+
+def describe_read(record: dict) -> str:
+    from .sources.text import describe_read as describe
+
+    return describe(record)
 
 
 def adapter_option(fn):
@@ -535,7 +578,8 @@ def _note_if_empty(i: int, g) -> None:
 
 # rora run's short flags: fields of the pipeline (a top-level key or section.key); every other key takes --set.
 RUN_FLAGS = ("model", "out", "data", "data_dir", "prune.ratio", "recover.method", "recover.rank", "recover.alpha",
-             "recover.lr", "recover.max_steps", "recover.objective", "eval.protocol", "eval.tasks", "eval.limit",
+             "recover.lr", "recover.max_steps", "recover.objective", "recover.text", "recover.max_text_tokens",
+             "recover.text_ratio", "eval.protocol", "eval.tasks", "eval.limit",
              "export.format", "skip", "allow_pickle")
 
 

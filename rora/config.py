@@ -10,6 +10,7 @@ the registry table they must come from ("names", rora.registry).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -21,9 +22,10 @@ import yaml
 
 from .artifacts import read_text
 from .errors import ConfigError, detail
-from .registry import (CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES, IMPORTANCE, LAYOUTS,
-                       MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS, RECONSTRUCT_METHODS, SCHEDULERS,
-                       SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES, Registry, did_you_mean)
+from .registry import (BUILTIN_CALIBRATION, CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES,
+                       IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS,
+                       RECONSTRUCT_METHODS, SCHEDULERS, SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
+                       Registry, did_you_mean)
 
 
 def setting(default: Any, help: str, names: Registry | None = None, *, maximum: float | None = None,
@@ -36,7 +38,7 @@ def setting(default: Any, help: str, names: Registry | None = None, *, maximum: 
                 **({"maximum": maximum} if maximum is not None else {}), **({"input": True} if input else {})}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
-    if isinstance(default, type):
+    if isinstance(default, type) or isinstance(default, functools.partial):  # a section: a config per instance
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
 
@@ -69,9 +71,12 @@ def _check_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+AUTO = "auto"  # the value of a setting that rora chooses itself (recover.lr)
+
 # Counts bounded before anything is allocated: a step plan holds one entry per optimizer step.
 MAX_STEPS = 10**7
 BIG = 2**20  # tokens, texts or samples: far beyond any real run, far below what would exhaust memory
+MAX_TEXT_TOKENS = 10**10  # a token budget: packed tokens are held in memory (about 40 bytes each), read as they stream
 
 
 class StageConfig:
@@ -135,11 +140,15 @@ class StageConfig:
                 + f" (known keys: {', '.join(names)})"
             )
         hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for k, v in data.items():
             hint = hints[k]
             sub = _dataclass_in(hint)
-            kwargs[k] = sub.from_dict(v) if sub is not None and isinstance(v, dict) else _numeric_string(v, hint)
+            if sub is not None and isinstance(v, dict):  # a section: the keys it gives over the section's defaults
+                kwargs[k] = sub.from_dict({**_changed_defaults(fields[k], sub), **v})
+            else:
+                kwargs[k] = _numeric_string(v, hint)
         return cls(**kwargs)
 
     @classmethod
@@ -220,12 +229,30 @@ def load_yaml(text: str, where: str) -> Any:
 
 def _numeric_string(value: Any, hint: Any) -> Any:
     """YAML 1.1 reads `2e-4` (no dot) as a string; a float field takes any string that is a plain number."""
-    if isinstance(value, str) and _check_type(1.5, hint) and not _check_type(value, hint):
+    if isinstance(value, str) and _check_type(1.5, hint):
         try:
             return float(value)
         except ValueError:
             return value
     return value
+
+
+def _changed_defaults(f: dataclasses.Field, section: type) -> dict:
+    """The keys where a section field's default (rora run's recover section: lr auto) differs from the section
+    class's own defaults."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    own, given = section().to_dict(), f.default_factory().to_dict()
+    return {k: v for k, v in given.items() if own[k] != v}
+
+
+def calibration_typo(section: str, value: str, words) -> list[str]:
+    """A calibration setting close to one of its words (teachr) that names no existing path: a typo, not a dataset
+    id to stream."""
+    near = did_you_mean(value, words)
+    if value in words or not near or Path(value).expanduser().exists():
+        return []
+    return [f"{section}.calibration {value!r} is neither {' nor '.join(words)} nor a file, directory or dataset{near}"]
 
 
 def _as_list(value) -> list:
@@ -256,8 +283,10 @@ class PruneConfig(StageConfig):
     mlp: bool = setting(True, "Prune MLP intermediate channels.")
     gqa: str = setting("within-group", "within-group (query heads evenly per KV group) or whole-group (whole KV groups).",
                        GQA_MODES)
-    calibration: str = setting("builtin", "'builtin' text, or training data: a JSON file or a dir of <task>/train.json.",
-                               input=True)
+    calibration: str = setting("builtin", "'builtin' text, training records (a JSON file or a dir of "
+                                          "<task>/train.json), or a text source as for recover --text (options as "
+                                          "SPEC?split=..&field=..&config=..; its first num_samples + holdout_samples "
+                                          "sequences of seq_len tokens).", input=True)
     num_samples: int = setting(10, "Calibration samples for importance.", maximum=BIG)
     seq_len: int = setting(128, "Calibration sequence length in tokens.", maximum=BIG)
     holdout_samples: int = setting(8, "Held-out samples (disjoint from calibration) for the loss before/after.",
@@ -272,6 +301,7 @@ class PruneConfig(StageConfig):
         out = self.out_of_bounds(positive=("channel_multiple", "num_samples", "seq_len"), non_negative=("holdout_samples",))
         if not 0.0 <= self.ratio < 1.0:
             out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
+        out += calibration_typo(self.section, self.calibration, BUILTIN_CALIBRATION)
         if self.layers != "uniform":
             start, sep, end = self.layers.partition(":")
             if not (sep and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end)):
@@ -290,7 +320,9 @@ class ReconstructConfig(StageConfig):
                                    "projection keeps its old weights when held-out text says the refit does not help.",
                           RECONSTRUCT_METHODS)
     calibration: str = setting("teacher", "Calibration text: teacher (general text the unpruned model writes), records "
-                                          "(the recovery's training records) or a .txt/.jsonl file.", input=True)
+                                          "(the recovery's training records), a .json file or directory of records, or "
+                                          "a text source as for recover --text (options as "
+                                          "SPEC?split=..&field=..&config=..).", input=True)
     num_samples: int = setting(64, "Calibration sequences to fit on.", maximum=BIG)
     holdout_samples: int = setting(16, "Further sequences, held out, on which each projection's rule and damping are "
                                        "chosen.", maximum=BIG)
@@ -310,10 +342,7 @@ class ReconstructConfig(StageConfig):
             out.append(f"reconstruct.seq_len must be at least 2, got {self.seq_len}")
         if not self.damping or any(not (math.isfinite(d) and d > 0) for d in self.damping):
             out.append(f"reconstruct.damping must list finite numbers > 0, got {self.damping}")
-        if self.calibration not in CALIBRATION_TEXTS and not self.calibration.endswith((".txt", ".jsonl", ".json")) \
-                and not Path(self.calibration).expanduser().is_dir():
-            out.append(f"reconstruct.calibration must be one of {', '.join(CALIBRATION_TEXTS)} or a .txt/.jsonl/.json "
-                       f"file or directory of records, got {self.calibration!r}")
+        out += calibration_typo(self.section, self.calibration, CALIBRATION_TEXTS.names())
         return out
 
 
@@ -331,7 +360,11 @@ class RecoverConfig(StageConfig):
     target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
                                         "Modules to adapt (comma-separated on the command line).")
     dropout: float = setting(0.05, "Adapter dropout probability, in [0, 1).")
-    lr: float = setting(2e-4, "Learning rate.")
+    lr: float | str = setting(2e-4, "Learning rate, or auto: a short probe of a few values around a rule of thumb for "
+                                    "the method, rank and objective, compared on the validation split; the run "
+                                    "continues from the winning probe (rora.recovery.lr_auto).")
+    lr_probe_steps: int | None = setting(None, "lr auto: optimizer steps per probe; unset: the warmup plus 5, at least "
+                                               "8, at most a quarter of the run (but 2 at least).", maximum=MAX_STEPS)
     epochs: float = setting(3.0, "Epochs (max_steps overrides them).")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides epochs).", maximum=MAX_STEPS)
     batch_size: int = setting(16, "Examples per optimizer step.", maximum=BIG)
@@ -363,8 +396,18 @@ class RecoverConfig(StageConfig):
     teacher_dtype: str = setting("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or "
                                          "float16.", TEACHER_DTYPES)
     kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.", maximum=BIG)
-    text: str | None = setting(None, "Plain-text training data instead of records: .txt, or .jsonl with a 'text' "
-                                     "field; packed to cutoff_len.", input=True)
+    text: str | None = setting(None, "Plain-text training data (instead of records, or mixed with them by "
+                                     "text_ratio): a .txt or .jsonl file, a datasets save_to_disk directory, "
+                                     "parquet/arrow/jsonl shards (a glob), a local dataset directory or a hub dataset "
+                                     "id (streamed); documents packed to cutoff_len with EOS between them.", input=True)
+    text_split: str | None = setting(None, "The split of a text dataset (save_to_disk DatasetDict, dataset directory "
+                                           "or hub id); unset: train.")
+    text_field: str | None = setting(None, "The column (or .jsonl key) holding the text; unset: text.")
+    text_config: str | None = setting(None, "The configuration of a text dataset (hub id or dataset directory), e.g. "
+                                            "wikitext-103-raw-v1.")
+    max_text_tokens: int | None = setting(None, "Read at most this many tokens of text (EOS included; the validation "
+                                                "sequences come out of them): a streamed dataset stops there. Required "
+                                                "for a hub id.", maximum=MAX_TEXT_TOKENS)
     synthetic: int = setting(0, "Data-free: the teacher writes N training texts (continuing the data prompts, or "
                                 "short seed prompts); cached for reruns. 0: off.", maximum=BIG)
     synthetic_tokens: int = setting(128, "New tokens the teacher samples per synthetic text.", maximum=2**14)
@@ -394,10 +437,15 @@ class RecoverConfig(StageConfig):
                 out.append(f"recover.{key} must be a finite number > 0, got {value}")
         if not (math.isfinite(self.kd_weight) and 0 < self.kd_weight < 1):
             out.append(f"recover.kd_weight must be in (0, 1), got {self.kd_weight}")
+        if isinstance(self.lr, str) and self.lr != AUTO:
+            out.append(f"recover.lr must be a number > 0 or {AUTO!r}, got {self.lr!r}")
         out += self.out_of_bounds(
-            positive=("kd_chunk_size", "synthetic_tokens", "rank", "alpha", "lr", "epochs", "cutoff_len", "save_steps",
-                      "eval_steps", "max_steps", "max_train_examples"),
+            positive=("kd_chunk_size", "synthetic_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
+                      "eval_steps", "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
+                      *(("lr",) if not isinstance(self.lr, str) else ())),
             non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
+        if self.lr == AUTO and self.val_set_size == 0:
+            out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
         if self.text_ratio is not None and not 0 < self.text_ratio < 1:
@@ -543,7 +591,8 @@ class PipelineConfig(StageConfig):
                                   f"{', '.join(PIPELINE_STAGES)}.", PIPELINE_STAGES)
     prune: PruneConfig = setting(PruneConfig, "The prune stage's settings.")
     reconstruct: ReconstructConfig = setting(ReconstructConfig, "The reconstruct stage's settings.")
-    recover: RecoverConfig = setting(RecoverConfig, "The recover stage's settings.")
+    # rora run tunes the learning rate itself unless told one (a preset names the one measured for its recipe).
+    recover: RecoverConfig = setting(functools.partial(RecoverConfig, lr=AUTO), "The recover stage's settings.")
     eval: EvalConfig = setting(EvalConfig, "The three evaluations' settings.")
     merge: MergeConfig = setting(MergeConfig, "The merge stage's settings.")
     export: ExportConfig = setting(ExportConfig, "The export stage's settings.")

@@ -101,7 +101,8 @@ RECONSTRUCT_METHODS = Registry("reconstruction method", {m.name: m for m in (
     ReconstructMethod("bias", ("bias",), "FLAP-style compensation: the mean residual becomes an output bias"),
     ReconstructMethod("lstsq", ("bias", "lstsq"), "damped least squares of the weights with an output bias"),
 )})
-CALIBRATION_TEXTS = Registry("calibration text", ("teacher", "records"))  # or a file path
+CALIBRATION_TEXTS = Registry("calibration text", ("teacher", "records"))  # or records or a text source
+BUILTIN_CALIBRATION = ("builtin",)  # pruning's own paragraphs; else records or a text source
 
 IMPORTANCE = Registry("importance scorer", ("l1", "l2", "random", "taylor"))
 TAYLOR_VARIANTS = Registry("Taylor variant", ("vectorwise", "element1", "element2"))

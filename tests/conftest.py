@@ -85,10 +85,12 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, steps: int) -> tuple[dict, dict]:
+def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, steps: int,
+                                           kill_at: str = "checkpoints/step-4") -> tuple[dict, dict]:
     """Run `worker(out, **env)` uninterrupted into `full`; run it into `killed`, SIGKILL it (with every process it
-    started) once step 4 is checkpointed, resume it; the adapters must be bit-identical and the metrics must log each step once.
-    Returns the two manifests for the caller's own checks."""
+    started) once the checkpoint `kill_at` (step 4; checkpoints/probe: an --lr auto probe) is written, resume it; the
+    adapters must be bit-identical and the metrics must log each step once. Returns the two manifests for the caller's
+    own checks."""
     import json
     import signal
     import subprocess
@@ -103,7 +105,7 @@ def assert_sigkill_resume_is_bit_identical(worker, full: Path, killed: Path, ste
     cmd, env = worker(killed, SLOW_STEPS="0.4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (partial_dir(killed) / "checkpoints" / "step-4" / "trainer_state.json").is_file() and time.time() < deadline:
+    while not (partial_dir(killed) / kill_at / "trainer_state.json").is_file() and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     kill_tree(proc.pid)

@@ -121,8 +121,15 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     assert "| model | repetition (% of 4-grams) | distinct-2 | reference perplexity |" in md
     assert "Example continuations:" in md and "| prompt | base | pruned | reconstructed | recovered |" in md
 
-    # rora run has the unpruned model, so the default objective (auto) distils it.
-    assert json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())["config"]["objective"] == "kd"
+    # rora run has the unpruned model, so the default objective (auto) distils it; and it chooses the learning rate
+    # (--lr auto): the probe's grid, figures and choice are in the summary (read back from the finished stage).
+    recovery = json.loads((tiny_setup / "run" / "recovery" / "rora.json").read_text())
+    assert recovery["config"]["objective"] == "kd" and recovery["config"]["lr"] == "auto"
+    auto = summary["recovery"]["lr_auto"]
+    assert auto == recovery["report"]["lr_auto"] and len(auto["probes"]) >= 3
+    assert auto["lr"] == min((p for p in auto["probes"] if p["val_loss"] is not None), key=lambda p: p["val_loss"])["lr"]
+    assert summary["recovery"]["lr"] == auto["lr"] == recovery["report"]["lr"]
+    assert f"- learning rate: lr auto chose {auto['lr']:g}" in md
     card = (tiny_setup / "run" / "export" / "README.md").read_text()
     assert "effective_scale" in card and "recovered" in card and "Pruning" in card
 

@@ -33,7 +33,7 @@ from ..artifacts import (changed_inputs, check_apart, check_writable, count_para
 from ..config import PipelineConfig
 from ..errors import ConfigError, OutputError, OutputExistsError, RoraError
 from ..evaluation.stats import accuracy_table, outcomes_from_records
-from ..registry import PIPELINE_STAGES
+from ..registry import BUILTIN_CALIBRATION, CALIBRATION_TEXTS, PIPELINE_STAGES
 from .summary import evaluation_statistics, heldout_statistics, repetition_warning, write_summary
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
@@ -51,6 +51,7 @@ class PipelineResult:
     heldout: dict = field(default_factory=dict)  # the same labels -> {"loss", "kl", "tokens"} on held-out records
     prose: dict = field(default_factory=dict)  # the same labels -> {"loss", "perplexity", "kl", "tokens", ...}
     generation: dict = field(default_factory=dict)  # the same labels -> generation quality (quality.generation_quality)
+    recovery: dict = field(default_factory=dict)  # the learning rate (and --lr auto's probes), the text trained on
     parameters: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # bytes on disk of the stage outputs
     stages: dict = field(default_factory=dict)  # stage -> {"seconds": float, "skipped": bool}
@@ -79,6 +80,7 @@ class PipelineResult:
             **heldout_statistics(self.heldout, self.prose),
             "generation": self.generation,
             "generation_warning": repetition_warning(self.generation),
+            "recovery": self.recovery,
             "outcomes": self.outcomes,
             "parameters": self.parameters,
             "sizes": self.sizes,
@@ -298,6 +300,7 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
         from ..recovery.data import load_records
 
         records = load_records(train_data)
+    check_text_sources(config)
     if any(config.runs(s) for s in SUMMARY_LABELS):
         from ..evaluation.data import load_examples, resolve_data_dir
         from ..evaluation.tasks import get_task
@@ -307,6 +310,20 @@ def check_inputs(config: PipelineConfig, data_dir, train_data) -> list[dict] | N
             for name in config.eval.tasks:
                 load_examples(get_task(name), resolved, config.eval.limit)
     return records
+
+
+def check_text_sources(config: PipelineConfig) -> None:
+    """The text sources the stages will read (recovery text, pruning and reconstruction calibration) exist, match
+    files, and are no hub ids while offline: checked before the first stage, without reading them."""
+    from ..recovery.data import check_text
+    from ..sources.text import check_calibration
+
+    if config.runs("recover"):
+        check_text(config.recover)
+    if config.runs("prune"):
+        check_calibration(config.prune.calibration, BUILTIN_CALIBRATION)
+    if config.runs("reconstruct"):
+        check_calibration(config.reconstruct.calibration, CALIBRATION_TEXTS.names())
 
 
 # ---- the stages ------------------------------------------------------------------------------------------------
@@ -412,16 +429,20 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     config = ctx.config
     # An earlier run of these very settings crashed mid-way: continue from its checkpoints (if it left any) instead
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
-    res = recover(flow.model, flow.tokenizer, None if config.recover.text else ctx.train_data, config.recover,
-                  ctx.out / "recovery", resume=ctx.stages.interrupted("recover", fp), overwrite=True,
-                  progress=ctx.progress, source=_recovery_base(ctx), teacher=_teacher(flow))
+    rc = config.recover
+    records = ctx.train_data if rc.text is None or rc.text_ratio is not None else None  # --text alone replaces them
+    res = recover(flow.model, flow.tokenizer, records, rc, ctx.out / "recovery",
+                  resume=ctx.stages.interrupted("recover", fp), overwrite=True, progress=ctx.progress,
+                  source=_recovery_base(ctx), teacher=_teacher(flow))
     flow.model = res.model
-    return {}  # the figures are in the recovery directory's manifest
+    ctx.result.recovery = {"lr": res.lr, "lr_auto": res.lr_auto, "text": res.text}
+    return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
 
 
 def _load_adapter(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_adapter
 
+    ctx.result.recovery = record.get("recovery") or {}
     _teacher(flow)
     flow.model = load_adapter(flow.model, ctx.out / "recovery" / "adapter")  # eval's and merge's loader and pickle rule
 

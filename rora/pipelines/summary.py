@@ -113,6 +113,7 @@ def summary_table(result) -> str:
         lines.append("")
     if result.generation:
         lines += generation_lines(result.generation) + [""]
+    lines += recovery_lines(result.recovery)
     for name, n in result.parameters.items():
         lines.append(f"- parameters, {name}: {n:,} ({n / 1e6:.1f}M)")
     for name, b in result.sizes.items():
@@ -120,6 +121,22 @@ def summary_table(result) -> str:
     for stage, t in result.stages.items():
         lines.append(f"- time, {stage}: {t['seconds']:.1f} s{' (done earlier)' if t['skipped'] else ''}")
     return "\n".join(lines)
+
+
+def recovery_lines(recovery: dict) -> list[str]:
+    """'- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure, the choice and its cost) and
+    '- recovery text: ...' (what was read of the text source)."""
+    from .recovery.lr_auto import describe
+    from .sources.text import describe_read
+
+    lines = []
+    if recovery.get("lr_auto"):
+        lines.append(f"- learning rate: {describe(recovery['lr_auto'])}")
+    elif recovery.get("lr") is not None:
+        lines.append(f"- learning rate: {recovery['lr']:g}")
+    if recovery.get("text"):
+        lines.append(f"- recovery text: {describe_read(recovery['text'])}")
+    return lines
 
 
 def repetition_warning(generation: dict) -> str | None:

@@ -4,6 +4,9 @@ A pool of texts is drawn in a seeded order; `prune()` takes the first `num_sampl
 `holdout_samples` for the held-out loss, so the two never overlap. Sources:
   * `builtin`: the paragraphs below (general English prose written for this project, no licence strings attached),
     one sample each. Enough for the defaults (10 + 8); ask for more and you get a DataError naming the limit.
+  * a text source (rora.sources.text.TextSource: a .txt/.jsonl file, a save_to_disk directory, parquet/arrow/jsonl
+    shards, a dataset directory or hub id, with `?split=..&field=..&config=..`): its first (num_samples +
+    holdout_samples) * seq_len tokens, packed into sequences of seq_len (EOS between documents), in a seeded order;
   * a JSON file: a list of `{"instruction", "input", "output"}` records (the LLM-Adapters / recovery format), or a
     directory holding `<task>/train.json` files of that format. A record becomes one plain text: instruction, input
     (when present) and output on separate lines. Importance needs representative language, not the prompt template.
@@ -17,7 +20,7 @@ import random
 import torch
 
 from ..errors import DataError
-from ..sources.text import read_records, record_text
+from ..sources.text import TextSource, names_records, read_records, record_text, text_sequences
 
 BUILTIN = (
     "The river town woke slowly. Fishermen pushed their boats into the grey water while the baker lit his ovens, "
@@ -87,6 +90,22 @@ def load_calibration(source: str, seed: int = 42) -> list[str]:
         raise DataError(f"calibration source {source!r} holds no text; give records with instruction/output text")
     random.Random(seed).shuffle(texts)
     return texts
+
+
+def calibration_samples(tokenizer, config, texts: list[str] | None = None) -> tuple[list, list, str]:
+    """(importance samples, held-out samples, what they are) for `config` (a PruneConfig): from `texts`, the
+    builtin paragraphs or records (a text each, cut to seq_len), or from a text source (rora.sources.text.TextSource:
+    its first (num_samples + holdout_samples) * seq_len tokens packed into sequences of seq_len, in a seeded order)."""
+    n, need = config.num_samples, config.num_samples + config.holdout_samples
+    source = config.calibration
+    if texts is None and source != "builtin" and not names_records(source):
+        seqs, what = text_sequences(TextSource.parse(source), tokenizer, config.seq_len, need, config.seed)
+        ids = [torch.tensor([q], dtype=torch.long) for q in seqs[:need]]
+        return ids[:n], ids[n:], what
+    pool = load_calibration(source, config.seed) if texts is None else list(texts)
+    calib, holdout = split_pool(pool, n, config.holdout_samples)
+    what = source if texts is None else f"given ({len(pool)} texts)"
+    return encode(tokenizer, calib, config.seq_len), encode(tokenizer, holdout, config.seq_len), what
 
 
 def split_pool(texts: list[str], num_samples: int, holdout: int) -> tuple[list[str], list[str]]:

@@ -33,7 +33,7 @@ from ..artifacts import count_parameters, save_stage_model
 from ..config import PruneConfig
 from ..models import check_loaded
 from ..errors import PruningError
-from .calibration import encode, load_calibration, split_pool
+from .calibration import calibration_samples
 from .importance import SCORERS, UnitScores, needs_samples
 from ..architecture import (
     LayerShape, check_supported, decoder_layers, is_standard_config, keep_units, layer_shapes, sync_config,
@@ -76,7 +76,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     """Prune `model` in place as `config` says and return the report.
 
     `calibration`: texts to draw importance and held-out samples from (first `num_samples`, then
-    `holdout_samples`); None loads `config.calibration` ('builtin' or a path to training data).
+    `holdout_samples`); None loads `config.calibration` ('builtin', training records or a text source).
     """
     start = time.perf_counter()
     check_loaded(model, tokenizer)
@@ -86,10 +86,8 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     layer_ids = resolve_layers(config.layers, len(before))
     counts = {i: removal_counts(before[i], config, i) for i in layer_ids}
 
-    pool = load_calibration(config.calibration, config.seed) if calibration is None else list(calibration)
-    calib_texts, holdout_texts = split_pool(pool, config.num_samples, config.holdout_samples)
-    calib = encode(tokenizer, calib_texts, config.seq_len) if needs_samples(config.importance) else []
-    holdout = encode(tokenizer, holdout_texts, config.seq_len)
+    samples, holdout, source = calibration_samples(tokenizer, config, calibration)
+    calib = samples if needs_samples(config.importance) else []
 
     params_before = count_parameters(model)
     loss_before = heldout_loss(model, holdout)
@@ -120,9 +118,9 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
         params_after=params_after,
         layers=per_layer,
         calibration={
-            "source": config.calibration if calibration is None else f"given ({len(pool)} texts)",
-            "num_samples": len(calib_texts),
-            "holdout_samples": len(holdout_texts),
+            "source": source,
+            "num_samples": len(samples),
+            "holdout_samples": len(holdout),
             "seq_len": config.seq_len,
         },
         loss_before=loss_before,

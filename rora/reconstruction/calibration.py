@@ -4,8 +4,11 @@ Measured on the demo's prune (BENCHMARKS.md, "Reconstruction"): calibrated on ge
 language model on prose and on the tasks; calibrated on the task records alone, it restores text like the records
 and leaves prose almost where pruning left it. So the default is general text, and offline, with no corpus to
 download, the unpruned model writes it (`teacher`): sampled continuations of general openings.
-Sources: `teacher`, `records` (the recovery's training records as plain text), or a .txt/.jsonl file of text or a
-.json file / directory of records. Documents are packed into sequences of `seq_len` tokens, EOS between them.
+Sources: `teacher`, `records` (the recovery's training records as plain text), a .json file / directory of records,
+or any text source (rora.sources.text.TextSource: a .txt/.jsonl file, a save_to_disk directory, parquet/arrow/jsonl
+shards, a dataset directory or hub id, options as `SPEC?split=..&field=..&config=..`), of which only the first
+(num_samples + holdout_samples) * seq_len tokens are read. Documents are packed into sequences of `seq_len` tokens,
+EOS between them.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from ..sources.text import general_prompts, pack, read_documents, record_text, teacher_written
-
+from ..sources.text import (TextSource, general_prompts, names_records, pack, read_documents, read_records, record_text,
+                            teacher_written, text_sequences)
 
 
 def calibration_sequences(config, tokenizer, teacher=None, records: list[dict] | None = None,
@@ -28,15 +31,14 @@ def calibration_sequences(config, tokenizer, teacher=None, records: list[dict] |
     if source == "teacher":
         seqs = _teacher_sequences(config, tokenizer, teacher, need, progress)
         what = f"teacher-written text ({len(GENERAL)} general openings, temperature {config.temperature})"
-    elif source == "records":
-        if not records:
+    elif source == "records" or names_records(source):
+        if source == "records" and not records:
             raise DataError("calibration 'records' needs training records: pass --data (or use --calibration teacher)")
-        seqs = _full(pack(_shuffled([record_text(r) for r in records], config.seed), tokenizer, config.seq_len),
-                     config.seq_len)
-        what = "training records"
+        texts = [record_text(r) for r in (records if source == "records" else read_records(source))]
+        seqs = _full(pack(_shuffled(texts, config.seed), tokenizer, config.seq_len), config.seq_len)
+        what = "training records" if source == "records" else str(Path(source).expanduser().resolve())
     else:
-        seqs = _full(pack(_shuffled(_file_documents(source), config.seed), tokenizer, config.seq_len), config.seq_len)
-        what = str(Path(source).expanduser().resolve())
+        seqs, what = text_sequences(TextSource.parse(source), tokenizer, config.seq_len, need, config.seed)
     if len(seqs) < need:
         raise DataError(f"the calibration text ({what}) fills {len(seqs)} sequences of {config.seq_len} tokens, "
                         f"but num_samples + holdout_samples = {need} are needed; give more text or lower them")
@@ -53,15 +55,6 @@ def _teacher_sequences(config, tokenizer, teacher, need: int, progress: bool) ->
     path = teacher_written(teacher, tokenizer, general_prompts(need, config.seed), config.seq_len, config.temperature,
                            config.seed, progress, full_length=True)
     return _full(pack(read_documents(path), tokenizer, config.seq_len), config.seq_len)
-
-
-def _file_documents(source: str) -> list[str]:
-    path = Path(source).expanduser()
-    if path.suffix in (".txt", ".jsonl"):
-        return read_documents(path)
-    from ..sources.text import read_records
-
-    return [record_text(r) for r in read_records(path)]
 
 
 def _full(seqs: list[list[int]], length: int) -> list[list[int]]:

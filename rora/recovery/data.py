@@ -6,6 +6,7 @@ Records follow the LLM-Adapters / Alpaca format: `instruction` and `output` (str
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 from ..artifacts import DATA_LIMIT, read_json, read_text
 from ..config import MAX_STEPS
 from ..errors import ConfigError, DataError, detail
-from ..sources.text import pack, read_documents
+from ..sources.text import TextSource, pack, pack_source
 from .prompts import split_prompt
 
 IGNORE_INDEX = -100
@@ -42,6 +43,7 @@ class TokenizedData:
     val: list[Example]
     dropped_too_long: int  # train + val examples longer than the cutoff
     fingerprint: str  # hash of the train/val records, so --resume can refuse different data
+    text: dict | None = None  # plain text: what was read (rora.sources.text.PackedText.record)
 
 
 def load_records(data: str | Path | Sequence[dict]) -> list[dict]:
@@ -234,17 +236,46 @@ def collate(examples: list[Example], pad_id: int):
 def pack_texts(docs: list[str], tokenizer, cutoff_len: int) -> list[Example]:
     """Documents packed into sequences of `cutoff_len` tokens (rora.sources.text.pack), every token labelled: on
     plain text, SFT is language modelling."""
-    return [Example(q, list(q)) for q in pack(docs, tokenizer, cutoff_len)]
+    return [Example(q, q) for q in pack(docs, tokenizer, cutoff_len)]
 
 
-def prepare_text(path: str | Path, tokenizer, config) -> TokenizedData:
-    """Load and pack a text file; the validation set is `val_set_size` packed sequences (seeded), as for records."""
-    sequences = pack_texts(read_documents(path), tokenizer, config.cutoff_len)
-    if not sequences:
-        raise DataError(f"{path} holds fewer than two tokens of text")
+def text_source(config) -> TextSource | None:
+    """The --text source of `config` (a RecoverConfig) with its split, field and dataset config; None without one."""
+    if config.text is None:
+        return None
+    return TextSource.parse(config.text, config.text_split, config.text_field, config.text_config)
+
+
+def check_text(config) -> None:
+    """Fail on a --text source that cannot be read before anything is loaded: a missing path, a glob matching
+    nothing, a hub id while offline or without a token budget."""
+    source = text_source(config)
+    if source is not None and source.check() == "hub" and config.max_text_tokens is None:
+        raise DataError(f"the hub dataset {source.spec!r} is streamed: give a token budget (--max-text-tokens) so "
+                        "that rora knows where to stop reading")
+
+
+def prepare_text(source: TextSource | str | Path, tokenizer, config) -> TokenizedData:
+    """Read and pack a text source (at most config.max_text_tokens tokens, in the source's order); the validation
+    set is `val_set_size` packed sequences (seeded), as for records. Every token is labelled (the ids are the labels:
+    one list serves both)."""
+    source = source if isinstance(source, TextSource) else TextSource.parse(str(source))
+    packed = pack_source(source, tokenizer, config.cutoff_len, config.max_text_tokens)
+    if not packed.sequences:
+        raise DataError(f"{source.spec} holds fewer than two tokens of text")
+    sequences = [Example(q, q) for q in packed.sequences]
     train, val = split_train_val(sequences, config.val_set_size, config.seed, config.max_train_examples)
-    digest = hashlib.sha256(json.dumps([[e.input_ids for e in train], [e.input_ids for e in val]]).encode()).hexdigest()[:16]
-    return TokenizedData(train, val, 0, digest)
+    return TokenizedData(train, val, 0, _token_digest(train, val), text=packed.record)
+
+
+def _token_digest(*parts: list[Example]) -> str:
+    """A hash of the token ids of each part, in order (cheap on millions of tokens: no JSON)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(b"|")
+        for e in part:
+            digest.update(len(e).to_bytes(4, "little") + array.array("q", e.input_ids).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def mix(text: TokenizedData, records: TokenizedData, ratio: float) -> TokenizedData:
@@ -255,9 +286,11 @@ def mix(text: TokenizedData, records: TokenizedData, ratio: float) -> TokenizedD
     record_tokens = sum(len(e) for e in records.train)
     want_text = min(text_tokens, ratio / (1 - ratio) * record_tokens)
     want_records = want_text * (1 - ratio) / ratio
-    train = _first_tokens(text.train, want_text) + _first_tokens(records.train, want_records)
+    from_text = _first_tokens(text.train, want_text)
+    train = from_text + _first_tokens(records.train, want_records)
     digest = hashlib.sha256(f"{text.fingerprint}-{records.fingerprint}-{ratio}".encode()).hexdigest()[:16]
-    return TokenizedData(train, text.val + records.val, records.dropped_too_long, digest)
+    record = {**(text.text or {}), "text_ratio": ratio, "mixed_text_tokens": sum(map(len, from_text))}
+    return TokenizedData(train, text.val + records.val, records.dropped_too_long, digest, text=record)
 
 
 def _first_tokens(examples: list[Example], tokens: float) -> list[Example]:

@@ -15,9 +15,14 @@ sibling, with its checkpoints, for --resume:
     adapter/                 the best adapter (lowest held-out objective: response loss, KL, or both), PEFT format
     checkpoints/step-N/      latest checkpoint, written atomically: adapter, optimizer, scheduler, RNG, data position
     checkpoints/best/        the best adapter so far (what adapter/ becomes at the end)
+    checkpoints/probe/       --lr auto: the best probe so far and every finished probe's figures, until the run's
+                             first step checkpoint (rora.recovery.lr_auto)
     metrics.jsonl, loss.png  per-step training metrics and evaluations, the loss curve
     rora.json                manifest (artifacts.Manifest): base model and data, resolved config, scales per
                              module, results, provenance
+
+--lr auto probes a few learning rates, each for a few steps from the same initial adapter (rora.recovery.lr_auto),
+then continues from the winning probe's state: the run is exactly the run at that learning rate.
 
 Determinism: the data order is a pure function of (seed, epoch) and the dropout RNG is reseeded from
 (seed, step, process) at every step, so a run resumed from a checkpoint replays exactly what the uninterrupted
@@ -26,6 +31,7 @@ run would have done (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -36,23 +42,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..artifacts import (ADAPTER_DIR, MARKER, alive, atomic_dir, check_apart, check_output, claim, is_mine,
                          is_recovery, read_json, read_marker, remove_owned, replace_dir, write_json, write_stage_manifest)
-from ..config import RecoverConfig
+from ..config import AUTO, RecoverConfig
 from ..models import adopt, check_loaded, peft_wrapping
 from ..numerics import model_signature
 from ..errors import ConfigError, DataError, OutputError, OutputExistsError, TrainingError, detail
-from .data import IGNORE_INDEX, Example, collate, count_steps, load_records, mix, prepare, prepare_text, step_plan
+from .data import (IGNORE_INDEX, Example, check_text, collate, count_steps, load_records, mix, prepare, prepare_text,
+                   step_plan, text_source)
 from .distill import (DistillLoss, StudentLoss, batch_sums, check_objective, check_positions, check_teacher, labelled_ce,
                       prepare_teacher, teacher_dtype)
 from . import sharding
 from .dropout import use_sparse_dropout
+from .lr_auto import LrSearch
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
 STATE_FILE = "trainer_state.json"
+PROBE_CHECKPOINT = "probe"  # checkpoints/probe: the best --lr auto probe so far, until the run's first step checkpoint
 
 
 @dataclass
@@ -73,6 +81,9 @@ class RecoverResult:
     objective: str = "sft"
     val_metrics: dict = field(default_factory=dict)  # the best step's held-out figures (val_kl, val_text_loss, ...)
     prose: dict | None = None  # loss, perplexity, KL to the teacher, tokens on held-out prose (when measured)
+    lr: float | None = None  # the learning rate trained with (--lr auto: the one chosen)
+    lr_auto: dict | None = None  # --lr auto: the grid, each probe's figures, the choice and its cost
+    text: dict | None = None  # the text trained on: its source, revision or fingerprint, documents and tokens
 
     def to_dict(self) -> dict:
         return {
@@ -88,7 +99,18 @@ class RecoverResult:
             "objective": self.objective,
             "val_metrics": self.val_metrics,
             "prose": self.prose,
+            "lr": self.lr,
+            "lr_auto": self.lr_auto,
+            "text": self.text,
         }
+
+
+class NonFiniteLoss(TrainingError):
+    """The training loss became NaN or infinite (the update was not applied)."""
+
+
+# What a snapshot (and a checkpoint) holds besides the weights, optimizer and scheduler.
+COUNTERS = ("step", "history", "train_tokens", "train_seconds", "best_val_loss", "best_step")
 
 
 class LabelledTokenLoss(StudentLoss):
@@ -155,6 +177,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
             f"{accelerator.num_processes} processes; make it a multiple of the process count"
         )
     total_steps = count_steps(len(tokenized.train), config)
+    if config.lr == AUTO and not tokenized.val:
+        raise ConfigError("--lr auto compares its probes on the validation split, which is empty (every validation "
+                          "example is longer than cutoff_len); raise --cutoff-len or --val-set-size")
     identity = {"config": config.to_dict(), "data_fingerprint": tokenized.fingerprint,
                 "model_fingerprint": model_signature(model)}
     if teacher is not None:
@@ -175,7 +200,9 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     if config.gradient_checkpointing:
         peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    search = LrSearch.start(config, effective_scale(config), total_steps) if config.lr == AUTO else None
+    lr = search.grid[0] if search is not None else config.lr  # each probe sets its own
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, total_steps)
     if config.objective == "sft":
         loss_module = LabelledTokenLoss(peft_model)
@@ -186,13 +213,13 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = _Run(config=config, out=work, acc=accelerator, peft_model=peft_model, loss_module=loss_module,
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, data=tokenized, pad_id=pad_id,
-               identity=identity, total_steps=total_steps, progress=progress, teacher=teacher)
+               identity=identity, total_steps=total_steps, progress=progress, teacher=teacher, search=search)
     if state is not None:
         _restore(run, state)
     try:
         run.train()
-        result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None},
-                            prose, tokenizer)
+        result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None,
+                             "text": config.text}, prose, tokenizer)
     except BaseException:
         # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
         # failed before this point has no checkpoint either: the next run into `out` removes it.)
@@ -258,11 +285,11 @@ def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progres
     `config.synthetic`, continuing the records' prompts or general openings), or both mixed at
     `config.text_ratio` of the training tokens."""
     if config.text is not None and data is not None and config.text_ratio is None:
-        raise DataError("give training records (--data) or a text file (--text), not both (unless --text-ratio mixes "
-                        "them)")
+        raise DataError("give training records (--data) or text (--text), not both (unless --text-ratio mixes them)")
     text = None
     if config.text is not None:
-        text = prepare_text(config.text, tokenizer, config)
+        check_text(config)
+        text = prepare_text(text_source(config), tokenizer, config)
     elif config.synthetic:
         prompts_from = load_records(data) if data is not None and config.synthetic_prompts == "records" else None
         text = prepare_text(synthetic_texts(teacher, tokenizer, prompts_from, config, progress), tokenizer, config)
@@ -315,22 +342,32 @@ class _Run:
     train_tokens: int = 0
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
+    search: LrSearch | None = None  # --lr auto
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.kd = cfg.objective != "sft"
         self.plan = step_plan([len(e) for e in self.data.train], cfg.micro_batch_size,
                               cfg.batch_size // cfg.micro_batch_size, self.total_steps, cfg.seed, cfg.group_by_length)
+        # Where every --lr auto probe starts: the initial adapter and an optimizer without state.
+        self.initial = self.snapshot() if self.search is not None else None
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> None:
+        if self.search is not None and not self.search.done:
+            self.choose_lr()
+        self.advance(self.total_steps)
+
+    def advance(self, until: int, probe: float | None = None) -> None:
+        """Train up to step `until`, evaluating and checkpointing on schedule; a `probe` (its learning rate) only
+        trains, its step records tagged with it."""
         from tqdm.auto import tqdm
 
         acc, cfg = self.acc, self.config
         self.peft_model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="recover", unit="step",
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        while self.step < self.total_steps:
+        bar = tqdm(total=until, initial=self.step, desc="recover" if probe is None else f"lr probe {probe:g}",
+                   unit="step", disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        while self.step < until:
             t0 = time.perf_counter()
             loss, tokens, parts = self.train_step(self.plan[self.step])
             self.train_seconds += time.perf_counter() - t0
@@ -338,14 +375,81 @@ class _Run:
             self.train_tokens += tokens
             tps = self.train_tokens / max(self.train_seconds, 1e-9)
             self.log({"step": self.step, "loss": loss, **parts, "lr": self.scheduler.get_last_lr()[0],
-                      "tokens": tokens, "tokens_per_second": round(tps, 2)})
+                      "tokens": tokens, "tokens_per_second": round(tps, 2), **({"probe": probe} if probe else {})})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()}, tok_s=f"{tps:.0f}")
+            if probe is not None:
+                continue
             if self.data.val and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
                 self.evaluate()
             if self.out is not None and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
+
+    # ---- --lr auto (rora.recovery.lr_auto) ----------------------------------------------------------------------
+    def choose_lr(self) -> None:
+        """Probe the search's learning rates one by one from the same start, keep the best probe's state, and
+        continue from it: its evaluation is the run's evaluation at that step. Each probe that finishes is saved
+        (checkpoints/probe holds the best so far), so a killed run resumes the search where it stopped."""
+        search = self.search
+        best = self.snapshot() if search.results else None  # resumed: the restored state is the best probe so far
+        while (lr := search.next_lr()) is not None:
+            self.load_snapshot(self.initial, lr)
+            result = self.probe(lr)
+            search.results.append(result)
+            if search.best() is result:
+                best = self.snapshot()
+                if self.out is not None:
+                    self.save_checkpoint(PROBE_CHECKPOINT)
+            elif self.out is not None and self.acc.is_main_process:  # the saved state stays; its record grows
+                state = self.out / "checkpoints" / PROBE_CHECKPOINT / STATE_FILE
+                write_json(state, {**read_json(state, TrainingError), "lr_auto": search.to_dict()})
+        lr = search.choose()
+        self.load_snapshot(best)
+        summary = search.summary()
+        figure = next(r for r in search.results if r["lr"] == lr)
+        self.best_val_loss, self.best_step = figure["val_loss"], self.step
+        self.history.append({"step": self.step, "lr_auto": summary})
+        if self.acc.is_main_process and self.out is not None:  # the losing probes' lines go; their figures stay
+            (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.save_best()
+        if self.out is not None and self.step < self.total_steps:
+            self.save_checkpoint()
+
+    def probe(self, lr: float) -> dict:
+        """Train `search.steps` steps at `lr` from the start; the held-out figures after them (val_loss None when
+        the loss became non-finite), and what the probe cost."""
+        start, steps = time.perf_counter(), self.search.steps
+        try:
+            self.advance(steps, probe=lr)
+        except NonFiniteLoss:
+            return {"lr": lr, "val_loss": None, "diverged_at": self.step + 1, "steps": self.step,
+                    "seconds": time.perf_counter() - start, "tokens": self.train_tokens}
+        val_loss, record = self.measure()
+        self.log({"step": self.step, "probe": lr, "val_loss": val_loss, **record})
+        return {"lr": lr, "val_loss": val_loss, **record, "steps": steps, "seconds": time.perf_counter() - start,
+                "tokens": self.train_tokens}
+
+    def snapshot(self) -> dict:
+        """The training state, copied to host memory (a large adapter's optimizer state need not stay on the GPU
+        twice): adapter, optimizer, scheduler and counters. Loading it back restores each tensor exactly."""
+        return _on_cpu({"adapter": self.adapter_state(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "counters": {k: getattr(self, k) for k in COUNTERS}})
+
+    def load_snapshot(self, snap: dict, lr: float | None = None) -> None:
+        """Return to `snap`; with `lr`, as a fresh run at that learning rate (a new schedule from step 0)."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, snap["adapter"])
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        for k, v in copy.deepcopy(snap["counters"]).items():
+            setattr(self, k, v)
+        if lr is None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+            return
+        for group in self.optimizer.param_groups:  # what the scheduler scales, from the first step on
+            group["lr"] = group["initial_lr"] = lr
+        self.scheduler = _scheduler(getattr(self.optimizer, "optimizer", self.optimizer), self.config, self.total_steps)
 
     def train_step(self, micro_batches: list[list[int]]) -> tuple[float, int, dict]:
         """One optimizer step over this process's share of the step's micro-batches.
@@ -386,7 +490,7 @@ class _Run:
                 parts["sft"] = float(totals[1]) / n_targets
         if not math.isfinite(loss):
             last_ckpt = self.latest_checkpoint()
-            raise TrainingError(
+            raise NonFiniteLoss(
                 f"loss became {loss} at step {self.step + 1}; the update was not applied. "
                 + (f"The last good checkpoint is {last_ckpt}. " if last_ckpt else "")
                 + "Lower --lr (or raise --warmup-steps) and start again with --overwrite."
@@ -396,13 +500,22 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, int(totals[-1]), parts
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """The objective's own held-out figure on the validation split; keeps the best adapter.
+        """The held-out figures (measure), logged; keeps the best adapter."""
+        val_loss, record = self.measure()
+        self.log({"step": self.step, "val_loss": val_loss, **record})
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, self.step
+            self.save_best()
+        return val_loss
+
+    @torch.no_grad()
+    def measure(self) -> tuple[float, dict]:
+        """The objective's own held-out figure on the validation split, and the figures beside it.
 
         sft: mean loss per labelled token; kd: mean KL(teacher || student) per token at temperature 1; kd+sft: the
-        weighted sum of the two. Logged beside it, for every objective: the response loss, the whole-text loss and
-        (with a teacher) the KL, so runs of different objectives compare.
+        weighted sum of the two. Beside it, for every objective: the response loss, the whole-text loss and (with a
+        teacher) the KL, so runs of different objectives compare.
         """
         acc, val, cfg = self.acc, self.data.val, self.config
         self.peft_model.eval()
@@ -430,11 +543,7 @@ class _Run:
         val_loss = (resp if cfg.objective == "sft" else kl if cfg.objective == "kd"
                     else cfg.kd_weight * kl + (1 - cfg.kd_weight) * resp)
         self.peft_model.train()
-        self.log({"step": self.step, "val_loss": val_loss, **record})
-        if self.best_val_loss is None or val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_step = val_loss, self.step
-            self.save_best()
-        return val_loss
+        return val_loss, record
 
     # ---- outputs ----------------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -467,8 +576,8 @@ class _Run:
     def latest_checkpoint(self) -> Path | None:
         return _latest_checkpoint(self.out) if self.out is not None else None
 
-    def save_checkpoint(self) -> None:
-        """checkpoints/step-N, atomically; then the older step checkpoint is removed."""
+    def save_checkpoint(self, name: str | None = None) -> None:
+        """checkpoints/step-N (or checkpoints/`name`), atomically; then the older checkpoint is removed."""
         from safetensors.torch import save_file
 
         weights = self.adapter_weights()
@@ -477,7 +586,8 @@ class _Run:
                    if torch.is_tensor(v)}
         if self.acc.is_main_process:
             previous = self.latest_checkpoint()
-            with atomic_dir(self.out / "checkpoints" / f"step-{self.step}") as tmp:
+            path = self.out / "checkpoints" / (name or f"step-{self.step}")
+            with atomic_dir(path, overwrite=True) as tmp:
                 self.peft_model.save_pretrained(tmp / "adapter", state_dict=weights)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
                 rng = {"torch": torch.get_rng_state()}
@@ -496,8 +606,9 @@ class _Run:
                     "train_tokens": self.train_tokens,
                     "train_seconds": self.train_seconds,
                     "history": self.history,
+                    **({"lr_auto": self.search.to_dict()} if self.search is not None else {}),
                 })
-            if previous is not None:
+            if previous is not None and previous != path:
                 shutil.rmtree(previous, ignore_errors=True)
         self.acc.wait_for_everyone()
 
@@ -522,6 +633,8 @@ class _Run:
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         self.history = state["history"]
+        if self.search is not None:
+            self.search = LrSearch.from_dict(state["lr_auto"])
         if self.acc.is_main_process:  # drop metrics logged after the checkpoint by the killed run
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
         self.acc.wait_for_everyone()
@@ -577,6 +690,9 @@ class _Run:
                     "num_processes": acc.num_processes,
                     "distributed": str(acc.distributed_type.value),  # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP
                     "data_fingerprint": self.data.fingerprint,
+                    "text": self.data.text,
+                    "lr": self.lr,
+                    "lr_auto": self.search.summary() if self.search is not None else None,
                     "prose": prose,
                 })
             acc.wait_for_everyone()
@@ -584,8 +700,14 @@ class _Run:
             model=self.peft_model, adapter_dir=adapter_dir, best_val_loss=self.best_val_loss, best_step=self.best_step,
             effective_scale=effective_scale(cfg), steps=self.step, train_tokens=self.train_tokens,
             tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
-            module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(), prose=prose,
+            module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(), prose=prose, lr=self.lr,
+            lr_auto=self.search.summary() if self.search is not None else None, text=self.data.text,
         )
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the run trained with: the config's, or the one --lr auto chose."""
+        return self.search.lr if self.search is not None else self.config.lr
 
     def best_metrics(self) -> dict:
         """The held-out figures logged at the best step (from the history, so a resumed run has them too)."""
@@ -593,9 +715,23 @@ class _Run:
         return {k: v for k, v in found[-1].items() if k != "step"} if found else {}
 
 
+def _on_cpu(value):
+    """A deep copy of `value` (dicts, lists, tensors, plain values) with every tensor in host memory."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
+    """The newest step checkpoint; before the first, the best --lr auto probe so far (if any)."""
     found = [p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+    probe = out / "checkpoints" / PROBE_CHECKPOINT
+    fallback = probe if (probe / STATE_FILE).is_file() else None
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=fallback)
 
 
 def _load_state(out: Path, identity: dict) -> Path | None:

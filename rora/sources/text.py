@@ -1,7 +1,20 @@
-"""Plain text for the stages that need no labels: documents from files, text the teacher writes, held-out prose.
+"""Plain text for the stages that need no labels: documents from files, `datasets` sources and the hub, text the
+teacher writes, held-out prose.
 
-* `read_documents(path)`: a .txt file (one document) or a .jsonl file with a "text" field per line.
-* `pack(docs, tokenizer, length)`: documents tokenized, each ended with EOS, concatenated and cut into sequences.
+* `TextSource(spec, split, field, config)`: where documents come from, one of
+    - a .txt file (one document) or a .jsonl file with a text field per line (read here, as always);
+    - a directory written by `datasets`' save_to_disk (a Dataset, or a DatasetDict and a split);
+    - parquet/arrow/jsonl shards: one file or a glob (`data/train-*.parquet`), read in sorted order;
+    - a local dataset directory or a hub dataset id, with a split, a field and a config, loaded by `datasets`' own
+      loaders.
+  Everything but the .txt/.jsonl files is streamed (`datasets` streaming): documents are read one after the other
+  and reading stops at the token budget, so a corpus larger than memory or disk is never held whole. A spec may
+  carry its options as a query, `SPEC?split=validation&field=body&config=en` (how the calibration settings of
+  pruning and reconstruction name them; recovery has flags for them too).
+* `pack_source(source, tokenizer, length, max_tokens)`: documents tokenized in order, each ended with EOS, cut at
+  exactly `max_tokens` tokens and packed into sequences of `length`; with a record of what was read (source,
+  revision or content fingerprint, documents and tokens), so that a run can be repeated on the same tokens.
+* `pack(docs, tokenizer, length)`: the same for documents in memory.
 * `teacher_written(...)`: sampled continuations of prompts by a model (the unpruned teacher), cached as a .jsonl
   file (the --text format) under RORA_CACHE_DIR/synthetic/, keyed by everything that determines them.
 * `prose_documents(source)`: held-out general prose for every report's perplexity and KL: WikiText-2's test split
@@ -10,15 +23,20 @@
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import itertools
 import json
 import os
 import random
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from ..artifacts import DATA_LIMIT, read_json, read_text
+from ..artifacts import DATA_LIMIT, fingerprint, read_json, read_text
 from ..errors import DataError, detail
 
 # General openings for teacher-written text when no task prompts are given (LLM-QAT starts from single tokens; a few
@@ -30,15 +48,258 @@ GENERAL_OPENINGS = (
 GENERATE_BATCH = 16
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")
 BOOLQ_PASSAGES = Path("boolq") / "lmeval_validation.jsonl"
+FILE_SUFFIXES = (".txt", ".jsonl")  # read here, whole
+SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}  # datasets' loaders
+SOURCE_OPTIONS = ("split", "field", "config")
+TOKENIZE_BATCH = 64  # documents tokenized at once: fast tokenizers batch, and little is read past the budget
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """The documents of a text file: a .txt file is one document; a .jsonl file holds one {"text": ...} per line."""
+@dataclass(frozen=True)
+class TextSource:
+    """Where plain-text documents come from (see the module docstring): `spec` (a path, a glob or a dataset id),
+    the `split` and `field` to read and the dataset `config` (for a hub id or a local dataset directory)."""
+
+    spec: str
+    split: str = "train"
+    field: str = "text"
+    config: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, split: str | None = None, field: str | None = None,
+              config: str | None = None) -> "TextSource":
+        """`spec`, whose `?split=..&field=..&config=..` query (if any) sets those options; the keyword arguments,
+        when given, win."""
+        base, options = _split_query(str(spec))
+        given = {"split": split, "field": field, "config": config}
+        return cls(base, **{**options, **{k: v for k, v in given.items() if v is not None}})
+
+    @property
+    def kind(self) -> str:
+        """file (.txt/.jsonl, read here), saved (a save_to_disk directory), shards (parquet/arrow/jsonl files, a
+        glob), dataset (a local dataset directory) or hub (a dataset id); DataError for a missing local path."""
+        path = self.path
+        if glob.has_magic(self.spec):
+            return "shards"
+        if path.is_file():
+            if path.suffix in FILE_SUFFIXES:
+                return "file"
+            if path.suffix in SHARD_BUILDERS:
+                return "shards"
+            raise DataError(f"{path}: a text file must be .txt, .jsonl, .parquet, .arrow or .json")
+        if path.is_dir():
+            saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+            return "saved" if saved else "dataset"
+        if path.suffix in (*FILE_SUFFIXES, *SHARD_BUILDERS) or self.spec.startswith((".", "/", "~")):
+            raise DataError(f"text source not found: {path}")
+        return "hub"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec).expanduser()
+
+    def check(self) -> str:
+        """The kind, after the checks that need no reading: the local path exists, a glob matches, a hub id is
+        not asked for while the hub is offline (HF_HUB_OFFLINE=1)."""
+        kind = self.kind
+        if kind == "shards":
+            self.shards()
+        if kind == "hub" and _offline():
+            raise DataError(f"text source {self.spec!r} is no local file, directory or glob, and the hub is offline "
+                            "(HF_HUB_OFFLINE=1): give a local .txt/.jsonl file, a save_to_disk directory or "
+                            "parquet/arrow/jsonl shards")
+        return kind
+
+    def shards(self) -> list[Path]:
+        """The files of a shards source, sorted; DataError when none match or their formats differ."""
+        files = sorted(Path(f) for f in glob.glob(str(self.path))) if glob.has_magic(self.spec) else [self.path]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise DataError(f"no files match {self.spec}")
+        formats = {SHARD_BUILDERS.get(f.suffix) for f in files}
+        if None in formats or len(formats) > 1:
+            raise DataError(f"{self.spec} must match files of one format (.parquet, .arrow or .jsonl/.json), got "
+                            f"{', '.join(sorted({f.suffix or f.name for f in files}))}")
+        return files
+
+    def describe(self) -> dict:
+        """What the source is, for a manifest: the spec, its kind and options, and the hub revision or the local
+        content fingerprint."""
+        kind = self.kind
+        where = self.spec if kind == "hub" else os.path.abspath(self.path)
+        found = {"source": where, "kind": kind, "field": self.field}
+        if kind in ("saved", "dataset", "hub"):
+            found["split"] = self.split
+        if kind in ("dataset", "hub"):
+            found["config"] = self.config
+        if kind == "shards":
+            prints = [f"{f.name}:{fingerprint(f)}" for f in self.shards()]
+            found.update(files=len(prints), fingerprint=hashlib.sha256("|".join(prints).encode()).hexdigest()[:16])
+        elif kind != "hub":
+            found["fingerprint"] = fingerprint(self.path)
+        return found
+
+    def documents(self, record: dict | None = None) -> Iterator[str]:
+        """The non-empty documents, in the source's order, streamed; `record` (a dict) gets the hub revision."""
+        kind = self.check()
+        if kind == "file":
+            yield from read_documents(self.path, self.field)
+            return
+        rows = self._rows(kind, record if record is not None else {})
+        where = self.spec
+        try:
+            for n, row in enumerate(rows):
+                if self.field not in row:
+                    fields = ", ".join(map(str, row)) or "none"
+                    raise DataError(f"{where}: row {n} has no {self.field!r} field (fields: {fields}); name the text "
+                                    "column (--text-field, or ?field= in a calibration source)")
+                value = row[self.field]
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{where}: row {n} field {self.field!r} is a {type(value).__name__}, not text")
+                if value and value.strip():
+                    yield value
+        except DataError:
+            raise
+        except Exception as exc:  # datasets and pyarrow raise many types while reading (bad shard, lost connection)
+            raise DataError(f"cannot read text source {where} ({type(exc).__name__}: {detail(exc)})") from None
+
+    def _rows(self, kind: str, record: dict):
+        try:
+            import datasets
+
+            if kind == "saved":
+                ds = datasets.load_from_disk(str(self.path))
+                if isinstance(ds, datasets.DatasetDict):
+                    if self.split not in ds:
+                        raise DataError(f"{self.spec} has no split {self.split!r} (splits: {', '.join(ds)}); "
+                                        "choose one with --text-split")
+                    ds = ds[self.split]
+                return iter(ds)
+            if kind == "shards":
+                files = self.shards()
+                builder = datasets.load_dataset_builder(SHARD_BUILDERS[files[0].suffix],
+                                                        data_files=[str(f) for f in files])
+                return iter(builder.as_streaming_dataset(split="train"))
+            builder = datasets.load_dataset_builder(str(self.path) if kind == "dataset" else self.spec, name=self.config)
+            found = re.search(r"@([0-9a-f]{40})", str(builder.config.data_files))
+            record["revision"] = found.group(1) if found else None
+            return iter(builder.as_streaming_dataset(split=self.split))
+        except DataError:
+            raise
+        except Exception as exc:  # datasets raises many types (ValueError for a bad split/config, ConnectionError...)
+            raise DataError(f"cannot open text source {self.spec!r} ({type(exc).__name__}: {detail(exc)})") from None
+
+
+def _split_query(spec: str) -> tuple[str, dict]:
+    """'SPEC?split=a&field=b' -> ('SPEC', {'split': 'a', 'field': 'b'}); a spec whose '?' starts no such query is
+    left whole (a file name may hold a '?')."""
+    base, sep, query = spec.rpartition("?")
+    if not sep:
+        return spec, {}
+    pairs = [p.partition("=") for p in query.split("&")]
+    if not all(k in SOURCE_OPTIONS and eq for k, eq, _ in pairs):
+        return spec, {}
+    return base, {k: v for k, _, v in pairs}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class PackedText:
+    """Documents packed into sequences, and what was read: `record` holds the source (TextSource.describe), the
+    token budget, the documents and tokens used and whether the source ran out before the budget."""
+
+    sequences: list[list[int]]
+    record: dict = field(default_factory=dict)
+
+
+def pack_source(source: TextSource, tokenizer, length: int, max_tokens: int | None = None) -> PackedText:
+    """The documents of `source` in order, tokenized, each ended with EOS, the stream cut at exactly `max_tokens`
+    tokens (None: all of it) and packed into sequences of `length` tokens (see `pack`)."""
+    record = source.describe()
+    stream, documents, exhausted = token_stream(source.documents(record), tokenizer, max_tokens)
+    sequences = cut(stream, length)
+    record.update(max_tokens=max_tokens, documents=documents, tokens=sum(map(len, sequences)),
+                  exhausted=exhausted if max_tokens is not None else None)
+    return PackedText(sequences, record)
+
+
+def describe_read(record: dict) -> str:
+    """One line of what a run read of its text source (a PackedText.record): tokens, documents, the source and its
+    revision or content fingerprint."""
+    where = record["source"] + "".join(f" {k} {record[k]}" for k in ("config", "split") if record.get(k))
+    ident = (f"revision {record['revision']}" if record.get("revision") else
+             f"fingerprint {record['fingerprint']}" if record.get("fingerprint") else "no revision known")
+    ran_out = ", the source ran out before the budget" if record.get("exhausted") else ""
+    return f"{record['tokens']:,} tokens of {record['documents']:,} documents of {where} ({record['kind']}, {ident}{ran_out})"
+
+
+def text_sequences(source: TextSource, tokenizer, length: int, count: int, seed: int) -> tuple[list[list[int]], str]:
+    """(`count` sequences of exactly `length` tokens, in a seeded order; what they are) from the first
+    count * length tokens of `source`: calibration text for pruning and reconstruction."""
+    packed = pack_source(source, tokenizer, length, count * length)
+    seqs = [q for q in packed.sequences if len(q) == length]
+    r = packed.record
+    what = f"{r['source']} ({r['tokens']:,} tokens of {r['documents']:,} documents)"
+    if len(seqs) < count:
+        raise DataError(f"the calibration text ({what}) fills {len(seqs)} sequences of {length} tokens, but {count} "
+                        "are needed; give more text or ask for fewer samples")
+    random.Random(seed).shuffle(seqs)
+    return seqs, what
+
+
+def check_calibration(spec: str, words: tuple[str, ...] = ()) -> None:
+    """A calibration setting that names a text source (not one of `words`, not training records) can be read:
+    checked without reading it (TextSource.check)."""
+    if spec not in words and not names_records(spec):
+        TextSource.parse(spec).check()
+
+
+def names_records(spec: str) -> bool:
+    """Whether a calibration source names training records (a .json file, or a directory of <task>/train.json or of
+    train.json) rather than plain text."""
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec):
+        return False
+    return path.suffix == ".json" or (path.is_dir() and (any(path.glob("*/train.json")) or (path / "train.json").is_file()))
+
+
+def token_stream(docs, tokenizer, max_tokens: int | None = None) -> tuple[list[int], int, bool]:
+    """(the documents' tokens, each document ended with EOS, cut at exactly `max_tokens`; how many documents
+    contributed; whether the documents ran out first). Documents are read only as far as the budget needs."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    documents = 0
+    docs = iter(docs)
+    while max_tokens is None or len(stream) < max_tokens:
+        batch = list(itertools.islice(docs, TOKENIZE_BATCH))
+        if not batch:
+            return stream, documents, True
+        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+            if max_tokens is not None and len(stream) >= max_tokens:
+                break
+            documents += 1
+            stream += list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+    del stream[max_tokens:]
+    return stream, documents, False
+
+
+def cut(stream: list[int], length: int) -> list[list[int]]:
+    """A token stream cut into sequences of `length` (the last may be shorter; a one-token remainder predicts
+    nothing and is dropped)."""
+    seqs = [stream[s : s + length] for s in range(0, len(stream), length)]
+    return [q for q in seqs if len(q) >= 2]
+
+
+def read_documents(path: str | Path, field: str = "text") -> list[str]:
+    """The documents of a text file: a .txt file is one document; a .jsonl file holds one {"text": ...} per line
+    (or another `field`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"{path}: plain text must be a .txt file or a .jsonl file with a 'text' field")
+    if path.suffix not in FILE_SUFFIXES:
+        raise DataError(f"{path}: plain text must be a .txt file or a .jsonl file with a {field!r} field")
     text = read_text(path, DataError, DATA_LIMIT)
     if path.suffix == ".txt":
         docs = [text]
@@ -51,9 +312,9 @@ def read_documents(path: str | Path) -> list[str]:
                 row = json.loads(line)
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise DataError(f"{path} line {n} is not valid JSON: {detail(exc)}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path} line {n} has no string 'text' field")
-            docs.append(row["text"])
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise DataError(f"{path} line {n} has no string {field!r} field")
+            docs.append(row[field])
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{path} holds no text")
@@ -63,13 +324,7 @@ def read_documents(path: str | Path) -> list[str]:
 def pack(docs: list[str], tokenizer, length: int) -> list[list[int]]:
     """Documents tokenized, each ended with EOS, concatenated and cut into sequences of `length` tokens (the last
     may be shorter; a one-token remainder predicts nothing and is dropped)."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        ids = list(tokenizer(doc, add_special_tokens=True)["input_ids"])
-        stream += ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
-    seqs = [stream[s : s + length] for s in range(0, len(stream), length)]
-    return [q for q in seqs if len(q) >= 2]
+    return cut(token_stream(docs, tokenizer)[0], length)
 
 
 def read_records(source: str | Path) -> list[dict]:

