@@ -486,7 +486,7 @@ def test_numeric_strings_are_numbers_in_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 2e-4\nalpha: 1e1\n")
     cfg = RecoverConfig.from_yaml(tmp_path / "c.yaml")
     assert cfg.lr == 2e-4 and cfg.alpha == 10.0
-    with pytest.raises(ConfigError, match="recover.lr: expected float, got 'fast'"):
+    with pytest.raises(ConfigError, match="recover.lr must be a number > 0 or 'auto', got 'fast'"):
         RecoverConfig.from_dict({"lr": "fast"})
     assert PipelineConfig.from_dict({"recover": {"lr": "3e-4"}}).recover.lr == 3e-4
     assert isinstance(EvalConfig.coerce({"limit": 2}), EvalConfig) and MergeConfig.coerce(None) == MergeConfig()

@@ -54,12 +54,13 @@ def test_every_field_has_help_and_name_fields_are_validated(cls):
 
 
 def _generated_options(command, cls, paths):
-    """(option, field) for each of the command's options that is a field of `cls` (at one of `paths`)."""
+    """(option, field, default) for each of the command's options that is a field of `cls` (at one of `paths`); the
+    default is the section's own where there is one (rora run's recover.lr is auto)."""
     for path in paths:
         *section, key = path.split(".")
-        owner = type(getattr(cls(), section[0])) if section else cls
+        owner = getattr(cls(), section[0]) if section else cls()
         field = next(f for f in dataclasses.fields(owner) if f.name == key)
-        yield next(p for p in command.params if p.name == key), field
+        yield next(p for p in command.params if p.name == key), field, getattr(owner, key)
 
 
 @pytest.mark.parametrize("name", [*COMMANDS, "run"])
@@ -70,9 +71,8 @@ def test_cli_help_of_config_options_is_the_field_metadata(name):
     paths = RUN_FLAGS if name == "run" else [p.name for p in command.params if p.name in fields]
     found = list(_generated_options(command, cls, paths))
     assert found
-    for option, field in found:
+    for option, field, default in found:
         assert option.help == field.metadata["help"]
-        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if default not in (None, []) and not option.required:  # the dataclass default is what --help shows
             assert option.show_default and option.default == (",".join(default) if isinstance(default, list) else default)
 

@@ -191,7 +191,7 @@ def test_calibration_typos_are_config_errors():
                                               ("reconstruct", {"calibration": "someorg/corpus"})])
 def test_rora_run_checks_its_text_sources_before_the_first_stage(corpus, tmp_path, section, setting):
     from rora.config import PipelineConfig
-    from rora.pipeline import run_pipeline
+    from rora.pipelines.run import run_pipeline
 
     (tmp_path / "train.json").write_text(json.dumps(even_odd_records(8)))
     cfg = PipelineConfig.from_dict({"model": str(tmp_path / "no-model"), "out": str(tmp_path / "run"),

@@ -126,8 +126,8 @@ def summary_table(result) -> str:
 def recovery_lines(recovery: dict) -> list[str]:
     """'- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure, the choice and its cost) and
     '- recovery text: ...' (what was read of the text source)."""
-    from .recovery.lr_auto import describe
-    from .sources.text import describe_read
+    from ..recovery.lr_auto import describe
+    from ..sources.text import describe_read
 
     lines = []
     if recovery.get("lr_auto"):

@@ -219,7 +219,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     try:
         run.train()
         result = run.finish({"model": source, "data": data if isinstance(data, (str, os.PathLike)) else None,
-                             "text": config.text}, prose, tokenizer)
+                             **({"text": config.text} if config.text else {})}, prose, tokenizer)
     except BaseException:
         # A failed run with a checkpoint stays resumable; one without leaves nothing behind. (A partial run that
         # failed before this point has no checkpoint either: the next run into `out` removes it.)
