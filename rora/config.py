@@ -315,7 +315,8 @@ class ReconstructConfig(StageConfig):
     o_proj and down_proj refitted, in order, so that its output follows the teacher's residual stream."""
 
     SECTION = "reconstruct"
-    method: str = setting("lstsq", "bias (FLAP-style: the mean residual becomes each projection's output bias) or "
+    method: str = setting("lstsq", "bias (FLAP-style: the mean residual becomes each projection's output bias; measured worse than "
+                                   "none on SmolLM2-135M, kept for comparison) or "
                                    "lstsq (damped least squares of o_proj and down_proj with an output bias); each "
                                    "projection keeps its old weights when held-out text says the refit does not help.",
                           RECONSTRUCT_METHODS)
