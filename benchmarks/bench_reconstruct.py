@@ -287,6 +287,8 @@ def plot(done: dict, path: Path) -> None:
                     xs.append(i + (k - 0.5) * 0.35)
                     ys.append(100 * a["accuracy"] if key == "acc" else r["prose"]["perplexity"])
                     es.append(100 * a["se"] if key == "acc" else 0)
+                if not xs:  # e.g. no kd column (--kd none)
+                    continue
                 ax.bar(xs, ys, 0.35, yerr=es if key == "acc" else None, capsize=2, label=label)
             ax.axhline(base_acc if key == "acc" else done["base"]["prose"]["perplexity"], color="k", ls="--", lw=1,
                        label="unpruned")
