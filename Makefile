@@ -24,8 +24,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded model: prune SmolLM2-135M by 30%, recover it by distilling the unpruned model into
-# a RoRA adapter, evaluate base / pruned / recovered with standard errors and paired differences, merge, export.
+# The main job on the embedded model: prune SmolLM2-135M by 30%, reconstruct it against the unpruned model (closed
+# form), recover it by distilling the unpruned model into a RoRA adapter, evaluate base / pruned / recovered with
+# standard errors and paired differences (tasks, held-out prose, their own writing), merge, export.
 # Rerunning skips the stages already done; the summary lands in runs/quickstart/summary.{md,json,png}.
 demo: install
 	$(VENV)/bin/rora info smollm2-135m
