@@ -418,6 +418,9 @@ def recover(model, allow_pickle, data, out, teacher, prose, resume, overwrite, c
 
 
 def format_recover(r: dict, cfg) -> str:
+    from .recovery.lr_auto import describe as describe_lr_auto
+    from .sources.text import describe_read
+
     best = "n/a (no validation split)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
     figure = {"sft": "val loss", "kd": "val KL", "kd+sft": "val objective"}[cfg.objective]
     held = r.get("val_metrics") or {}
@@ -435,18 +438,6 @@ def format_recover(r: dict, cfg) -> str:
         f"adapter        {r['adapter_dir']}",
         f"metrics        {r['metrics_path']}",
     ])
-
-
-def describe_lr_auto(summary: dict) -> str:
-    from .recovery.lr_auto import describe
-
-    return describe(summary)
-
-
-def describe_read(record: dict) -> str:
-    from .sources.text import describe_read as describe
-
-    return describe(record)
 
 
 def adapter_option(fn):
