@@ -15,7 +15,9 @@ grid) are fitted on the calibration sequences and scored on held-out ones in clo
 held-out sequences are never fitted on, so the choice at every layer (and the report) sees text the refits did not:
 least squares of a projection's ~d_in x d_out weights on a few thousand tokens overfits, and the damping that
 held-out text prefers is what keeps it from doing so (RCPU, arXiv 2510.07782). Time: one pass of the teacher and
-two of the pruned model over the calibration tokens, plus the solves.
+one of the pruned model over the calibration tokens (each projection's inputs are kept from that pass and the refitted
+projection applied to them), plus the solves. Memory: the statistics grow with the projection's input width squared;
+the hidden states and one projection's inputs of every calibration token are held in the models' dtype.
 """
 from __future__ import annotations
 
@@ -208,23 +210,25 @@ def _walk(model, teacher, ids, n_fit, config, rules, fit_bias, report, progress)
         ):
             linear = getattr(getattr(ls, branch), name)
             residual = (lambda b: b.x_s) if name == "o_proj" else (lambda b: b.r_s)
+            # The branch runs once per batch: what the projection reads does not depend on its own weights, so the
+            # refitted projection is applied to the inputs kept from that run (one student pass per layer, not two).
+            inputs = [_inputs_of(linear, lambda: run(b))[1] for b in batches]
             report.projections.append(
-                _refit(linear, batches, run, residual, target, rules, config.damping, fit_bias, index, name))
-            for b in batches:  # the pruned model's stream with the refitted projection
-                out = residual(b) + run(b).to(b.x_s.dtype)
+                _refit(linear, batches, inputs, residual, target, rules, config.damping, fit_bias, index, name))
+            for b, x in zip(batches, inputs):  # the pruned model's stream with the refitted projection
+                out = residual(b) + linear(x).to(b.x_s.dtype)
                 if name == "o_proj":
                     b.r_s = out
                 else:
                     b.x_s = out
 
 
-def _refit(linear: nn.Linear, batches, run, residual, target, rules, dampings, fit_bias, index, name) -> dict:
-    """Accumulate the projection's statistics (fit and held-out), choose the rule on the held-out sums and write
-    its weights, fitted on the fit sums, into `linear`."""
+def _refit(linear: nn.Linear, batches, inputs, residual, target, rules, dampings, fit_bias, index, name) -> dict:
+    """Accumulate the projection's statistics (fit and held-out) from each batch's `inputs` to it, choose the rule
+    on the held-out sums and write its weights, fitted on the fit sums, into `linear`."""
     d_in, d_out = linear.in_features, linear.out_features
     fit, held = LinearStats(d_in, d_out, linear.weight.device), LinearStats(d_in, d_out, linear.weight.device)
-    for b in batches:
-        _, x = _inputs_of(linear, lambda: run(b))
+    for b, x in zip(batches, inputs):
         (held if b.held else fit).add(x, target(b) - residual(b))
     bias = linear.bias.detach() if linear.bias is not None else torch.zeros(d_out, device=linear.weight.device)
     weight = linear.weight.detach()
