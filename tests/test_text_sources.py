@@ -214,7 +214,7 @@ def test_rora_run_takes_the_text_flags_and_defaults_to_lr_auto():
         assert done.exit_code == 0, done.output
         return yaml.safe_load(done.stdout)["recover"]
 
-    assert resolved()["lr"] == "auto" and resolved("--preset", "quickstart")["lr"] == 0.002  # the preset's measured lr
+    assert resolved()["lr"] == "auto" and resolved("--preset", "quickstart")["lr"] == 0.001  # the preset's measured lr
     found = resolved("--preset", "quickstart", "--lr", "auto", "--text", "c/*.parquet", "--max-text-tokens", "5000",
                      "--text-ratio", "0.25", "--set", "recover.text_field=body")
     assert (found["lr"], found["text"], found["max_text_tokens"], found["text_ratio"], found["text_field"]) == (
