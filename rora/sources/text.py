@@ -422,17 +422,21 @@ def prose_documents(source: str = "auto", data_dir: str | Path | None = None, co
         docs = _wikitext()
         if docs:
             return _seeded(docs, count, seed), "WikiText-2 (wikitext-2-raw-v1, test split)"
-    data_dir = data_dir or os.environ.get("RORA_DATA_DIR")
-    path = Path(data_dir).expanduser() / BOOLQ_PASSAGES if data_dir else None
-    if path is None or not path.is_file():
+    passages = boolq_passages(data_dir or os.environ.get("RORA_DATA_DIR"))
+    if passages is None:
         raise DataError("no held-out prose: WikiText-2 is out of reach (offline) and RORA_DATA_DIR has no "
                         f"{BOOLQ_PASSAGES}; name a .txt/.jsonl file of prose (--prose FILE) or pass --prose none")
-    passages = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        passage = json.loads(line).get("passage") if line.strip() else None
-        if passage and passage not in passages:
-            passages.append(passage)
     return _seeded(passages, count, seed), "BoolQ validation passages (Wikipedia paragraphs)"
+
+
+def boolq_passages(data_dir: str | Path | None) -> list[str] | None:
+    """The distinct BoolQ validation passages under `data_dir`, in file order: the offline held-out prose (never to
+    be trained or calibrated on). None when `data_dir` has no BOOLQ_PASSAGES file."""
+    path = Path(data_dir).expanduser() / BOOLQ_PASSAGES if data_dir else None
+    if path is None or not path.is_file():
+        return None
+    rows = (json.loads(line).get("passage") for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return list(dict.fromkeys(p for p in rows if p))
 
 
 def _wikitext() -> list[str] | None:
