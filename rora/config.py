@@ -416,13 +416,18 @@ class RecoverConfig(StageConfig):
     synthetic_prompts: str = setting("records", "What the teacher continues: records (the training records' prompts, "
                                                 "when records are given: text in the tasks' domain) or general "
                                                 "(general openings: general text).", SYNTHETIC_PROMPTS)
+    on_policy: int = setting(0, "On-policy distillation (kd objectives): the student writes this many greedy "
+                                "continuations of training prompts per round, and each step trains on a micro-batch "
+                                "of them (KL to the teacher on every written token); a multiple of micro_batch_size. "
+                                "0: off.", maximum=BIG)
+    on_policy_tokens: int = setting(48, "New tokens per on-policy continuation (less than cutoff_len).", maximum=2**14)
     text_ratio: float | None = setting(None, "With records (data) and text (text or synthetic) both given: the share "
                                              "of training tokens taken from the text, in (0, 1); unset: the text "
                                              "replaces the records.")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.objective in ("kd", "kd+sft") or self.synthetic > 0
+        return self.objective in ("kd", "kd+sft") or self.synthetic > 0 or self.on_policy > 0
 
     def with_objective(self, has_teacher: bool) -> "RecoverConfig":
         """The config with `auto` resolved: kd when there is a teacher, else sft."""
@@ -441,10 +446,10 @@ class RecoverConfig(StageConfig):
         if isinstance(self.lr, str) and self.lr != AUTO:
             out.append(f"recover.lr must be a number > 0 or {AUTO!r}, got {self.lr!r}")
         out += self.out_of_bounds(
-            positive=("kd_chunk_size", "synthetic_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
+            positive=("kd_chunk_size", "synthetic_tokens", "on_policy_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
                       "eval_steps", "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
                       *(("lr",) if not isinstance(self.lr, str) else ())),
-            non_negative=("synthetic", "val_set_size", "warmup_steps", "weight_decay"))
+            non_negative=("synthetic", "on_policy", "val_set_size", "warmup_steps", "weight_decay"))
         if self.lr == AUTO and self.val_set_size == 0:
             out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
         if self.text is not None and self.synthetic:
@@ -456,6 +461,15 @@ class RecoverConfig(StageConfig):
                 f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
                 f"recover.micro_batch_size ({self.micro_batch_size})"
             )
+        if self.on_policy and self.micro_batch_size > 0 and self.on_policy % self.micro_batch_size:
+            out.append(f"recover.on_policy ({self.on_policy}) must be a multiple of recover.micro_batch_size "
+                       f"({self.micro_batch_size}): each step trains on one micro-batch of the pool")
+        if self.on_policy and self.objective == "sft":
+            out.append("recover.on_policy distils the teacher on the student's own writing: it needs objective kd or "
+                       "kd+sft (and a teacher)")
+        if self.on_policy and self.on_policy_tokens >= self.cutoff_len:
+            out.append(f"recover.on_policy_tokens ({self.on_policy_tokens}) must be less than recover.cutoff_len "
+                       f"({self.cutoff_len}): a continuation and its prompt fit in cutoff_len")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"recover.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:

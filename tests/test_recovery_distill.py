@@ -405,8 +405,8 @@ def test_kd_non_finite_loss_stops_and_keeps_the_checkpoint(tokenizer, tmp_path, 
     calls = {"n": 0}
     real = DistillLoss.forward
 
-    def poisoned(self, input_ids, labels, lengths):
-        kd, sft = real(self, input_ids, labels, lengths)
+    def poisoned(self, input_ids, labels, lengths, written=False):
+        kd, sft = real(self, input_ids, labels, lengths, written)
         calls["n"] += 1
         return (kd * float("nan") if calls["n"] > 4 * 2 else kd), sft  # 2 micro-batches per step
 

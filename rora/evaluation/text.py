@@ -120,29 +120,46 @@ def generate_text(model, tokenizer, prompts: str | Sequence[str], config: Genera
     check_prompts(prompts)
     chat = chat_enabled(tokenizer, config.chat)
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    stops = stop_ids(model, tokenizer)
-    settings = _generation_config(tokenizer, config, stops)
-    device = next(model.parameters()).device
-    size = 1 if stream else config.batch_size
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    found: list[Generation | None] = [None] * len(prompts)
-    model.eval()
+    settings, stops = writing_settings(model, tokenizer, config)
     bar = progress_bar(len(prompts), progress, "write")
+    device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is left alone
         torch.manual_seed(config.seed)
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            ids, mask = layout_rows([encoded[i] for i in chunk], 0, settings.pad_token_id, device)
-            streamer = _Streamer(tokenizer, stream) if stream else None
-            with quiet_generate():
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings, streamer=streamer)
-            for i, row in zip(chunk, out[:, ids.shape[1]:].tolist()):
-                new, stopped = _until_stop(row, stops)
-                found[i] = Generation(prompts[i], tokenizer.decode(new, skip_special_tokens=True), encoded[i], new,
-                                      stopped)
-            bar.update(len(chunk))
+        written = continue_ids(model, encoded, settings, stops, 1 if stream else config.batch_size,
+                               streamer=(lambda: _Streamer(tokenizer, stream)) if stream else None, done=bar.update)
     bar.close()
+    return [Generation(p, tokenizer.decode(new, skip_special_tokens=True), e, new, stopped)
+            for p, e, (new, stopped) in zip(prompts, encoded, written)]
+
+
+@torch.inference_mode()
+def continue_ids(model, encoded: Sequence[list[int]], settings, stops: list[int], batch_size: int, *,
+                 streamer: Callable | None = None, done: Callable[[int], object] | None = None) -> list[tuple[list[int], bool]]:
+    """What `model` writes after each prompt of token ids under `settings` (a transformers GenerationConfig), as
+    (new ids up to and including the first of `stops`, stopped on one), in the prompts' order. Prompts run longest
+    first in left-padded batches of `batch_size` (similar lengths share a batch); `streamer` makes each batch's
+    streamer, `done` hears how many prompts each batch finished. The model is left in eval mode."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    found: list[tuple[list[int], bool] | None] = [None] * len(encoded)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = layout_rows([encoded[i] for i in chunk], 0, settings.pad_token_id, device)
+        with quiet_generate():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings,
+                                 streamer=streamer() if streamer else None)
+        for i, row in zip(chunk, out[:, ids.shape[1]:].tolist()):
+            found[i] = _until_stop(row, stops)
+        if done is not None:
+            done(len(chunk))
     return found
+
+
+def writing_settings(model, tokenizer, config: GenerateConfig | dict):
+    """(transformers GenerationConfig, stop ids) for `model` writing as `config` says."""
+    stops = stop_ids(model, tokenizer)
+    return _generation_config(tokenizer, GenerateConfig.coerce(config), stops), stops
 
 
 def _generation_config(tokenizer, config: GenerateConfig, stops: list[int]):

@@ -125,7 +125,7 @@ def summary_table(result) -> str:
 
 def recovery_lines(recovery: dict) -> list[str]:
     """'- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure, the choice and its cost) and
-    '- recovery text: ...' (what was read of the text source)."""
+    '- recovery text: ...' (what was read of the text source) and '- on-policy distillation: ...'."""
     from ..recovery.lr_auto import describe
     from ..sources.text import describe_read
 
@@ -136,6 +136,11 @@ def recovery_lines(recovery: dict) -> list[str]:
         lines.append(f"- learning rate: {recovery['lr']:g}")
     if recovery.get("text"):
         lines.append(f"- recovery text: {describe_read(recovery['text'])}")
+    if recovery.get("on_policy"):
+        o = recovery["on_policy"]
+        lines.append(f"- on-policy distillation: the student wrote {o['continuations']} greedy continuations of "
+                     f"{o['new_tokens']} tokens per round, {o['rounds']} rounds; KL to the teacher on its own writing "
+                     f"{o['written_kl_first']:.3f} -> {o['written_kl_last']:.3f} nats/token (first and last step)")
     return lines
 
 

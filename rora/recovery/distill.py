@@ -110,15 +110,17 @@ class DistillLoss(StudentLoss):
         object.__setattr__(self, "teacher", causal_lm_of(teacher))
         self.temperature, self.chunk_size, self.sft = temperature, chunk_size, sft
 
-    def forward(self, input_ids, labels, lengths):
+    def forward(self, input_ids, labels, lengths, written: bool = False):
+        """`written`: the KD term covers only the positions that predict a labelled token (an on-policy
+        continuation's written tokens), and there is no SFT term."""
         student = self.peft_model.get_base_model()
         hidden = decoder_states(student, input_ids)
-        keep = text_positions(lengths, input_ids.shape[1])
+        keep = labels[:, 1:] != IGNORE_INDEX if written else text_positions(lengths, input_ids.shape[1])
         with torch.inference_mode():
             t_hidden = decoder_states(self.teacher, input_ids.to(self.teacher.device))[:, :-1][keep.to(self.teacher.device)]
         kd = chunked_kl(hidden[:, :-1][keep], student.get_output_embeddings(), t_hidden,
                         self.teacher.get_output_embeddings(), self.temperature, self.chunk_size)
-        sft = labelled_ce(student, hidden, labels)[0] if self.sft else kd.new_zeros(())
+        sft = labelled_ce(student, hidden, labels)[0] if self.sft and not written else kd.new_zeros(())
         return kd, sft
 
 
@@ -154,7 +156,8 @@ def teacher_dtype(name: str) -> torch.dtype:
 def check_objective(config, has_teacher: bool) -> None:
     """ConfigError when the objective (or the data-free mode) needs a teacher and none is given."""
     if config.needs_teacher and not has_teacher:
-        why = f"objective {config.objective!r}" if config.objective != "sft" else "data-free mode (synthetic > 0)"
+        why = (f"objective {config.objective!r}" if config.objective != "sft" else
+               "data-free mode (synthetic > 0)" if config.synthetic else "on-policy distillation (on_policy > 0)")
         raise ConfigError(f"the {why} needs a teacher: pass --teacher SPEC (in Python, recover(..., teacher=model))")
 
 

@@ -21,6 +21,10 @@ sibling, with its checkpoints, for --resume:
     rora.json                manifest (artifacts.Manifest): base model and data, resolved config, scales per
                              module, results, provenance
 
+On-policy distillation (config.on_policy > 0, rora.recovery.on_policy): every step adds a micro-batch of the
+student's own greedy continuations of training prompts, the KL to the teacher on each written token; the student
+writes a new pool of them every on_policy / micro_batch_size steps.
+
 --lr auto probes a few learning rates, each for a few steps from the same initial adapter (rora.recovery.lr_auto),
 then continues from the winning probe's state: the run is exactly the run at that learning rate.
 
@@ -56,6 +60,7 @@ from .distill import (DistillLoss, StudentLoss, batch_sums, check_objective, che
 from . import sharding
 from .dropout import use_sparse_dropout
 from .lr_auto import LrSearch
+from .on_policy import as_example, pool_prompts, write_pool
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
@@ -84,6 +89,7 @@ class RecoverResult:
     lr: float | None = None  # the learning rate trained with (--lr auto: the one chosen)
     lr_auto: dict | None = None  # --lr auto: the grid, each probe's figures, the choice and its cost
     text: dict | None = None  # the text trained on: its source, revision or fingerprint, documents and tokens
+    on_policy: dict | None = None  # on-policy distillation: pool size, new tokens, rounds, KL on the written tokens
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +108,7 @@ class RecoverResult:
             "lr": self.lr,
             "lr_auto": self.lr_auto,
             "text": self.text,
+            "on_policy": self.on_policy,
         }
 
 
@@ -110,7 +117,7 @@ class NonFiniteLoss(TrainingError):
 
 
 # What a snapshot (and a checkpoint) holds besides the weights, optimizer and scheduler.
-COUNTERS = ("step", "history", "train_tokens", "train_seconds", "best_val_loss", "best_step")
+COUNTERS = ("step", "history", "train_tokens", "train_seconds", "best_val_loss", "best_step", "pool")
 
 
 class LabelledTokenLoss(StudentLoss):
@@ -213,7 +220,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = _Run(config=config, out=work, acc=accelerator, peft_model=peft_model, loss_module=loss_module,
                wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, data=tokenized, pad_id=pad_id,
-               identity=identity, total_steps=total_steps, progress=progress, teacher=teacher, search=search)
+               identity=identity, total_steps=total_steps, progress=progress, teacher=teacher, search=search,
+               writing=_writing(model, tokenizer, config) if config.on_policy else None)
     if state is not None:
         _restore(run, state)
     try:
@@ -301,6 +309,15 @@ def _training_data(data, tokenizer, config: RecoverConfig, teacher=None, progres
     return records if text is None else mix(text, records, config.text_ratio)
 
 
+def _writing(model, tokenizer, config: RecoverConfig) -> tuple:
+    """How the student writes its on-policy continuations: greedy, config.on_policy_tokens new tokens, no chat
+    template (the prompts are token ids from the training data)."""
+    from ..config import GenerateConfig
+    from ..evaluation.text import writing_settings
+
+    return writing_settings(model, tokenizer, GenerateConfig(max_new_tokens=config.on_policy_tokens, temperature=0.0))
+
+
 def _scheduler(optimizer, config: RecoverConfig, total_steps: int):
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -343,6 +360,8 @@ class _Run:
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
     search: LrSearch | None = None  # --lr auto
+    writing: tuple | None = None  # on-policy: (transformers GenerationConfig, stop ids) the student writes with
+    pool: dict | None = None  # on-policy: {"round", "rows"} (rora.recovery.on_policy.write_pool's rows)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -460,27 +479,33 @@ class _Run:
         acc, train, cfg = self.acc, self.data.train, self.config
         torch.manual_seed(_step_seed(cfg.seed, self.step, acc.process_index))
         n_targets = max(1, sum(_n_targets(train[i]) for mb in micro_batches for i in mb))
+        written = self.written_batch() if cfg.on_policy else []
+        n_written = int(acc.reduce(torch.tensor(float(sum(map(_n_targets, written))), device=acc.device), "sum"))
         if self.kd:
-            n_kd = max(1, sum(len(train[i]) - 1 for mb in micro_batches for i in mb))
+            n_kd = max(1, sum(len(train[i]) - 1 for mb in micro_batches for i in mb) + n_written)
             w = 1.0 if cfg.objective == "kd" else cfg.kd_weight
             coefs = (w / n_kd, (1.0 - w) / n_targets)
         else:
             coefs = (1.0 / n_targets,)
-        mine = micro_batches[acc.process_index :: acc.num_processes]
-        sums = torch.zeros(len(coefs) + 1, device=acc.device)  # each term's sum, then the token count
-        for k, mb in enumerate(mine):
-            batch = [train[i] for i in mb]
+        jobs = [([train[i] for i in mb], False) for mb in micro_batches[acc.process_index :: acc.num_processes]]
+        jobs += [(written, True)] if written else []
+        # each term's sum, the KD sum over written tokens, then the token count
+        sums = torch.zeros(len(coefs) + 2, device=acc.device)
+        for k, (batch, on_policy) in enumerate(jobs):
             ids, labels = (t.to(acc.device) for t in collate(batch, self.pad_id))
-            last = k == len(mine) - 1
+            last = k == len(jobs) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.wrapped):
                 if self.kd:
-                    terms = self.wrapped(ids, labels, torch.tensor([len(e) for e in batch], device=acc.device))
+                    terms = self.wrapped(ids, labels, torch.tensor([len(e) for e in batch], device=acc.device),
+                                         written=on_policy)
                 else:
                     terms = (self.wrapped(ids, labels)[0],)
                 objective = sum(c * t for c, t in zip(coefs, terms))
                 # DDP averages gradients over processes; scale so the result is the mean over the whole step's tokens.
                 acc.backward(objective * acc.num_processes)
-            sums += torch.stack([*(t.detach().float() for t in terms), torch.tensor(float(sum(map(len, batch))), device=acc.device)])
+            found = [t.detach().float() for t in terms]
+            sums += torch.stack([*found, found[0] if on_policy else torch.zeros_like(found[0]),
+                                 torch.tensor(float(sum(map(len, batch))), device=acc.device)])
         totals = acc.reduce(sums, "sum")
         loss = sum(c * float(t) for c, t in zip(coefs, totals))
         parts = {}
@@ -488,6 +513,8 @@ class _Run:
             parts["kl"] = float(totals[0]) / n_kd
             if cfg.objective == "kd+sft":
                 parts["sft"] = float(totals[1]) / n_targets
+            if n_written:
+                parts["written_kl"] = float(totals[-2]) / n_written
         if not math.isfinite(loss):
             last_ckpt = self.latest_checkpoint()
             raise NonFiniteLoss(
@@ -499,6 +526,31 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, int(totals[-1]), parts
+
+    def written_batch(self) -> list[Example]:
+        """This step's micro-batch of on-policy continuations (rora.recovery.on_policy); at a round's first step the
+        student, as it is now, writes the round's pool."""
+        cfg, size = self.config, self.config.micro_batch_size
+        round_, k = divmod(self.step, cfg.on_policy // size)
+        if self.pool is None or self.pool["round"] != round_:
+            prompts = pool_prompts(self.data.train, cfg.on_policy, cfg.seed, round_, self.acc.process_index,
+                                   cfg.cutoff_len - cfg.on_policy_tokens)
+            with sharding.whole_root(self.wrapped):
+                rows = write_pool(self.peft_model, prompts, *self.writing, batch_size=size)
+            self.peft_model.train()
+            self.pool = {"round": round_, "rows": rows}
+        return [as_example(r) for r in self.pool["rows"][k * size:(k + 1) * size]]
+
+    def on_policy_figures(self) -> dict | None:
+        """On-policy distillation in figures: the pool's size and new tokens, the rounds written, and the KL to the
+        teacher per written token at the first and the last step (each on the pool of its round)."""
+        cfg = self.config
+        kls = [r["written_kl"] for r in self.history if "written_kl" in r]
+        if not cfg.on_policy or not kls:
+            return None
+        return {"continuations": cfg.on_policy, "new_tokens": cfg.on_policy_tokens,
+                "rounds": -(-self.step // (cfg.on_policy // cfg.micro_batch_size)),
+                "written_kl_first": kls[0], "written_kl_last": kls[-1]}
 
     def evaluate(self) -> float:
         """The held-out figures (measure), logged; keeps the best adapter."""
@@ -606,6 +658,7 @@ class _Run:
                     "train_tokens": self.train_tokens,
                     "train_seconds": self.train_seconds,
                     "history": self.history,
+                    "on_policy_pool": self.pool,
                     **({"lr_auto": self.search.to_dict()} if self.search is not None else {}),
                 })
             if previous is not None and previous != path:
@@ -633,6 +686,7 @@ class _Run:
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         self.history = state["history"]
+        self.pool = state.get("on_policy_pool")
         if self.search is not None:
             self.search = LrSearch.from_dict(state["lr_auto"])
         if self.acc.is_main_process:  # drop metrics logged after the checkpoint by the killed run
@@ -694,6 +748,7 @@ class _Run:
                     "lr": self.lr,
                     "lr_auto": self.search.summary() if self.search is not None else None,
                     "prose": prose,
+                    "on_policy": self.on_policy_figures(),
                 })
             acc.wait_for_everyone()
         return RecoverResult(
@@ -702,6 +757,7 @@ class _Run:
             tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
             module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(), prose=prose, lr=self.lr,
             lr_auto=self.search.summary() if self.search is not None else None, text=self.data.text,
+            on_policy=self.on_policy_figures(),
         )
 
     @property
