@@ -381,7 +381,8 @@ def format_reconstruct(r: dict, path) -> str:
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
 @config_options(RecoverConfig, "kd_temperature", "kd_weight", "teacher_dtype", "text", "text_split", "text_field",
                 "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens", "synthetic_prompts",
-                "on_policy", "on_policy_tokens", "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "lr_probe_steps", "epochs", "max_steps",
+                "on_policy", "on_policy_tokens", "on_policy_no_repeat",
+                "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "lr_probe_steps", "epochs", "max_steps",
                 "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",
                 "eval_steps", "save_steps", "seed", "train_on_inputs", "gradient_checkpointing")
 @prose_option

@@ -421,6 +421,10 @@ class RecoverConfig(StageConfig):
                                 "of them (KL to the teacher on every written token); a multiple of micro_batch_size. "
                                 "0: off.", maximum=BIG)
     on_policy_tokens: int = setting(48, "New tokens per on-policy continuation (less than cutoff_len).", maximum=2**14)
+    on_policy_no_repeat: int = setting(0, "On-policy: the teacher's target at each written token leaves out the "
+                                          "tokens that would repeat an n-gram of the continuation, n = this (as "
+                                          "no_repeat_ngram_size would when it writes). 0: the teacher as it is.",
+                                       maximum=64)
     text_ratio: float | None = setting(None, "With records (data) and text (text or synthetic) both given: the share "
                                              "of training tokens taken from the text, in (0, 1); unset: the text "
                                              "replaces the records.")
@@ -449,7 +453,7 @@ class RecoverConfig(StageConfig):
             positive=("kd_chunk_size", "synthetic_tokens", "on_policy_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
                       "eval_steps", "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
                       *(("lr",) if not isinstance(self.lr, str) else ())),
-            non_negative=("synthetic", "on_policy", "val_set_size", "warmup_steps", "weight_decay"))
+            non_negative=("synthetic", "on_policy", "on_policy_no_repeat", "val_set_size", "warmup_steps", "weight_decay"))
         if self.lr == AUTO and self.val_set_size == 0:
             out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
         if self.text is not None and self.synthetic:

@@ -134,3 +134,39 @@ def test_on_policy_without_a_teacher_is_refused_before_anything_is_written(token
         recover(make_model(seed=0), tokenizer, even_odd_records(20), tiny_recover_config(on_policy=2), tmp_path / "o",
                 progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_repeat_bans_leave_out_what_would_repeat_an_ngram_of_the_continuation():
+    from rora.recovery.on_policy import repeat_bans
+
+    # row 0: prompt 7 7 7, written 1 2 3 1 2 3; row 1: prompt 5, written 4 4 4 4
+    ids = torch.tensor([[7, 7, 7, 1, 2, 3, 1, 2, 3, 0], [5, 4, 4, 4, 4, 0, 0, 0, 0, 0]])
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[0, 2:8] = True  # positions 2..7 predict the written tokens (kept rows 0..5)
+    keep[1, 0:4] = True  # positions 0..3 predict 4 4 4 4 (kept rows 6..9)
+    bans = repeat_bans(ids, keep, 3).tolist()
+    # Row 0, position 7 (after the written "1 2"): "1 2" was followed by 3 -> 3 is left out (kept row 5); the
+    # prompt's "7 7 7" never counts. Row 1, position 3: "4 4" was followed by 4 at position 2 -> 4 (kept row 9).
+    assert bans == [[5, 3], [9, 4]]
+    assert repeat_bans(ids, torch.zeros(2, 9, dtype=torch.bool), 3).shape == (0, 2)
+
+
+def test_banned_kl_is_the_kl_to_the_renormalised_teacher(tokenizer):
+    from rora.recovery.distill import chunked_kl
+
+    torch.manual_seed(0)
+    head, t_head = torch.nn.Linear(8, 20, bias=False), torch.nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    t_hidden = torch.randn(6, 8)
+    bans = torch.tensor([[1, 3], [1, 7], [4, 0]])
+    got = chunked_kl(hidden, head, t_hidden, t_head, 1.0, 4, bans)  # chunk 4: the bans span two chunks
+    got.backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    t_logits = t_head(t_hidden).detach()
+    t_logits[bans[:, 0], bans[:, 1]] = float("-inf")
+    log_t, log_s = t_logits.log_softmax(-1), head(hidden).log_softmax(-1)
+    p_t = log_t.exp()
+    want = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros(())).sum()
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(grad, hidden.grad, atol=1e-6)

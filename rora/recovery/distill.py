@@ -20,17 +20,23 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure import causal_lm_of, decoder_states, text_positions, text_sums
 from .data import IGNORE_INDEX, Example, normalize_record, tokenize_record
+from .on_policy import repeat_bans
+
+
+BANNED = -1e4  # a banned token's teacher logit offset: exp() underflows to 0 in float32, log-probs stay finite
 
 
 class ChunkedKL(torch.autograd.Function):
     """T^2 * sum over rows of KL(softmax(t/T) || softmax(s/T)), s = hidden @ weight.T, t = teacher's logits.
 
+    `bans` ([K, 2] rows and token ids, or None): tokens the teacher's distribution leaves out at those rows (its
+    logit lowered by BANNED, so it gets probability 0 and the rest renormalises).
     Gradients flow to `hidden` and, when it requires one, to `weight` (the student's LM head; frozen under PEFT).
     The teacher's inputs never get gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature: float, chunk_size: int):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature: float, chunk_size: int, bans=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -38,8 +44,11 @@ class ChunkedKL(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s : s + chunk_size]
             log_s = _log_probs(F.linear(h, weight), temperature)
-            log_t = _log_probs(F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).to(hidden.device),
-                               temperature)
+            t_logits = F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).to(hidden.device).float()
+            if bans is not None:
+                here = bans[(bans[:, 0] >= s) & (bans[:, 0] < s + chunk_size)]
+                t_logits[here[:, 0] - s, here[:, 1]] += BANNED
+            log_t = _log_probs(t_logits, temperature)
             # KL = sum p_t (log p_t - log p_s): the difference in place, then one dot product; passes over a chunk's
             # logits are memory-bound, so no [chunk x vocab] temporaries beyond p_t.
             p_t = log_t.exp()
@@ -62,7 +71,7 @@ class ChunkedKL(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_out * grad_h if grad_h is not None else None,
                 (grad_out * grad_w).to(ctx.weight_dtype) if grad_w is not None else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _log_probs(logits, temperature: float):
@@ -71,11 +80,12 @@ def _log_probs(logits, temperature: float):
 
 
 def chunked_kl(hidden, head: nn.Linear, teacher_hidden, teacher_head: nn.Linear, temperature: float = 1.0,
-               chunk_size: int = 256) -> torch.Tensor:
+               chunk_size: int = 256, bans: torch.Tensor | None = None) -> torch.Tensor:
     """Summed T^2-scaled KL(teacher || student) over the rows of [N, hidden] states; see ChunkedKL."""
     if getattr(head, "bias", None) is not None or getattr(teacher_head, "bias", None) is not None:
         raise ConfigError("LM heads with a bias are not supported by the distillation loss")
-    return ChunkedKL.apply(hidden, head.weight, teacher_hidden, teacher_head.weight, float(temperature), int(chunk_size))
+    return ChunkedKL.apply(hidden, head.weight, teacher_hidden, teacher_head.weight, float(temperature), int(chunk_size),
+                           bans)
 
 
 def labelled_ce(causal_lm, hidden, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,21 +115,24 @@ class DistillLoss(StudentLoss):
     touch it.
     """
 
-    def __init__(self, peft_model, teacher, temperature: float, chunk_size: int, sft: bool):
+    def __init__(self, peft_model, teacher, temperature: float, chunk_size: int, sft: bool, no_repeat: int = 0):
         super().__init__(peft_model)
         object.__setattr__(self, "teacher", causal_lm_of(teacher))
-        self.temperature, self.chunk_size, self.sft = temperature, chunk_size, sft
+        self.temperature, self.chunk_size, self.sft, self.no_repeat = temperature, chunk_size, sft, no_repeat
 
     def forward(self, input_ids, labels, lengths, written: bool = False):
         """`written`: the KD term covers only the positions that predict a labelled token (an on-policy
-        continuation's written tokens), and there is no SFT term."""
+        continuation's written tokens), there is no SFT term, and with `no_repeat` = n the teacher's distribution
+        at each written position leaves out the tokens that would repeat an n-gram of the continuation
+        (rora.recovery.on_policy.repeat_bans)."""
         student = self.peft_model.get_base_model()
         hidden = decoder_states(student, input_ids)
         keep = labels[:, 1:] != IGNORE_INDEX if written else text_positions(lengths, input_ids.shape[1])
         with torch.inference_mode():
             t_hidden = decoder_states(self.teacher, input_ids.to(self.teacher.device))[:, :-1][keep.to(self.teacher.device)]
+        bans = repeat_bans(input_ids, keep, self.no_repeat) if written and self.no_repeat else None
         kd = chunked_kl(hidden[:, :-1][keep], student.get_output_embeddings(), t_hidden,
-                        self.teacher.get_output_embeddings(), self.temperature, self.chunk_size)
+                        self.teacher.get_output_embeddings(), self.temperature, self.chunk_size, bans)
         sft = labelled_ce(student, hidden, labels)[0] if self.sft and not written else kd.new_zeros(())
         return kd, sft
 

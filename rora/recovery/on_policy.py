@@ -52,3 +52,27 @@ def as_example(row: list[int]) -> Example:
     are the ones the KL covers)."""
     n, ids = row[0], row[1:]
     return Example(input_ids=list(ids), labels=[IGNORE_INDEX] * n + list(ids[n:]))
+
+
+def repeat_bans(input_ids, keep, n: int):
+    """[K, 2] (row, token) pairs: at each row of the kept positions (`keep`, [batch, width - 1], row-major order:
+    the rows the KL walks), the tokens that would complete an n-gram already written earlier in the same
+    continuation (the kept positions of a batch row are its continuation). What the teacher then predicts is what
+    it would write under transformers' no_repeat_ngram_size=n, within the continuation."""
+    import torch
+
+    ids, found = input_ids.tolist(), []
+    rows = keep.reshape(-1).cumsum(0).sub(1).view_as(keep).tolist()
+    for b, positions in enumerate(keep.tolist()):
+        js = [j for j, k in enumerate(positions) if k]
+        if not js:
+            continue
+        start = js[0] + 1  # the first written token
+        seen: dict[tuple, set] = {}
+        for j in js:
+            # position j predicts token j + 1, after the written tokens start..j
+            if j + 1 - start >= n - 1:
+                context = tuple(ids[b][j - n + 2 : j + 1])
+                found += [(rows[b][j], t) for t in sorted(seen.get(context, ()))]
+                seen.setdefault(context, set()).add(ids[b][j + 1])
+    return torch.tensor(found, dtype=torch.long, device=input_ids.device).reshape(-1, 2)

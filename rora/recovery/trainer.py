@@ -215,7 +215,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         loss_module = LabelledTokenLoss(peft_model)
     else:
         loss_module = DistillLoss(peft_model, teacher, config.kd_temperature, config.kd_chunk_size,
-                                  sft=config.objective == "kd+sft")
+                                  sft=config.objective == "kd+sft", no_repeat=config.on_policy_no_repeat)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = _Run(config=config, out=work, acc=accelerator, peft_model=peft_model, loss_module=loss_module,
