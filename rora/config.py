@@ -416,10 +416,9 @@ class RecoverConfig(StageConfig):
     synthetic_prompts: str = setting("records", "What the teacher continues: records (the training records' prompts, "
                                                 "when records are given: text in the tasks' domain) or general "
                                                 "(general openings: general text).", SYNTHETIC_PROMPTS)
-    on_policy: int = setting(0, "On-policy distillation (kd objectives): the student writes this many greedy "
-                                "continuations of training prompts per round, and each step trains on a micro-batch "
-                                "of them (KL to the teacher on every written token); a multiple of micro_batch_size. "
-                                "0: off.", maximum=BIG)
+    on_policy: int = setting(0, "On-policy distillation (kd objectives): at every step the student writes this many "
+                                "greedy continuations of training prompts, and the step trains on them (KL to the "
+                                "teacher on every written token) as one more micro-batch. 0: off.", maximum=BIG)
     on_policy_tokens: int = setting(48, "New tokens per on-policy continuation (less than cutoff_len).", maximum=2**14)
     on_policy_no_repeat: int = setting(0, "On-policy: the teacher's target at each written token leaves out the "
                                           "tokens that would repeat an n-gram of the continuation, n = this (as "
@@ -465,9 +464,6 @@ class RecoverConfig(StageConfig):
                 f"recover.batch_size ({self.batch_size}) must be a positive multiple of "
                 f"recover.micro_batch_size ({self.micro_batch_size})"
             )
-        if self.on_policy and self.micro_batch_size > 0 and self.on_policy % self.micro_batch_size:
-            out.append(f"recover.on_policy ({self.on_policy}) must be a multiple of recover.micro_batch_size "
-                       f"({self.micro_batch_size}): each step trains on one micro-batch of the pool")
         if self.on_policy and self.objective == "sft":
             out.append("recover.on_policy distils the teacher on the student's own writing: it needs objective kd or "
                        "kd+sft (and a teacher)")

@@ -1,5 +1,5 @@
-"""On-policy distillation: the prompts it continues, the positions its KL covers, the pool the student writes (its
-own greedy text, refreshed each round), exact resume mid-round, and bad settings."""
+"""On-policy distillation: the prompts it continues, the positions its KL covers, what the student writes at each
+step (its own greedy text), the no-repeat teacher, exact resume, and bad settings."""
 from __future__ import annotations
 
 import copy
@@ -15,14 +15,14 @@ from rora.errors import ConfigError
 from rora.evaluation.text import continue_ids, writing_settings
 from rora.recovery.data import IGNORE_INDEX, Example, collate, tokenize_record
 from rora.recovery.distill import DistillLoss
-from rora.recovery.on_policy import PREFIX_TOKENS, as_example, pool_prompts, prompt_of
+from rora.recovery.on_policy import PREFIX_TOKENS, prompt_of, step_prompts
 from rora.recovery.trainer import recover
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kd_config(**kw):
-    return tiny_recover_config(**{"objective": "kd", "on_policy": 4, "on_policy_tokens": 6, **kw})
+    return tiny_recover_config(**{"objective": "kd", "on_policy": 2, "on_policy_tokens": 6, **kw})
 
 
 def test_prompts_are_a_records_prompt_or_a_texts_first_tokens(tokenizer):
@@ -34,9 +34,9 @@ def test_prompts_are_a_records_prompt_or_a_texts_first_tokens(tokenizer):
     text = Example(input_ids=list(range(40)), labels=list(range(40)))
     assert prompt_of(text, 256) == list(range(PREFIX_TOKENS))
     train = [Example(input_ids=[i] * 20, labels=[i] * 20) for i in range(5)]
-    one, again = pool_prompts(train, 7, 3, 0, 0, 256), pool_prompts(train, 7, 3, 0, 0, 256)
+    one, again = step_prompts(train, 7, 3, 0, 0, 256), step_prompts(train, 7, 3, 0, 0, 256)
     assert one == again and len(one) == 7 and {p[0] for p in one[:5]} == set(range(5))  # seeded, each once, cycled
-    assert pool_prompts(train, 7, 3, 1, 0, 256) != one and pool_prompts(train, 7, 3, 0, 1, 256) != one
+    assert step_prompts(train, 7, 3, 1, 0, 256) != one and step_prompts(train, 7, 3, 0, 1, 256) != one
 
 
 def test_written_kl_covers_exactly_the_written_tokens(tokenizer):
@@ -47,9 +47,9 @@ def test_written_kl_covers_exactly_the_written_tokens(tokenizer):
 
     teacher, student = make_model(seed=4).eval(), make_model(seed=0)
     pm = get_peft_model(student, peft_config(RecoverConfig(rank=4, dropout=0.0), student)).eval()
-    rows = [[3, 5, 6, 7, 8, 9], [2, 11, 12, 13, 14, 15, 16, 17]]  # [prompt length, prompt..., written...]
-    batch = [as_example(r) for r in rows]
-    assert batch[0].input_ids == [5, 6, 7, 8, 9] and batch[0].labels == [IGNORE_INDEX] * 3 + [8, 9]
+    # prompts 5 6 7 and 11 12, written 8 9 and 13 14 15 16 17: labels on the written tokens only
+    batch = [Example([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9]),
+             Example([11, 12, 13, 14, 15, 16, 17], [IGNORE_INDEX] * 2 + [13, 14, 15, 16, 17])]
     ids, labels = collate(batch, tokenizer.pad_token_id)
     kd, sft = DistillLoss(pm, teacher, 1.0, 4, sft=True)(ids, labels, torch.tensor([5, 7]), written=True)
     with torch.no_grad():
@@ -59,44 +59,47 @@ def test_written_kl_covers_exactly_the_written_tokens(tokenizer):
     assert torch.allclose(kd, sum(kl[b, j] for b, j in positions), rtol=1e-4) and sft == 0
 
 
-def test_the_student_writes_its_pool_greedily_each_round(tokenizer, monkeypatch, tmp_path):
-    """Each round's pool: the student's greedy continuations of that round's prompts; round 0's is the bare
-    student's own text (a new adapter changes nothing yet)."""
+def test_the_student_writes_greedily_at_every_step(tokenizer, monkeypatch, tmp_path):
+    """Each step trains on what the student, as it is then, writes from that step's prompts; at step 0 that is the
+    bare student's own greedy text (a new adapter changes nothing yet)."""
     import rora.recovery.trainer as trainer
 
     teacher, student = make_model(seed=4), make_model(seed=0)
     bare = copy.deepcopy(student).eval()
-    cfg = kd_config(max_steps=6)  # 4 continuations, 2 a step: a new pool at steps 0, 2 and 4
-    pools, original = {}, trainer._Run.written_batch
+    cfg = kd_config(max_steps=6)
+    written, original = [], trainer._Run.written_batch
 
     def spy(self):
         batch = original(self)
-        pools.setdefault(self.pool["round"], copy.deepcopy(self.pool["rows"]))
+        written.append(copy.deepcopy(batch))
         return batch
 
     monkeypatch.setattr(trainer._Run, "written_batch", spy)
     result = recover(student, tokenizer, even_odd_records(40), cfg, tmp_path / "out", progress=False, teacher=teacher)
-    assert sorted(pools) == [0, 1, 2] and all(len(rows) == 4 for rows in pools.values())
+    train = trainer._training_data(even_odd_records(40), tokenizer, cfg).train
+    assert len(written) == 6 and all(len(batch) == 2 for batch in written)
+    for step, batch in enumerate(written):
+        prompts = step_prompts(train, 2, cfg.seed, step, 0, cfg.cutoff_len - 6)
+        assert [e.input_ids[:len(p)] for e, p in zip(batch, prompts)] == prompts
+        assert all(e.labels[:len(p)] == [IGNORE_INDEX] * len(p) and e.labels[len(p):] == e.input_ids[len(p):]
+                   and 0 < len(e) - len(p) <= 6 for e, p in zip(batch, prompts))
+    settings, stops = writing_settings(bare, tokenizer, {"max_new_tokens": 6, "temperature": 0.0})
+    prompts = step_prompts(train, 2, cfg.seed, 0, 0, cfg.cutoff_len - 6)
+    assert [e.input_ids[len(p):] for e, p in zip(written[0], prompts)] == \
+        [new for new, _ in continue_ids(bare, prompts, settings, stops, 2)]
     logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     assert len(steps) == 6 and all(r["written_kl"] > 0 for r in steps)
-    figures = {"continuations": 4, "new_tokens": 6, "rounds": 3, "written_kl_first": steps[0]["written_kl"],
+    figures = {"continuations": 2, "new_tokens": 6, "no_repeat": 0, "written_kl_first": steps[0]["written_kl"],
                "written_kl_last": steps[-1]["written_kl"]}
     assert result.on_policy == figures
     assert json.loads((tmp_path / "out" / "rora.json").read_text())["report"]["on_policy"] == figures
     from rora.pipelines.summary import recovery_lines
 
-    line = recovery_lines({"lr": 5e-3, "on_policy": figures})[-1]
-    assert line.startswith("- on-policy distillation: the student wrote 4 greedy continuations of 6 tokens per round, "
-                           "3 rounds") and f"{figures['written_kl_first']:.3f} -> {figures['written_kl_last']:.3f}" in line
-    train = trainer._training_data(even_odd_records(40), tokenizer, cfg).train
-    settings, stops = writing_settings(bare, tokenizer, {"max_new_tokens": 6, "temperature": 0.0})
-    for round_, rows in pools.items():
-        prompts = pool_prompts(train, 4, cfg.seed, round_, 0, cfg.cutoff_len - 6)
-        assert [r[1:1 + r[0]] for r in rows] == prompts
-        assert all(0 < len(r) - 1 - r[0] <= 6 for r in rows)
-    written = continue_ids(bare, [r[1:1 + r[0]] for r in pools[0]], settings, stops, 2)
-    assert [r[1 + r[0]:] for r in pools[0]] == [new for new, _ in written]
+    line = recovery_lines({"lr": 5e-3, "on_policy": {**figures, "no_repeat": 4}})[-1]
+    assert line.startswith("- on-policy distillation: the student wrote 2 greedy continuations of 6 tokens at every "
+                           "step, graded by the teacher without repeating a 4-gram") and \
+        f"{figures['written_kl_first']:.3f} -> {figures['written_kl_last']:.3f}" in line
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +112,15 @@ def saved(tmp_path_factory):
     return root
 
 
-def test_a_run_killed_mid_round_resumes_bit_identically(saved, tmp_path):
-    # 6 continuations, 2 a step: rounds start at steps 0, 3, 6; the kill at step 4's checkpoint is mid-round, so
-    # only the pool saved with the checkpoint gives step 5 the continuations the uninterrupted run trained on.
-    cfg = kd_config(on_policy=6, max_steps=8).to_dict()
+def test_a_killed_run_resumes_bit_identically(saved, tmp_path):
+    # The resumed run writes, at each step, what the uninterrupted one wrote: same adapter, same prompts.
+    cfg = kd_config(max_steps=8, on_policy_no_repeat=3).to_dict()
     worker = lambda out, **env: recover_worker(saved, saved / "student", saved / "teacher", out, cfg, **env)  # noqa: E731
     full, resumed = assert_sigkill_resume_is_bit_identical(worker, tmp_path / "full", tmp_path / "killed", steps=8)
     assert resumed["val_metrics"] == full["val_metrics"]
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"on_policy": 3}, "multiple of recover.micro_batch_size"),
     ({"on_policy": 4, "objective": "sft"}, "needs objective kd"),
     ({"on_policy": 4, "on_policy_tokens": 256}, "less than recover.cutoff_len"),
     ({"on_policy": -2}, "on_policy"),

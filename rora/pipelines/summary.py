@@ -138,8 +138,9 @@ def recovery_lines(recovery: dict) -> list[str]:
         lines.append(f"- recovery text: {describe_read(recovery['text'])}")
     if recovery.get("on_policy"):
         o = recovery["on_policy"]
+        graded = f", graded by the teacher without repeating a {o['no_repeat']}-gram" if o.get("no_repeat") else ""
         lines.append(f"- on-policy distillation: the student wrote {o['continuations']} greedy continuations of "
-                     f"{o['new_tokens']} tokens per round, {o['rounds']} rounds; KL to the teacher on its own writing "
+                     f"{o['new_tokens']} tokens at every step{graded}; KL to the teacher on its own writing "
                      f"{o['written_kl_first']:.3f} -> {o['written_kl_last']:.3f} nats/token (first and last step)")
     return lines
 

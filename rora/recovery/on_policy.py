@@ -4,14 +4,16 @@ Distilling on fixed text teaches the student the teacher's next token in the sta
 the student to states of its own, where a small error compounds: the demo's recovered model, distilled on records
 and prose alone, loops ("She was a woman who was a woman. She was a woman who ...") on 61% of its greedy 4-grams,
 the unpruned model on 22%. Here the student continues prompts drawn from its own training data, greedily (the
-decoding rora's quality figure and most deployments use), and every training step adds one micro-batch of those
-continuations with the KL to the teacher on each written token (the prompt's tokens are trained on as usual).
+decoding rora's quality figure and most deployments use): at every training step it writes
+`RecoverConfig.on_policy` continuations, as it is at that step, and the step trains on them as one more micro-batch,
+with the KL to the teacher on each written token (the prompts' own tokens are trained on as usual). The prompts are
+drawn from the training data by (seed, step, process), so a resumed run writes what the uninterrupted one wrote; with
+several processes each writes its own.
 
-The continuations come in rounds: a pool of `RecoverConfig.on_policy` continuations is written by the student as it
-is at the round's first step and trained on over the next on_policy / micro_batch_size steps, a micro-batch a step;
-then the next round writes a new pool. The pool is part of the training state (checkpoints and --lr auto's
-snapshots hold it), so a resumed run trains on the same continuations. With several processes each writes its own
-pool from its own prompts.
+A teacher still follows a loop once it is in one: in-context copying makes "No. No. No." likely to go on for the
+unpruned model too. With `on_policy_no_repeat` = n the teacher grades as it would write under transformers'
+no_repeat_ngram_size=n: at each written token its distribution leaves out the tokens that would repeat an n-gram of
+the continuation (repeat_bans), so the student learns to leave a loop where it starts.
 """
 from __future__ import annotations
 
@@ -31,27 +33,21 @@ def prompt_of(example: Example, room: int) -> list[int]:
     return ids[-room:]
 
 
-def pool_prompts(train: Sequence[Example], count: int, seed: int, round_: int, process: int, room: int) -> list[list[int]]:
-    """`count` prompts for one process's pool in round `round_`: training examples drawn without replacement
-    (cycled when there are fewer), seeded by (seed, round, process)."""
+def step_prompts(train: Sequence[Example], count: int, seed: int, step: int, process: int, room: int) -> list[list[int]]:
+    """`count` prompts for one process at one step: training examples drawn without replacement (cycled when there
+    are fewer), seeded by (seed, step, process)."""
     order = list(range(len(train)))
-    random.Random(seed * 1_000_003 + round_ * 1_009 + process).shuffle(order)
+    random.Random(seed * 1_000_003 + step * 1_009 + process).shuffle(order)
     return [prompt_of(train[order[k % len(order)]], room) for k in range(count)]
 
 
-def write_pool(model, prompts: list[list[int]], settings, stops: list[int], batch_size: int) -> list[list[int]]:
-    """The model's greedy continuations of `prompts` as rows [prompt length, prompt ids..., written ids...]."""
+def write_examples(model, prompts: list[list[int]], settings, stops: list[int]) -> list[Example]:
+    """The model's greedy continuations of `prompts` (one batch), as training examples whose labels are the written
+    tokens only: the positions that predict them are the ones the KL covers."""
     from ..evaluation.text import continue_ids
 
-    written = continue_ids(model, prompts, settings, stops, batch_size)
-    return [[len(p), *p, *new] for p, (new, _) in zip(prompts, written)]
-
-
-def as_example(row: list[int]) -> Example:
-    """A pool row as a training example whose labels are the written tokens only (the positions that predict them
-    are the ones the KL covers)."""
-    n, ids = row[0], row[1:]
-    return Example(input_ids=list(ids), labels=[IGNORE_INDEX] * n + list(ids[n:]))
+    written = continue_ids(model, prompts, settings, stops, len(prompts))
+    return [Example(input_ids=p + new, labels=[IGNORE_INDEX] * len(p) + new) for p, (new, _) in zip(prompts, written)]
 
 
 def repeat_bans(input_ids, keep, n: int):

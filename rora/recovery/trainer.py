@@ -21,9 +21,9 @@ sibling, with its checkpoints, for --resume:
     rora.json                manifest (artifacts.Manifest): base model and data, resolved config, scales per
                              module, results, provenance
 
-On-policy distillation (config.on_policy > 0, rora.recovery.on_policy): every step adds a micro-batch of the
-student's own greedy continuations of training prompts, the KL to the teacher on each written token; the student
-writes a new pool of them every on_policy / micro_batch_size steps.
+On-policy distillation (config.on_policy > 0, rora.recovery.on_policy): at every step the student writes greedy
+continuations of training prompts, and the step adds them as one more micro-batch, the KL to the teacher on each
+written token.
 
 --lr auto probes a few learning rates, each for a few steps from the same initial adapter (rora.recovery.lr_auto),
 then continues from the winning probe's state: the run is exactly the run at that learning rate.
@@ -60,7 +60,7 @@ from .distill import (DistillLoss, StudentLoss, batch_sums, check_objective, che
 from . import sharding
 from .dropout import use_sparse_dropout
 from .lr_auto import LrSearch
-from .on_policy import as_example, pool_prompts, write_pool
+from .on_policy import step_prompts, write_examples
 from .methods import ADAPTER_NAME, effective_scale, module_scales, peft_config, scaling_exponent
 from .synthetic import synthetic_texts
 
@@ -89,7 +89,7 @@ class RecoverResult:
     lr: float | None = None  # the learning rate trained with (--lr auto: the one chosen)
     lr_auto: dict | None = None  # --lr auto: the grid, each probe's figures, the choice and its cost
     text: dict | None = None  # the text trained on: its source, revision or fingerprint, documents and tokens
-    on_policy: dict | None = None  # on-policy distillation: pool size, new tokens, rounds, KL on the written tokens
+    on_policy: dict | None = None  # on-policy distillation: continuations per step, new tokens, KL on the written tokens
 
     def to_dict(self) -> dict:
         return {
@@ -117,7 +117,7 @@ class NonFiniteLoss(TrainingError):
 
 
 # What a snapshot (and a checkpoint) holds besides the weights, optimizer and scheduler.
-COUNTERS = ("step", "history", "train_tokens", "train_seconds", "best_val_loss", "best_step", "pool")
+COUNTERS = ("step", "history", "train_tokens", "train_seconds", "best_val_loss", "best_step")
 
 
 class LabelledTokenLoss(StudentLoss):
@@ -361,7 +361,6 @@ class _Run:
     history: list = field(default_factory=list)
     search: LrSearch | None = None  # --lr auto
     writing: tuple | None = None  # on-policy: (transformers GenerationConfig, stop ids) the student writes with
-    pool: dict | None = None  # on-policy: {"round", "rows"} (rora.recovery.on_policy.write_pool's rows)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -528,28 +527,24 @@ class _Run:
         return loss, int(totals[-1]), parts
 
     def written_batch(self) -> list[Example]:
-        """This step's micro-batch of on-policy continuations (rora.recovery.on_policy); at a round's first step the
-        student, as it is now, writes the round's pool."""
-        cfg, size = self.config, self.config.micro_batch_size
-        round_, k = divmod(self.step, cfg.on_policy // size)
-        if self.pool is None or self.pool["round"] != round_:
-            prompts = pool_prompts(self.data.train, cfg.on_policy, cfg.seed, round_, self.acc.process_index,
-                                   cfg.cutoff_len - cfg.on_policy_tokens)
-            with sharding.whole_root(self.wrapped):
-                rows = write_pool(self.peft_model, prompts, *self.writing, batch_size=size)
-            self.peft_model.train()
-            self.pool = {"round": round_, "rows": rows}
-        return [as_example(r) for r in self.pool["rows"][k * size:(k + 1) * size]]
+        """This step's on-policy micro-batch (rora.recovery.on_policy): what the student, as it is now, writes."""
+        cfg = self.config
+        prompts = step_prompts(self.data.train, cfg.on_policy, cfg.seed, self.step, self.acc.process_index,
+                               cfg.cutoff_len - cfg.on_policy_tokens)
+        with sharding.whole_root(self.wrapped):
+            written = write_examples(self.peft_model, prompts, *self.writing)
+        self.peft_model.train()
+        return written
 
     def on_policy_figures(self) -> dict | None:
-        """On-policy distillation in figures: the pool's size and new tokens, the rounds written, and the KL to the
-        teacher per written token at the first and the last step (each on the pool of its round)."""
+        """On-policy distillation in figures: continuations and new tokens per step, the n-gram the teacher's target
+        never repeats, and the KL to the teacher per written token at the first and the last step (each on what the
+        student wrote at that step)."""
         cfg = self.config
         kls = [r["written_kl"] for r in self.history if "written_kl" in r]
         if not cfg.on_policy or not kls:
             return None
-        return {"continuations": cfg.on_policy, "new_tokens": cfg.on_policy_tokens,
-                "rounds": -(-self.step // (cfg.on_policy // cfg.micro_batch_size)),
+        return {"continuations": cfg.on_policy, "new_tokens": cfg.on_policy_tokens, "no_repeat": cfg.on_policy_no_repeat,
                 "written_kl_first": kls[0], "written_kl_last": kls[-1]}
 
     def evaluate(self) -> float:
@@ -658,7 +653,6 @@ class _Run:
                     "train_tokens": self.train_tokens,
                     "train_seconds": self.train_seconds,
                     "history": self.history,
-                    "on_policy_pool": self.pool,
                     **({"lr_auto": self.search.to_dict()} if self.search is not None else {}),
                 })
             if previous is not None and previous != path:
@@ -686,7 +680,6 @@ class _Run:
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.train_tokens, self.train_seconds = state["train_tokens"], state["train_seconds"]
         self.history = state["history"]
-        self.pool = state.get("on_policy_pool")
         if self.search is not None:
             self.search = LrSearch.from_dict(state["lr_auto"])
         if self.acc.is_main_process:  # drop metrics logged after the checkpoint by the killed run
