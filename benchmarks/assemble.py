@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ("reconstruct", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing",
+ORDER = ("reconstruct", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing",
          "distill_data", "eval", "loglik", "prune", "edge")  # the claims first, then the speed figures, then the device
 INTRO = """# Benchmarks
 

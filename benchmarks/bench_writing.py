@@ -1,0 +1,173 @@
+"""Can the recovered model still write? On-policy distillation against the quickstart recipe (issue #24).
+
+The quickstart's pruned and reconstructed model (its prune and reconstruct sections, as `rora run` builds it) is
+recovered with the quickstart's recover section, once per variant (--variants):
+    kd                 the recipe as it was: distillation on records and prose
+    on-policy N        + at every step the student writes N greedy continuations of training prompts and is
+                       distilled on them (KL to the teacher on each written token)
+    on-policy N nr K   + the teacher grades them without repeating a K-gram of the continuation
+    kd+sft W           the recipe with the answers' cross-entropy added (kd weight W), for comparison
+Each recovered model (and the base, pruned and reconstructed ones) gets validation figures only (never a test set):
+    writing            repetition (% of repeated 4-grams) of greedy 48-token continuations of the held-out prompts
+                       (rora.evaluation.quality: 12 openings, 12 validation records' prompts; by set), distinct-2,
+                       perplexity of the written text under the unpruned model
+    KL                 to the unpruned model on the run's own validation split (records + prose) and on 48 paragraphs
+                       of the prose corpus the recipe never reads (the end of its last shard)
+and beside them the held-out prose test passages' perplexity (measured, never chosen on) and the seconds recovery took.
+
+Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
+
+    make prose
+    python benchmarks/bench_writing.py                       # 5 recoveries, ~45 min on one quiet core
+    python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
+
+VARIANTS = "kd,on-policy-8,on-policy-8-nr4,kd+sft-0.9,on-policy-4-nr4"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"), help="training records (default: RORA_DATA_DIR)")
+    p.add_argument("--prose", default="runs/prose", help="the directory `make prose` wrote")
+    p.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default: {VARIANTS})")
+    p.add_argument("--max-steps", type=int, default=None, help="cap each recovery's steps (a quick check)")
+    p.add_argument("--work", default="runs/writing", help="scratch directory (runs.jsonl, recoveries)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the rows done so far")
+    return p.parse_args(argv)
+
+
+def variant_config(rc, name: str):
+    """The quickstart's recover section changed as the variant's name says."""
+    if name == "kd":
+        return dataclasses.replace(rc, on_policy=0, on_policy_no_repeat=0)
+    if name.startswith("kd+sft-"):
+        return dataclasses.replace(rc, objective="kd+sft", kd_weight=float(name.split("-")[-1]), on_policy=0,
+                                   on_policy_no_repeat=0)
+    parts = name.split("-")  # on-policy-N[-nrK]
+    no_repeat = int(parts[3][2:]) if len(parts) > 3 else 0
+    return dataclasses.replace(rc, on_policy=int(parts[2]), on_policy_no_repeat=no_repeat)
+
+
+def main(argv=None) -> None:
+    import pyarrow.parquet as pq
+
+    from rora.config import load_preset
+    from rora.evaluation.quality import generation_quality
+    from rora.measure import Prose, heldout_metrics
+    from rora.models import load_model
+    from rora.pruning.prune import prune
+    from rora.reconstruction.calibration import calibration_sequences
+    from rora.reconstruction.reconstruct import reconstruct
+    from rora.recovery.data import load_records, split_train_val
+    from rora.recovery.trainer import recover
+
+    args = parse_args(argv)
+    runs = Runs(args.work)
+    preset = load_preset("quickstart")
+    if args.report_only:
+        return report(args, runs.done)
+    shards = sorted(glob.glob(os.path.join(args.prose, "*.parquet")))
+    if not shards:
+        sys.exit(f"no prose corpus in {args.prose}: run `make prose` first")
+    val_prose = pq.read_table(shards[-1]).column("text").to_pylist()[-48:]  # the recipe reads from the start
+    text = os.path.join(args.prose, "*.parquet")
+    rc = dataclasses.replace(preset.recover, text=text)
+    if args.max_steps:
+        rc = dataclasses.replace(rc, max_steps=args.max_steps)
+    base, tok = load_model(preset.model)
+    prose = Prose.load("auto", 32, args.data)
+    train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
+
+    def figures(model) -> dict:
+        q = generation_quality(model, tok, base, val, prompts=12, new_tokens=48)
+        return {"repetition": q["repetition"], "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
+                "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
+                "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
+                "test_prose_ppl": prose.measure(model, base, tok)["perplexity"], "examples": q["examples"][:3] + q["examples"][12:15]}
+
+    if "base" not in runs.done:
+        runs.keep({"name": "base", **figures(base)})
+    model = copy.deepcopy(base)
+    prune(model, tok, preset.prune)
+    if "pruned" not in runs.done:
+        runs.keep({"name": "pruned", **figures(model)})
+    calibration = dataclasses.replace(preset.reconstruct, calibration=text)
+    ids, what = calibration_sequences(calibration, tok, teacher=base, records=train)
+    reconstruct(model, base, tok, calibration, sequences=ids, source=what, progress=False)
+    if "reconstructed" not in runs.done:
+        runs.keep({"name": "reconstructed", **figures(model)})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in args.variants.split(","):
+        if name in runs.done:
+            continue
+        model.load_state_dict(state)
+        cfg = variant_config(rc, name)
+        start = time.perf_counter()
+        res = recover(copy.deepcopy(model), tok, args.data, cfg, runs.work / "recovery" / name, overwrite=True,
+                      progress=False, teacher=copy.deepcopy(base))
+        row = {"name": name, "seconds": time.perf_counter() - start, "steps": res.steps,
+               "train_tokens": res.train_tokens, "val_kl": res.val_metrics.get("val_kl"), **figures(res.model.eval())}
+        runs.keep(row, f"repetition {row['repetition']:.3f}, val KL {row['val_kl']:.3f}, {row['seconds']:.0f} s")
+    report(args, runs.done)
+
+
+def report(args, done: dict) -> None:
+    base = done.get("base")
+    table = ["| model | repetition (%) | text / task prompts | x base | distinct-2 | reference ppl | val KL (run) | "
+             "val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
+    for name, r in done.items():
+        ratio = f"{r['repetition'] / base['repetition']:.2f}" if base else "-"
+        table.append(f"| {name} | {100 * r['repetition']:.1f} | {100 * r['by_set']['text']:.1f} / "
+                     f"{100 * r['by_set']['task']:.1f} | {ratio} | {r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
+                     f"{_num(r.get('val_kl'))} | {r['val_prose_kl']:.3f} | {r['test_prose_ppl']:.1f} | "
+                     f"{_num(r.get('seconds'), '.0f')} |")
+    plot(done, RESULTS / "writing.png")
+    publish("writing", title="Writing after recovery: on-policy distillation and a no-repeat teacher",
+            setting="the quickstart preset's prune, reconstruction and recovery (kd, RoRA r16, lr 1e-3, ~28k tokens "
+                    "of records and Wikipedia prose), one recovery per variant from the same reconstructed model; "
+                    "repetition: greedy 48-token continuations of 12 openings and 12 validation records' prompts "
+                    "(the limit in the demo's summary: 1.5x the unpruned model's); val KL (run): the recovery's own "
+                    "validation records and prose; val KL (prose): 48 corpus paragraphs never read; test prose: 32 "
+                    "held-out BoolQ passages (measured only); one run each (CPU runs are deterministic)",
+            table="\n".join(table), data={"runs": done})
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def plot(done: dict, path: Path) -> None:
+    """Repetition of each model's writing, text and task prompts side by side, the 1.5x-base limit drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(done)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for k, (part, label) in enumerate((("text", "text openings"), ("task", "task prompts"))):
+        ax.bar([i + 0.4 * k for i in range(len(names))], [100 * done[n]["by_set"][part] for n in names], 0.4,
+               label=label)
+    if "base" in done:
+        ax.axhline(150 * done["base"]["repetition"], color="k", ls=":", lw=1, label="1.5x the unpruned model")
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("repeated 4-grams (%)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
