@@ -256,3 +256,15 @@ def smollm2():
     from rora.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def save_student_and_teacher(root: Path, records: list[dict]) -> Path:
+    """root/student (tiny model, seed 0), root/teacher (seed 1), each with its tokenizer, and root/data.json: what
+    a child process that recovers with a teacher reads."""
+    import json
+
+    for name, seed in (("student", 0), ("teacher", 1)):
+        make_model(seed=seed).save_pretrained(root / name)
+        make_tokenizer().save_pretrained(root / name)
+    (root / "data.json").write_text(json.dumps(records))
+    return root

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
-                      recover_worker, tiny_recover_config)
+from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, recover_worker,
+                      save_student_and_teacher, tiny_recover_config)
 
 from rora.config import RecoverConfig
 from rora.errors import ConfigError
@@ -104,12 +104,7 @@ def test_the_student_writes_greedily_at_every_step(tokenizer, monkeypatch, tmp_p
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("on-policy-worker")
-    for name, seed in (("student", 0), ("teacher", 1)):
-        make_model(seed=seed).save_pretrained(root / name)
-        make_tokenizer().save_pretrained(root / name)
-    (root / "data.json").write_text(json.dumps(even_odd_records(40)))
-    return root
+    return save_student_and_teacher(tmp_path_factory.mktemp("on-policy-worker"), even_odd_records(40))
 
 
 def test_a_killed_run_resumes_bit_identically(saved, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (REPO, assert_sigkill_resume_is_bit_identical, even_odd_records, make_model, make_tokenizer,
-                      recover_worker, subprocess_env, tiny_recover_config)
+from conftest import (REPO, assert_sigkill_resume_is_bit_identical, even_odd_records, recover_worker,
+                      save_student_and_teacher, subprocess_env, tiny_recover_config)
 
 CONFIG = REPO / "rora" / "accelerate" / "fsdp.yaml"
 # Each process computes its share of a step's micro-batches; their gradients are summed by a reduce-scatter
@@ -20,11 +20,7 @@ RTOL, ATOL = 1e-4, 1e-6
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    for name, seed in (("student", 0), ("teacher", 1)):
-        make_model(seed=seed).save_pretrained(root / name)
-        make_tokenizer().save_pretrained(root / name)
-    (root / "data.json").write_text(json.dumps(even_odd_records(40)))
+    root = save_student_and_teacher(tmp_path_factory.mktemp("fsdp"), even_odd_records(40))
     (root / "prose.txt").write_text("The capital of France is Paris.\n\nA cat sat on the mat. The answer is true.\n\n"
                                     "Please answer the following question with true or false.\n")
     (root / "no-dropout.yaml").write_text("dropout: 0.0\n")  # masks are drawn per process: off, to compare
