@@ -420,6 +420,7 @@ def recover(model, allow_pickle, data, out, teacher, prose, resume, overwrite, c
 
 def format_recover(r: dict, cfg) -> str:
     from .recovery.lr_auto import describe as describe_lr_auto
+    from .recovery.on_policy import describe as describe_on_policy
     from .sources.text import describe_read
 
     best = "n/a (no validation split)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
@@ -431,6 +432,7 @@ def format_recover(r: dict, cfg) -> str:
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
         "learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
         *([f"text           {describe_read(r['text'])}"] if r.get("text") else []),
+        *([f"on-policy      {describe_on_policy(r['on_policy'])}"] if r.get("on_policy") else []),
         f"best {figure:<9} {best}",
         *([f"held-out       whole-text loss {held['val_text_loss']:.4f}"
            + (f", KL to the teacher {held['val_kl']:.4f}" if "val_kl" in held else "")] if held else []),

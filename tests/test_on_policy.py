@@ -166,3 +166,21 @@ def test_banned_kl_is_the_kl_to_the_renormalised_teacher(tokenizer):
     want = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros(())).sum()
     want.backward()
     assert torch.allclose(got, want, rtol=1e-5) and torch.allclose(grad, hidden.grad, atol=1e-6)
+
+
+def test_cli_recover_reports_on_policy(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from rora.cli import main
+
+    out = tmp_path / "rec"
+    result = CliRunner().invoke(main, [
+        "recover", str(saved / "student"), "--teacher", str(saved / "teacher"), "--data", str(saved / "data.json"),
+        "--out", str(out), "--rank", "4", "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+        "--val-set-size", "8", "--lr", "5e-3", "--on-policy", "2", "--on-policy-tokens", "5",
+        "--on-policy-no-repeat", "3"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((out / "rora.json").read_text())["report"]["on_policy"]
+    assert figures["continuations"] == 2 and figures["new_tokens"] == 5 and figures["no_repeat"] == 3
+    assert ("on-policy      the student wrote 2 greedy continuations of 5 tokens at every step, graded by the "
+            "teacher without repeating a 3-gram") in result.output

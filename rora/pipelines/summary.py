@@ -127,6 +127,7 @@ def recovery_lines(recovery: dict) -> list[str]:
     """'- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure, the choice and its cost) and
     '- recovery text: ...' (what was read of the text source) and '- on-policy distillation: ...'."""
     from ..recovery.lr_auto import describe
+    from ..recovery.on_policy import describe as describe_on_policy
     from ..sources.text import describe_read
 
     lines = []
@@ -137,11 +138,7 @@ def recovery_lines(recovery: dict) -> list[str]:
     if recovery.get("text"):
         lines.append(f"- recovery text: {describe_read(recovery['text'])}")
     if recovery.get("on_policy"):
-        o = recovery["on_policy"]
-        graded = f", graded by the teacher without repeating a {o['no_repeat']}-gram" if o.get("no_repeat") else ""
-        lines.append(f"- on-policy distillation: the student wrote {o['continuations']} greedy continuations of "
-                     f"{o['new_tokens']} tokens at every step{graded}; KL to the teacher on its own writing "
-                     f"{o['written_kl_first']:.3f} -> {o['written_kl_last']:.3f} nats/token (first and last step)")
+        lines.append(f"- on-policy distillation: {describe_on_policy(recovery['on_policy'])}")
     return lines
 
 

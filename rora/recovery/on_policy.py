@@ -50,6 +50,14 @@ def write_examples(model, prompts: list[list[int]], settings, stops: list[int]) 
     return [Example(input_ids=p + new, labels=[IGNORE_INDEX] * len(p) + new) for p, (new, _) in zip(prompts, written)]
 
 
+def describe(figures: dict) -> str:
+    """One line on a run's on-policy distillation (RecoverResult.on_policy), for the CLI report and the summary."""
+    graded = f", graded by the teacher without repeating a {figures['no_repeat']}-gram" if figures.get("no_repeat") else ""
+    return (f"the student wrote {figures['continuations']} greedy continuations of {figures['new_tokens']} tokens at "
+            f"every step{graded}; KL to the teacher on its own writing {figures['written_kl_first']:.3f} -> "
+            f"{figures['written_kl_last']:.3f} nats/token (first and last step)")
+
+
 def repeat_bans(input_ids, keep, n: int):
     """[K, 2] (row, token) pairs: at each row of the kept positions (`keep`, [batch, width - 1], row-major order:
     the rows the KL walks), the tokens that would complete an n-gram already written earlier in the same
