@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rora"
 # The core every stage may use; it imports no stage.
 CORE = {"rora", "rora.errors", "rora.config", "rora.registry", "rora.artifacts", "rora.architecture", "rora.numerics",
         "rora.models", "rora.measure", "rora.sources", "rora.sources.gguf", "rora.sources.llm_pruner",
-        "rora.sources.text", "rora.sources.torch_pruning"}
+        "rora.sources.text", "rora.sources.torch_pruning", "rora.writing"}
 STAGES = ("rora.pruning", "rora.reconstruction", "rora.recovery", "rora.evaluation", "rora.deployment")
 # Composition: rora/pipelines/ (the pipeline, its summary), the CLI; they may import anything.
 TOP = {"rora.pipelines", "rora.pipelines.run", "rora.pipelines.summary", "rora.cli", "rora.__main__"}

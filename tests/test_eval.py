@@ -16,7 +16,8 @@ from rora.errors import ConfigError, DataError, MergeError
 from rora.evaluation.data import load_examples, resolve_data_dir
 from rora.evaluation.evaluate import EvalResults, evaluate
 from rora.models import load_adapter
-from rora.evaluation.generate import _BeamLayer, _groups, layout_rows, generate_reference, generate_responses
+from rora.evaluation.generate import _BeamLayer, _groups, generate_reference, generate_responses
+from rora.writing import layout_rows
 from rora.evaluation.loglik import MIN_SHARED, _common_prefix, _shared_prefix  # noqa: E402
 from rora.evaluation.score import (_plan, argmax, encode_pair,
                                    loglikelihoods)

@@ -12,7 +12,7 @@ from conftest import (assert_sigkill_resume_is_bit_identical, even_odd_records, 
 
 from rora.config import RecoverConfig
 from rora.errors import ConfigError
-from rora.evaluation.text import continue_ids, writing_settings
+from rora.writing import continue_ids, writing_settings
 from rora.recovery.data import IGNORE_INDEX, Example, collate, tokenize_record
 from rora.recovery.distill import DistillLoss
 from rora.recovery.on_policy import PREFIX_TOKENS, prompt_of, step_prompts

@@ -9,12 +9,12 @@ the reference script, kept as the baseline that tests and the benchmark compare 
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..writing import layout_rows, quiet_generate
 from .loglik import progress_bar, shared_prefix_length
 from .tasks import response_of
 
@@ -187,33 +187,3 @@ class _BeamLayer(DynamicLayer):
         for buf in self._buf:
             buf[:, :, start : self.length] = buf[:, :, start : self.length].index_select(0, beam_idx)
         self._views()
-
-
-def layout_rows(rows: list[list[int]], shared: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) laid out as [common prefix | left pads | rest of the prompt].
-
-    The rows' first `shared` tokens are equal, so their cache is computed once and sits in front; the pads sit
-    between it and each row's own tokens, masked out. Positions come from the mask (pads do not count), so every
-    token has the position and context it has alone. shared=0 is plain left padding.
-    """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    ids[:, :shared] = torch.tensor(rows[0][:shared], dtype=torch.long)
-    mask[:, :shared] = 1
-    for j, r in enumerate(rows):
-        ids[j, width - len(r) + shared:] = torch.tensor(r[shared:], dtype=torch.long)
-        mask[j, width - len(r) + shared:] = 1
-    return ids.to(device), mask.to(device)
-
-
-class quiet_generate:
-    """transformers warns on every call without a mask (the reference's way) and on generation flags; hush it."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("transformers.generation.utils")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)

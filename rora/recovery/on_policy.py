@@ -44,7 +44,7 @@ def step_prompts(train: Sequence[Example], count: int, seed: int, step: int, pro
 def write_examples(model, prompts: list[list[int]], settings, stops: list[int]) -> list[Example]:
     """The model's greedy continuations of `prompts` (one batch), as training examples whose labels are the written
     tokens only: the positions that predict them are the ones the KL covers."""
-    from ..evaluation.text import continue_ids
+    from ..writing import continue_ids
 
     written = continue_ids(model, prompts, settings, stops, len(prompts))
     return [Example(input_ids=p + new, labels=[IGNORE_INDEX] * len(p) + new) for p, (new, _) in zip(prompts, written)]

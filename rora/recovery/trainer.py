@@ -313,7 +313,7 @@ def _writing(model, tokenizer, config: RecoverConfig) -> tuple:
     """How the student writes its on-policy continuations: greedy, config.on_policy_tokens new tokens, no chat
     template (the prompts are token ids from the training data)."""
     from ..config import GenerateConfig
-    from ..evaluation.text import writing_settings
+    from ..writing import writing_settings
 
     return writing_settings(model, tokenizer, GenerateConfig(max_new_tokens=config.on_policy_tokens, temperature=0.0))
 
