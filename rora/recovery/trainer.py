@@ -479,7 +479,8 @@ class _Run:
         torch.manual_seed(_step_seed(cfg.seed, self.step, acc.process_index))
         n_targets = max(1, sum(_n_targets(train[i]) for mb in micro_batches for i in mb))
         written = self.written_batch() if cfg.on_policy else []
-        n_written = int(acc.reduce(torch.tensor(float(sum(map(_n_targets, written))), device=acc.device), "sum"))
+        n_written = int(acc.reduce(torch.tensor(float(sum(map(_n_targets, written))), device=acc.device), "sum")) \
+            if cfg.on_policy else 0  # every process's written tokens: one more collective, only when on
         if self.kd:
             n_kd = max(1, sum(len(train[i]) - 1 for mb in micro_batches for i in mb) + n_written)
             w = 1.0 if cfg.objective == "kd" else cfg.kd_weight
