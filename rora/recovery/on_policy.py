@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import torch
+
 from .data import IGNORE_INDEX, Example
 
 PREFIX_TOKENS = 16  # a text sequence (or a record trained on its prompt too) is continued after its first tokens
@@ -63,8 +65,6 @@ def repeat_bans(input_ids, keep, n: int):
     the rows the KL walks), the tokens that would complete an n-gram already written earlier in the same
     continuation (the kept positions of a batch row are its continuation). What the teacher then predicts is what
     it would write under transformers' no_repeat_ngram_size=n, within the continuation."""
-    import torch
-
     ids, found = input_ids.tolist(), []
     rows = keep.reshape(-1).cumsum(0).sub(1).view_as(keep).tolist()
     for b, positions in enumerate(keep.tolist()):

@@ -708,6 +708,8 @@ class _Run:
             prose = prose.measure(self.peft_model, self.teacher, tokenizer) if prose is not None else None
         cfg, acc = self.config, self.acc
         scales = module_scales(self.peft_model)
+        lr_auto = self.search.summary() if self.search is not None else None
+        on_policy = self.on_policy_figures()
         tps = self.train_tokens / max(self.train_seconds, 1e-9)
         adapter_dir = metrics_path = None
         if self.out is not None:
@@ -740,9 +742,9 @@ class _Run:
                     "data_fingerprint": self.data.fingerprint,
                     "text": self.data.text,
                     "lr": self.lr,
-                    "lr_auto": self.search.summary() if self.search is not None else None,
+                    "lr_auto": lr_auto,
                     "prose": prose,
-                    "on_policy": self.on_policy_figures(),
+                    "on_policy": on_policy,
                 })
             acc.wait_for_everyone()
         return RecoverResult(
@@ -750,8 +752,7 @@ class _Run:
             effective_scale=effective_scale(cfg), steps=self.step, train_tokens=self.train_tokens,
             tokens_per_second=tps, dropped_too_long=self.data.dropped_too_long, metrics_path=metrics_path,
             module_scales=scales, objective=cfg.objective, val_metrics=self.best_metrics(), prose=prose, lr=self.lr,
-            lr_auto=self.search.summary() if self.search is not None else None, text=self.data.text,
-            on_policy=self.on_policy_figures(),
+            lr_auto=lr_auto, text=self.data.text, on_policy=on_policy,
         )
 
     @property
