@@ -1,16 +1,20 @@
-"""Can the recovered model still write? On-policy distillation against the quickstart recipe (issue #24).
+"""Can the recovered model still write? Recovery objectives and on-policy distillation against the quickstart recipe
+(issue #24).
 
 The quickstart's pruned and reconstructed model (its prune and reconstruct sections, as `rora run` builds it) is
 recovered with the quickstart's recover section, once per variant (--variants):
-    kd                 the recipe as it was: distillation on records and prose
+    kd                 distillation alone on the records and prose (the quickstart's objective before kd+sft)
     on-policy N        + at every step the student writes N greedy continuations of training prompts and is
                        distilled on them (KL to the teacher on each written token)
     on-policy N nr K   + the teacher grades them without repeating a K-gram of the continuation
-    kd+sft W           the recipe with the answers' cross-entropy added (kd weight W), for comparison
+    kd+sft W           the recipe with the cross-entropy of the training tokens added (kd weight W): the records'
+                       answers (each ended by EOS) and the prose
 Each recovered model (and the base, pruned and reconstructed ones) gets validation figures only (never a test set):
     writing            repetition (% of repeated 4-grams) of greedy 48-token continuations of the held-out prompts
                        (rora.evaluation.quality: 12 openings, 12 validation records' prompts; by set), distinct-2,
                        perplexity of the written text under the unpruned model
+    wide               repetition on 48 more openings, the first 10 words of the 48 corpus paragraphs below: four
+                       times the text prompts, so a less noisy figure than the 12 openings'
     KL                 to the unpruned model on the run's own validation split (records + prose) and on 48 paragraphs
                        of the prose corpus the recipe never reads (the end of its last shard)
 and beside them the held-out prose test passages' perplexity (measured, never chosen on) and the seconds recovery took.
@@ -18,7 +22,7 @@ and beside them the held-out prose test passages' perplexity (measured, never ch
 Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
     make prose
-    python benchmarks/bench_writing.py                       # 5 recoveries, ~45 min on one quiet core
+    python benchmarks/bench_writing.py                       # 4 recoveries, ~60 min on one quiet core
     python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 
-VARIANTS = "kd,on-policy-8,on-policy-8-nr4,kd+sft-0.9,on-policy-4-nr4"
+VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.7"
+WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
 
 
 def parse_args(argv=None):
@@ -44,28 +49,32 @@ def parse_args(argv=None):
     p.add_argument("--prose", default="runs/prose", help="the directory `make prose` wrote")
     p.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default: {VARIANTS})")
     p.add_argument("--max-steps", type=int, default=None, help="cap each recovery's steps (a quick check)")
+    p.add_argument("--seed", type=int, default=None, help="the recovery's seed (validation split, order, prompts; "
+                                                          "default: the preset's)")
     p.add_argument("--work", default="runs/writing", help="scratch directory (runs.jsonl, recoveries)")
     p.add_argument("--report-only", action="store_true", help="write the report from the rows done so far")
     return p.parse_args(argv)
 
 
 def variant_config(rc, name: str):
-    """The quickstart's recover section changed as the variant's name says."""
+    """The quickstart's recover section changed as the variant's name says (from plain kd, whatever the preset's
+    objective)."""
+    kd = dataclasses.replace(rc, objective="kd", on_policy=0, on_policy_no_repeat=0)
     if name == "kd":
-        return dataclasses.replace(rc, on_policy=0, on_policy_no_repeat=0)
+        return kd
     if name.startswith("kd+sft-"):
-        return dataclasses.replace(rc, objective="kd+sft", kd_weight=float(name.split("-")[-1]), on_policy=0,
-                                   on_policy_no_repeat=0)
+        return dataclasses.replace(kd, objective="kd+sft", kd_weight=float(name.split("-")[-1]))
     parts = name.split("-")  # on-policy-N[-nrK]
     no_repeat = int(parts[3][2:]) if len(parts) > 3 else 0
-    return dataclasses.replace(rc, on_policy=int(parts[2]), on_policy_no_repeat=no_repeat)
+    return dataclasses.replace(kd, on_policy=int(parts[2]), on_policy_no_repeat=no_repeat)
 
 
 def main(argv=None) -> None:
     import pyarrow.parquet as pq
 
     from rora.config import load_preset
-    from rora.evaluation.quality import generation_quality
+    from rora.evaluation.quality import generation_quality, repetition
+    from rora.evaluation.text import generate_text
     from rora.measure import Prose, heldout_metrics
     from rora.models import load_model
     from rora.pruning.prune import prune
@@ -87,13 +96,17 @@ def main(argv=None) -> None:
     rc = dataclasses.replace(preset.recover, text=text)
     if args.max_steps:
         rc = dataclasses.replace(rc, max_steps=args.max_steps)
+    if args.seed is not None:
+        rc = dataclasses.replace(rc, seed=args.seed)
+    wide = [" ".join(p.split()[:WIDE]) for p in val_prose]
     base, tok = load_model(preset.model)
     prose = Prose.load("auto", 32, args.data)
     train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
 
     def figures(model) -> dict:
         q = generation_quality(model, tok, base, val, prompts=12, new_tokens=48)
-        return {"repetition": q["repetition"], "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
+        written = generate_text(model, tok, wide, {"max_new_tokens": 48, "chat": False, "batch_size": 8})
+        return {"repetition": q["repetition"], "wide": repetition([g.text for g in written])["repetition"], "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
                 "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
                 "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
                 "test_prose_ppl": prose.measure(model, base, tok)["perplexity"], "examples": q["examples"][:3] + q["examples"][12:15]}
@@ -126,23 +139,33 @@ def main(argv=None) -> None:
 
 def report(args, done: dict) -> None:
     base = done.get("base")
-    table = ["| model | repetition (%) | text / task prompts | x base | distinct-2 | reference ppl | val KL (run) | "
-             "val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
+    table = ["| model | repetition (%) | text / task prompts | x base | wide openings (x base) | distinct-2 | "
+             "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 11 + "|"]
     for name, r in done.items():
         ratio = f"{r['repetition'] / base['repetition']:.2f}" if base else "-"
         table.append(f"| {name} | {100 * r['repetition']:.1f} | {100 * r['by_set']['text']:.1f} / "
-                     f"{100 * r['by_set']['task']:.1f} | {ratio} | {r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
+                     f"{100 * r['by_set']['task']:.1f} | {ratio} | {_wide(r, base)} | {r['distinct_2']:.3f} | "
+                     f"{r['reference_ppl']:.2f} | "
                      f"{_num(r.get('val_kl'))} | {r['val_prose_kl']:.3f} | {r['test_prose_ppl']:.1f} | "
                      f"{_num(r.get('seconds'), '.0f')} |")
     plot(done, RESULTS / "writing.png")
-    publish("writing", title="Writing after recovery: on-policy distillation and a no-repeat teacher",
-            setting="the quickstart preset's prune, reconstruction and recovery (kd, RoRA r16, lr 1e-3, ~28k tokens "
-                    "of records and Wikipedia prose), one recovery per variant from the same reconstructed model; "
-                    "repetition: greedy 48-token continuations of 12 openings and 12 validation records' prompts "
-                    "(the limit in the demo's summary: 1.5x the unpruned model's); val KL (run): the recovery's own "
-                    "validation records and prose; val KL (prose): 48 corpus paragraphs never read; test prose: 32 "
-                    "held-out BoolQ passages (measured only); one run each (CPU runs are deterministic)",
+    publish("writing", title="Writing after recovery: kd, kd+sft and on-policy distillation",
+            setting="the quickstart preset's prune and reconstruction, then its recovery (RoRA r16, lr 1e-3, ~28k "
+                    "tokens of records and Wikipedia prose) with the row's objective, one recovery per variant from "
+                    "the same reconstructed model; repetition: greedy 48-token continuations of 12 openings and 12 "
+                    "validation records' prompts (the demo summary's prompts; its limit: 1.5x the unpruned model's), "
+                    "wide openings: 48 more, the first 10 words of corpus paragraphs never read; val KL (run): the "
+                    "recovery's own validation records and prose; val KL (prose): those 48 paragraphs; test prose: "
+                    "32 held-out BoolQ passages (measured only, never chosen on); one run each (CPU runs are "
+                    "deterministic)",
             table="\n".join(table), data={"runs": done})
+
+
+def _wide(row: dict, base: dict | None) -> str:
+    if row.get("wide") is None:
+        return "-"
+    ratio = f" ({row['wide'] / base['wide']:.2f}x)" if base and base.get("wide") else ""
+    return f"{100 * row['wide']:.1f}{ratio}"
 
 
 def _num(value, spec: str = ".3f") -> str:

@@ -30,7 +30,9 @@ def test_the_summary_shows_the_figures_and_three_examples_side_by_side():
     table = summary_table(_result(0.12, 0.15))
     assert "Generation: greedy continuations (48 new tokens) of held-out prompts (3 text openings, 1 task prompts)" \
         in table
-    assert "| base | 12.0 | 0.500 | 3.25 |" in table and "| recovered | 15.0 | 0.500 | 3.25 |" in table
+    assert "| model | repetition (% of 4-grams) | text openings / task prompts | distinct-2 | reference perplexity | " \
+           "tokens written |" in table
+    assert "| base | 12.0 | - / - | 0.500 | 3.25 | - |" in table and "| recovered | 15.0 | - / - | 0.500 | 3.25 | - |" in table
     lines = table.splitlines()
     head = lines.index("| prompt | base | pruned | recovered |")
     rows = lines[head + 2:head + 5]
@@ -49,6 +51,31 @@ def test_warning_when_the_recovered_model_repeats_far_more():
     assert warning in summary_table(_result(0.12, 0.72)).splitlines()
     assert "repeats none" in repetition_warning(_result(0.0, 0.1).generation)
     assert repetition_warning({"recovered": {"repetition": 0.9}}) is None  # nothing to compare with
+
+
+def _by_set(quality: dict, text: float, task: float, written: int) -> dict:
+    quality["by_set"]["text"]["repetition"], quality["by_set"]["task"]["repetition"] = text, task
+    quality["counts"] = {"written_tokens": written}
+    return quality
+
+
+def test_each_prompt_set_is_held_to_the_limit():
+    """A model that answers the task prompts in a few words and stops has few task 4-grams, so its overall figure is
+    its openings': it passes overall (15% against 22%) but repeats 2.6x as much on the openings, and is warned."""
+    result = _result(0.22, 0.15)
+    _by_set(result.generation["base"], 0.116, 0.337, 186)
+    _by_set(result.generation["recovered"], 0.30, 0.0, 101)
+    warning = repetition_warning(result.generation)
+    assert warning.startswith("Warning: the recovered model repeats itself on the text openings: 30.0% of its 4-grams "
+                              "are repeats, 2.6x the unpruned model's 11.6% (the limit is 1.5x).")
+    table = summary_table(result)
+    assert "| base | 22.0 | 11.6 / 33.7 | 0.500 | 3.25 | 46.5 |" in table  # 186 tokens over 4 continuations
+    assert "| recovered | 15.0 | 30.0 / 0.0 | 0.500 | 3.25 | 25.2 |" in table
+    _by_set(result.generation["recovered"], 0.17, 0.0, 101)  # within 1.5x on both sets and overall
+    assert repetition_warning(result.generation) is None
+    _by_set(result.generation["recovered"], 0.17, 0.6, 101)  # the worst offence is the one named
+    assert " on the task prompts: 60.0% of its 4-grams are repeats, 1.8x the unpruned model's 33.7%" in \
+        repetition_warning(result.generation)
 
 
 def test_only_text_prompts_give_three_openings():
