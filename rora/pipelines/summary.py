@@ -19,6 +19,7 @@ AVERAGES = ("average", WITHOUT_PRIOR)
 # can look recovered while its own text degenerates.
 REPETITION_LIMIT = 1.5
 EXAMPLES, EXAMPLE_CHARS = 3, 160
+_SETS = {"text": "text openings", "task": "task prompts"}  # the generation figures' prompt sets, as a reader reads them
 
 
 def evaluation_statistics(outcomes: dict) -> dict:
@@ -196,9 +197,6 @@ def generation_lines(generation: dict) -> list[str]:
         cells = [_cell(examples[k]["prompt"])] + [_cell(generation[label]["examples"][k]["text"]) for label in labels]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-_SETS = {"text": "text openings", "task": "task prompts"}
 
 
 def _percent(value) -> str:
