@@ -22,7 +22,7 @@ and beside them the held-out prose test passages' perplexity (measured, never ch
 Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
     make prose
-    python benchmarks/bench_writing.py                       # 4 recoveries, ~60 min on one quiet core
+    python benchmarks/bench_writing.py                       # 5 recoveries, ~75 min on one quiet core
     python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 
-VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.7"
+VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.6,kd+sft-0.7"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
 
 
@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     def figures(model) -> dict:
         q = generation_quality(model, tok, base, val, prompts=12, new_tokens=48)
         written = generate_text(model, tok, wide, {"max_new_tokens": 48, "chat": False, "batch_size": 8})
-        return {"repetition": q["repetition"], "wide": repetition([g.text for g in written])["repetition"], "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
+        return {"repetition": q["repetition"], "wide": repetition([g.text for g in written])["repetition"],
+                "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
                 "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
                 "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
                 "test_prose_ppl": prose.measure(model, base, tok)["perplexity"], "examples": q["examples"][:3] + q["examples"][12:15]}
@@ -156,8 +157,8 @@ def report(args, done: dict) -> None:
                     "validation records' prompts (the demo summary's prompts; its limit: 1.5x the unpruned model's), "
                     "wide openings: 48 more, the first 10 words of corpus paragraphs never read; val KL (run): the "
                     "recovery's own validation records and prose; val KL (prose): those 48 paragraphs; test prose: "
-                    "32 held-out BoolQ passages (measured only, never chosen on); one run each (CPU runs are "
-                    "deterministic)",
+                    "32 held-out BoolQ passages (measured only, never chosen on); one run each (deterministic on the "
+                    "same setup and thread count, not across them)",
             table="\n".join(table), data={"runs": done})
 
 
