@@ -41,6 +41,7 @@ from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
 
 VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.6,kd+sft-0.7"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
+NEW_TOKENS = 48  # per greedy continuation, as in the demo's summary
 
 
 def parse_args(argv=None):
@@ -104,13 +105,14 @@ def main(argv=None) -> None:
     train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
 
     def figures(model) -> dict:
-        q = generation_quality(model, tok, base, val, prompts=12, new_tokens=48)
-        written = generate_text(model, tok, wide, {"max_new_tokens": 48, "chat": False, "batch_size": 8})
+        q = generation_quality(model, tok, base, val, prompts=12, new_tokens=NEW_TOKENS)
+        written = generate_text(model, tok, wide, {"max_new_tokens": NEW_TOKENS, "chat": False, "batch_size": 8})
         return {"repetition": q["repetition"], "wide": repetition([g.text for g in written])["repetition"],
                 "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
                 "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
                 "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
-                "test_prose_ppl": prose.measure(model, base, tok)["perplexity"], "examples": q["examples"][:3] + q["examples"][12:15]}
+                "test_prose_ppl": prose.measure(model, base, tok)["perplexity"],
+                "examples": q["examples"][:3] + q["examples"][12:15]}
 
     if "base" not in runs.done:
         runs.keep({"name": "base", **figures(base)})

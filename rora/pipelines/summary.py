@@ -148,11 +148,11 @@ def repetition_warning(generation: dict) -> str | None:
     unpruned model on the same prompts, overall or on one prompt set (a model that answers the task prompts in a few
     words and stops writes few 4-grams there, so the overall figure is mostly its text openings'); the worst
     offence is named. None otherwise (or when the figures are missing)."""
-    base, recovered = generation.get("base", {}), generation.get("recovered", {})
-    pairs = [("", base.get("repetition"), recovered.get("repetition"))]
+    of_base, of_recovered = generation.get("base", {}), generation.get("recovered", {})
+    pairs = [("", of_base.get("repetition"), of_recovered.get("repetition"))]
     pairs += [(f" on the {_SETS.get(name, name)}", figures.get("repetition"),
-               recovered.get("by_set", {}).get(name, {}).get("repetition"))
-              for name, figures in base.get("by_set", {}).items()]
+               of_recovered.get("by_set", {}).get(name, {}).get("repetition"))
+              for name, figures in of_base.get("by_set", {}).items()]
     over = [(r / b if b else math.inf, where, b, r) for where, b, r in pairs
             if b is not None and r is not None and r > REPETITION_LIMIT * b]
     if not over:
@@ -171,7 +171,7 @@ def generation_lines(generation: dict) -> list[str]:
     labels = list(generation)
     first = generation[labels[0]]
     names = list(first["by_set"])
-    sets = ", ".join(f"{s['prompts']} {_SETS.get(name, name)}" for name, s in first["by_set"].items())
+    sets = ", ".join(f"{first['by_set'][n]['prompts']} {_SETS.get(n, n)}" for n in names)
     lines = [f"Generation: greedy continuations ({first['new_tokens']} new tokens) of held-out prompts ({sets}); "
              "perplexity of the written text under the unpruned model; tokens written per continuation (fewer: it "
              "ended the text itself):", "",
