@@ -43,6 +43,33 @@ def test_uniform_gguf_in_llamacpp(tmp_path, tokenizer, arch):
     assert llamacpp_diff(tmp_path / "m.gguf", model) <= 1e-4 and report.llamacpp["greedy_match"] == 16
 
 
+def _with_biases(model):
+    """`model` with a random bias on every projection, as reconstruction leaves o_proj and down_proj (issue #20)."""
+    import torch
+
+    from rora.architecture import add_output_biases, decoder_layers
+
+    add_output_biases(model)
+    gen = torch.Generator().manual_seed(1)
+    for layer in decoder_layers(model):
+        for owner in (layer.self_attn, layer.mlp):
+            for linear in owner.children():
+                if getattr(linear, "bias", None) is not None:
+                    linear.bias.data = torch.randn(linear.bias.shape, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("shape", ["uniform", "compact", "padded"])
+def test_output_biases_run_in_llamacpp(tmp_path, tokenizer, tiny_gqa, tiny_nonuniform, shape):
+    """A reconstructed model's biases are written to the GGUF and read by llama.cpp: its logits equal rora's."""
+    model = _with_biases(tiny_gqa if shape == "uniform" else tiny_nonuniform)
+    layout = "padded" if shape == "padded" else "compact"
+    report = export_model(model, tokenizer, ExportConfig(format="gguf", layout=layout), tmp_path / "m.gguf")
+    names = gguf_metadata(tmp_path / "m.gguf")["tensor_types"]
+    assert {"blk.0.attn_output.bias", "blk.0.ffn_down.bias", "blk.0.attn_q.bias"} <= set(names)
+    assert llamacpp_diff(tmp_path / "m.gguf", model) <= 1e-4 and report.llamacpp["greedy_match"] == 16
+
+
 def test_tokenizer_round_trip_through_llamacpp(tmp_path, tiny_gqa, tokenizer):
     from rora.sources.gguf import GGUF_TOKENIZER_KEY
 
