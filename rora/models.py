@@ -23,7 +23,7 @@ import torch
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
 from .errors import ConfigError, MergeError, ModelLoadError, RoraError, UnsupportedModelError, detail
 from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported, sync_to_weights, weights_problems
-from .numerics import resolve_dtype
+from .numerics import cast_parameters, resolve_dtype
 from .sources.gguf import GGUF_TOKENIZER_KEY, check_gguf, gguf_architecture, source_tokenizer_keys
 
 ALIASES = {
@@ -207,7 +207,7 @@ def _load_alias(alias: str, dtype):
     with atomic_dir(cached, overwrite=True) as tmp:
         save_model_dir(model, tokenizer, tmp)
         write_json(tmp / CACHE_MANIFEST, {**stamp, "provenance": provenance()})
-    return (model.to(dtype) if dtype else model), tokenizer
+    return (cast_parameters(model, dtype) if dtype else model), tokenizer
 
 
 def _cache_stamp(manifest: Path, stamp: dict) -> dict | None:

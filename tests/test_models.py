@@ -185,3 +185,16 @@ def test_adopt_refuses_pruned_head_dimensions(tiny_gqa):
         attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight[keep])
     with pytest.raises(ModelShapeError, match="RoPE rotates 16 dimensions per head but the heads are 12 wide"):
         rora.adopt(tiny_gqa)
+
+
+def test_embedded_model_in_bf16_keeps_rope_in_fp32(tmp_path, monkeypatch):
+    """load_model("smollm2-135m", dtype=bf16) casts the weights only, on the first load (the GGUF converted) and
+    from the cache alike: RoPE's inv_freq stays the fp32 values a model read from disk has."""
+    monkeypatch.setenv("RORA_CACHE_DIR", str(tmp_path / "cache"))
+    first, _ = load_model("smollm2-135m", dtype=torch.bfloat16)  # converts the GGUF into the empty cache
+    cached, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    reference = load_model("smollm2-135m")[0].model.rotary_emb.inv_freq
+    for model in (first, cached):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        inv_freq = model.model.rotary_emb.inv_freq
+        assert inv_freq.dtype == torch.float32 and torch.equal(inv_freq, reference)

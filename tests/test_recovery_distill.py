@@ -187,6 +187,21 @@ def test_sft_with_a_teacher_logs_the_kl_too(tokenizer):
     assert result.best_val_loss == result.val_metrics["val_response_loss"] and result.val_metrics["val_kl"] > 0
 
 
+def test_teacher_in_bf16_keeps_rope_in_fp32():
+    """prepare_teacher casts the weights only: `.to(bf16)` would round RoPE's fp32 inv_freq (0.4% off, a cosine
+    off by up to 0.9 at position 1000), so every distillation target on a GPU (teacher_dtype auto = bf16) would
+    drift from what the teacher computes at long positions."""
+    from rora.recovery.distill import prepare_teacher
+
+    teacher = make_model()
+    inv_freq = teacher.model.rotary_emb.inv_freq.clone()
+    prepare_teacher(teacher, "cpu", torch.bfloat16)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert teacher.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(teacher.model.rotary_emb.inv_freq, inv_freq)
+
+
 @pytest.mark.parametrize("teacher, teacher_tok, match", [
     (lambda: make_model(vocab=400), None, r"vocabulary differs.*400 tokens, the student's 384"),
     (lambda: make_model(), lambda: make_tokenizer(vocab_size=300), r"tokenizer differs.*300 tokens vs the student's 384"),

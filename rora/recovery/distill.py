@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure import causal_lm_of, decoder_states, text_positions, text_sums
+from ..numerics import cast_parameters
 from .data import IGNORE_INDEX, Example, normalize_record, tokenize_record
 from .on_policy import repeat_bans
 
@@ -219,7 +220,8 @@ def tokenizer_difference(student_tok, teacher_tok) -> str | None:
 
 
 def prepare_teacher(teacher, device, dtype: torch.dtype):
-    """Frozen, eval mode, on `device` in `dtype` (in place); returns the causal LM."""
+    """Frozen, eval mode, on `device`, its weights in `dtype` (in place; RoPE's inv_freq stays fp32, see
+    numerics.cast_parameters); returns the causal LM."""
     lm = causal_lm_of(teacher)
-    lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cast_parameters(lm.to(device=device), dtype).eval().requires_grad_(False)
     return lm
