@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ("reconstruct", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing",
-         "distill_data", "eval", "loglik", "prune", "edge")  # the claims first, then the speed figures, then the device
+         "distill_data", "eval", "loglik", "prune", "edge", "gpu")  # the claims first, then the speed figures, then the device
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
@@ -16,7 +16,8 @@ machine, the package versions, the date and the exact command. Comparisons run s
 reported as ratios, since absolute times on shared 2-core machines are noisy. Regenerate this file with
 `python benchmarks/assemble.py` after running the scripts.
 
-Not yet measured: the rank sweep's `--full` setting, GPU throughput, the text-budget and `--lr auto` benchmarks
+Not yet measured: the rank sweep's `--full` setting, GPU throughput and memory (`bench_gpu.py`: written and tested
+on CPU at a tiny size, waiting for a session with a GPU), the text-budget and `--lr auto` benchmarks
 (`bench_text_budget.py`, `bench_lr_auto.py`: written, not yet run), and the reconstruction benchmark at ratios 0.2
 and 0.5, with kd and at 200 examples per task (its section below is ratio 0.3, 100 per task). No GPU was lent to the sessions that made these figures; the
 recovery scripts train through accelerate, which picks up a GPU (and bf16) unchanged; the evaluation and edge
