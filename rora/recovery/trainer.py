@@ -406,7 +406,7 @@ class _Run:
 
     # ---- --lr auto (rora.recovery.lr_auto) ----------------------------------------------------------------------
     def choose_lr(self) -> None:
-        """Probe the search's learning rates one by one from the same start, keep the best probe's state, and
+        """Probe the search's learning rates one by one from the same start, keep the leading probe's state, and
         continue from it: its evaluation is the run's evaluation at that step. Each probe that finishes is saved
         (checkpoints/probe holds the best so far), so a killed run resumes the search where it stopped."""
         search = self.search
@@ -415,7 +415,7 @@ class _Run:
             self.load_snapshot(self.initial, lr)
             result = self.probe(lr)
             search.results.append(result)
-            if search.best() is result:
+            if search.leader() is result:
                 best = self.snapshot()
                 if self.out is not None:
                     self.save_checkpoint(PROBE_CHECKPOINT)
