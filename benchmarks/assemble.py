@@ -17,9 +17,9 @@ reported as ratios, since absolute times on shared 2-core machines are noisy. Re
 `python benchmarks/assemble.py` after running the scripts.
 
 Not yet measured: the rank sweep's `--full` setting, GPU throughput and memory (`bench_gpu.py`: written and tested
-on CPU at a tiny size, waiting for a session with a GPU), the text-budget and `--lr auto` benchmarks
-(`bench_text_budget.py`, `bench_lr_auto.py`: written, not yet run), and the reconstruction benchmark at ratios 0.2
-and 0.5, with kd and at 200 examples per task (its section below is ratio 0.3, 100 per task). No GPU was lent to the sessions that made these figures; the
+on CPU at a tiny size, waiting for a session with a GPU), the text-budget benchmark (`bench_text_budget.py`:
+written, not yet run), and the reconstruction benchmark at ratios 0.2 and 0.5, with kd and at 200 examples per task
+(its section below is ratio 0.3, 100 per task). No GPU was lent to the sessions that made these figures; the
 recovery scripts train through accelerate, which picks up a GPU (and bf16) unchanged; the evaluation and edge
 scripts are CPU-only as written. Where a
 goal is out of reach on this CPU, the section says how far any implementation could go here (FLOPs it must do at
