@@ -18,8 +18,8 @@ learning rate takes the lead unless its figure is worse than the leader's by mor
 if it is better by more than MARGIN. A probe of a few steps favours small learning rates (the short-horizon bias
 of greedy learning-rate selection: a larger rate's gain comes later in the run), and this is what the margin
 corrects: in benchmarks/bench_lr_auto.py (16-step kd runs, 4-step probes) the lowest probe figure pointed 2.5x
-below the best full run in each setting measured, and the next larger value, the full runs' best, was within 2.5-3.2%
-of it at the probe. A leader at either end of the grid widens it once, by one more value beyond that end, rather
+below the best full run for LoRA and RoRA at rank 8, where the next larger value, the full runs' best, was within
+2.5-3.2% of it at the probe; at rank 128 both rules choose the same value. A leader at either end of the grid widens it once, by one more value beyond that end, rather
 than being accepted silently. The run then continues from the leading probe's state, so the full run is exactly a
 run with that learning rate and the probe costs only the other probes' steps. A probe whose loss becomes
 non-finite loses.
