@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ("reconstruct", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing",
-         "distill_data", "eval", "loglik", "prune", "edge", "gpu")  # the claims first, then the speed figures, then the device
+# the claims first, then the speed figures, then the device
+ORDER = ("reconstruct", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover",
+         "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu")
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the

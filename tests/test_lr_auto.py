@@ -1,7 +1,8 @@
 """--lr auto: the grid follows the rule of thumb for method, rank and objective; the probe picks the value with the
-lowest held-out figure unless a larger one is within the margin, and the run continues from that probe (the adapter equals a plain run at that learning
-rate); a winner at the edge widens the grid once; a diverging probe loses; a run killed during the probe resumes
-bit-identically; the choice is in the manifest, metrics.jsonl and the CLI's report."""
+lowest held-out figure unless a larger one is within the margin, and the run continues from that probe (the
+adapter equals a plain run at that learning rate); a winner at the edge widens the grid once; a diverging probe
+loses; a run killed during the probe resumes bit-identically; the choice is in the manifest, metrics.jsonl and the
+CLI's report."""
 from __future__ import annotations
 
 import json
@@ -91,7 +92,8 @@ def test_auto_picks_the_leading_probe_and_continues_from_it(tokenizer, tmp_path)
                    teacher=teacher)
     probes = auto.lr_auto["probes"]
     assert [p["lr"] for p in probes] == auto.lr_auto["grid"] and len(probes) == 3 and not auto.lr_auto["widened"]
-    assert auto.lr == LrSearch(auto.lr_auto["grid"], 2, "kd", probes).leader()["lr"] and auto.lr_auto["figure"] == "val_kl"
+    assert auto.lr == LrSearch(auto.lr_auto["grid"], 2, "kd", probes).leader()["lr"]
+    assert auto.lr_auto["figure"] == "val_kl"
     assert auto.lr != auto.lr_auto["grid"][-1] or auto.lr_auto["widened"]
     # The continued run is exactly a run at the chosen learning rate: the probe was its first steps.
     fixed = recover(_student(), tokenizer, even_odd_records(), auto_config(lr=auto.lr), tmp_path / "fixed",

@@ -167,7 +167,8 @@ def test_quickstart_preset_is_the_documented_demo():
     # general text for both the closed-form refit and half the distillation: the Wikipedia corpus `make prose` writes
     assert cfg.runs("reconstruct") and cfg.reconstruct.calibration == cfg.recover.text == "runs/prose/*.parquet"
     assert 0 < cfg.recover.text_ratio < 1 and cfg.recover.max_train_examples  # the task records are the other part
-    # the unpruned model is the teacher, and the answers' cross-entropy teaches the model to end them (the preset says why)
+    # the unpruned model is the teacher, and the answers' cross-entropy teaches the model to end them (the preset
+    # says why)
     assert cfg.recover.objective == "kd+sft" and 0 < cfg.recover.kd_weight < 1
     assert cfg.prune.layers == "uniform" and 0 < cfg.prune.ratio < 0.5
 

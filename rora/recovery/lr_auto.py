@@ -19,10 +19,10 @@ if it is better by more than MARGIN. A probe of a few steps favours small learni
 of greedy learning-rate selection: a larger rate's gain comes later in the run), and this is what the margin
 corrects: in benchmarks/bench_lr_auto.py (16-step kd runs, 4-step probes) the lowest probe figure pointed 2.5x
 below the best full run for LoRA and RoRA at rank 8, where the next larger value, the full runs' best, was within
-2.5-3.2% of it at the probe; at rank 128 both rules choose the same value. A leader at either end of the grid widens it once, by one more value beyond that end, rather
-than being accepted silently. The run then continues from the leading probe's state, so the full run is exactly a
-run with that learning rate and the probe costs only the other probes' steps. A probe whose loss becomes
-non-finite loses.
+2.5-3.2% of it at the probe; at rank 128 both rules choose the same value. A leader at either end of the grid
+widens it once, by one more value beyond that end, rather than being accepted silently. The run then continues from
+the leading probe's state, so the full run is exactly a run with that learning rate and the probe costs only the
+other probes' steps. A probe whose loss becomes non-finite loses.
 """
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ class LrSearch:
         for lr in self.grid:
             if lr not in tried:
                 return lr
-        lead = self.leader()
         if self.widened:
             return None
+        lead = self.leader()
         low, high = min(self.grid), max(self.grid)
         if lead is None or lead["lr"] == low:  # every probe diverged: smaller steps are the way out
             return self._widen(_round(low / FACTOR))
