@@ -8,8 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # the claims first, then the speed figures, then the device
-ORDER = ("reconstruct", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto", "recover",
-         "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu")
+ORDER = ("reconstruct", "prune_layers", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto",
+         "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu")
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
@@ -18,8 +18,9 @@ reported as ratios, since absolute times on shared 2-core machines are noisy. Re
 `python benchmarks/assemble.py` after running the scripts.
 
 Not yet measured: the rank sweep's `--full` setting, GPU throughput and memory (`bench_gpu.py`: written and tested
-on CPU at a tiny size, waiting for a session with a GPU), the text-budget benchmark (`bench_text_budget.py`:
-written, not yet run), and the reconstruction benchmark at ratios 0.2 and 0.5, with kd and at 200 examples per task
+on CPU at a tiny size, waiting for a session with a GPU), the text-budget benchmark's larger budget
+(`bench_text_budget.py` ran at 20k training tokens; 80k is next), and the reconstruction benchmark at ratios 0.2
+and 0.5, with kd and at 200 examples per task
 (its section below is ratio 0.3, 100 per task). No GPU was lent to the sessions that made these figures; the
 recovery scripts train through accelerate, which picks up a GPU (and bf16) unchanged; the evaluation and edge
 scripts are CPU-only as written. Where a

@@ -257,7 +257,7 @@ def _diff(diff, key) -> str:
 
 
 def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+    return "-" if x is None else f"{100 * x + 0.0:.0f}%"  # + 0.0: no "-0%"
 
 
 def plot(done: dict, path: Path) -> None:
