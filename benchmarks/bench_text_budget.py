@@ -1,5 +1,6 @@
-"""What to distil on, at a fixed token budget (issue #21): the quickstart's pruned model (pruned as its preset
-prunes, then reconstructed by its reconstruct section on the prose corpus, as `make demo` does) recovered by the
+"""What to distil on, at a fixed token budget (issue #21): SmolLM2-135M pruned by 30% (--layers uniform, --ratio 0.3:
+the quickstart's prune before it kept the outer layers whole; the rows so far are that prune), reconstructed by
+the quickstart's reconstruct section on the prose corpus, as `make demo` does, then recovered by the
 quickstart's recipe (kd+sft, RoRA r16; its own training data cleared) on the same number of training tokens of
     records   the task training records (LLM-Adapters prompts, whole records up to the budget)
     prose     general prose: a local corpus read through `--text` (`make prose`'s Wikipedia paragraphs: the BoolQ
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"), help="training records (default: RORA_DATA_DIR)")
     p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--layers", default="uniform", help="the prune's layer range (the rows so far: uniform at 0.3)")
     p.add_argument("--budgets", default="20000,80000", help="training tokens per recovery, comma-separated")
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--prose-corpus", help="a --text source of general prose (file, save_to_disk dir, shards glob, hub "
@@ -87,8 +89,8 @@ def recipe_for(source: str, budget: int, args, base, tok, texts: dict):
 
 
 def pruned_and_reconstructed(base, tok, teacher, args):
-    """A copy of `base` pruned as the preset prunes (at --ratio) and reconstructed by the preset's reconstruct section,
-    calibrated on the prose corpus (teacher-written text without one)."""
+    """A copy of `base` pruned with the preset's importance (at --layers and --ratio) and reconstructed by the
+    preset's reconstruct section, calibrated on the prose corpus (teacher-written text without one)."""
     from rora.config import load_preset
     from rora.pruning.prune import prune
     from rora.reconstruction.calibration import calibration_sequences
@@ -96,7 +98,7 @@ def pruned_and_reconstructed(base, tok, teacher, args):
 
     preset = load_preset(args.kd)
     model = copy.deepcopy(base)
-    prune(model, tok, preset.prune.replace(ratio=args.ratio))
+    prune(model, tok, preset.prune.replace(layers=args.layers, ratio=args.ratio))
     cfg = preset.reconstruct.replace(calibration=args.prose_corpus or "teacher")
     ids, what = calibration_sequences(cfg, tok, teacher=teacher)
     reconstruct(model, teacher, tok, cfg, sequences=ids, source=what, progress=False)
@@ -202,7 +204,7 @@ def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> 
     plot(done, budgets, sources, RESULTS / "text_budget.png")
     rc = load_preset(args.kd)
     calibration = "the prose corpus" if args.prose_corpus else "teacher-written text"
-    setting = (f"{args.model} pruned as the {args.kd} preset prunes ({rc.prune.layers} {rc.prune.importance}) at ratio "
+    setting = (f"{args.model} pruned by {rc.prune.importance} importance over layers {args.layers} at ratio "
                f"{args.ratio}, then reconstructed by its reconstruct section ({rc.reconstruct.method}, "
                f"{rc.reconstruct.num_samples} x {rc.reconstruct.seq_len} tokens of {calibration}); recovery by the "
                f"preset's recover section ({rc.recover.objective}, {rc.recover.method} r{rc.recover.rank})"
