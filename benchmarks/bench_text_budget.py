@@ -223,15 +223,16 @@ def plot(done: dict, budgets: list[int], sources: list[str], path: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from rora.evaluation.stats import accuracy_table
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for source in sources:
+    for i, source in enumerate(sources):
         found = [done[f"{b}/{source}"] for b in budgets if f"{b}/{source}" in done]
         if not found:
             continue
-        xs = [r["train_tokens"] for r in found]
+        xs = [r["budget"] * (1 + 0.04 * (i - (len(sources) - 1) / 2)) for r in found]  # side by side at each budget
         acc = [accuracy_table(r["outcomes"])["average"] for r in found]
         axes[0].errorbar(xs, [100 * a["accuracy"] for a in acc], yerr=[100 * a["se"] for a in acc], marker="o",
                          capsize=2, label=source)
@@ -243,10 +244,15 @@ def plot(done: dict, budgets: list[int], sources: list[str], path: Path) -> None
             axes[1].axhline(done[label]["prose"]["perplexity"], color="k", ls=style, lw=1)
     for ax, ylabel in zip(axes, ("average accuracy (%), ± 1 se", "held-out prose perplexity")):
         ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
+        ax.set_xticks(budgets, [f"{b / 1000:g}k" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("training tokens (budget)")
         ax.set_ylabel(ylabel)
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[1].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left")  # clear of the error bars
     save_figure(fig, path)
 
 
