@@ -53,6 +53,17 @@ def write_outputs(name: str, *, title: str, command: str, setting: str, table: s
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
+def validation_prose(prose_dir: str | Path, count: int = 48) -> list[str]:
+    """The last `count` paragraphs of the prose corpus's last shard (tools/prose_corpus.py's output): validation
+    text the demo and the benchmarks never train or calibrate on, since they read the corpus from the start."""
+    import pyarrow.parquet as pq
+
+    shards = sorted(Path(prose_dir).glob("*.parquet"))
+    if not shards:
+        raise SystemExit(f"no prose corpus in {prose_dir}: run `make prose` first")
+    return pq.read_table(shards[-1]).column("text").to_pylist()[-count:]
+
+
 class Runs:
     """<work>/runs.jsonl: the rows a benchmark finished so far, by name (`done`), so an interrupted benchmark
     continues where it stopped; keep(row) appends one."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import glob
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import validation_prose  # noqa: E402
 from bench_reconstruct import VALIDATION_TEXT_SEED  # noqa: E402
 
 
@@ -41,8 +41,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    import pyarrow.parquet as pq
-
     from rora.config import PruneConfig, ReconstructConfig, load_preset
     from rora.evaluation.quality import generation_quality
     from rora.measure import Prose, heldout_metrics
@@ -55,9 +53,8 @@ def main(argv=None) -> None:
     from rora.recovery.trainer import recover
 
     args = parse_args(argv)
-    shards = sorted(glob.glob(os.path.join(args.prose, "*.parquet")))
     corpus = os.path.join(args.prose, "train-0000[0-2].parquet")  # the last shard is for validation
-    val_prose = pq.read_table(shards[-1]).column("text").to_pylist()[-48:]  # never read: the demo reads from the start
+    val_prose = validation_prose(args.prose)
     base, tok = load_model(args.model)
     prose = Prose.load("auto", 64, args.data)
     rc = load_preset("quickstart").recover

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
+from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,8 +38,6 @@ def decoder_weights(model) -> int:
 
 
 def main(argv=None) -> None:
-    import pyarrow.parquet as pq
-
     from rora.config import load_preset
     from rora.measure import heldout_metrics
     from rora.models import load_model
@@ -50,10 +47,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     runs = Runs(args.work)
-    shards = sorted(glob.glob(os.path.join(args.prose, "*.parquet")))
-    if len(shards) < 4:
-        raise SystemExit(f"{args.prose} holds {len(shards)} parquet shards; run `make prose` first")
-    val_prose = pq.read_table(shards[-1]).column("text").to_pylist()[-48:]  # the demo reads from the start
+    val_prose = validation_prose(args.prose)
     preset = load_preset("quickstart")
     base, tok = load_model(args.model)
     teacher = copy.deepcopy(base).eval()

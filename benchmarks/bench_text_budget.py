@@ -144,18 +144,18 @@ def main(argv=None) -> None:
         count = need // TEACHER_TOKENS + 8
         texts["teacher"] = str(teacher_written(teacher, tok, general_prompts(count, 0), TEACHER_TOKENS, 1.0, 0,
                                                progress=True, full_length=True))
-    for name in todo:
-        if "/" in name:
-            budget, source = int(name.split("/")[0]), name.split("/")[1]
-            data, cfg = recipe_for(source, budget, args, recipe, tok, texts)
-            student = copy.deepcopy(model)
-            student.load_state_dict(state)
-            start = time.perf_counter()
-            res = recover(student, tok, data, cfg, runs.work / "recovery" / name.replace("/", "-"), overwrite=True,
-                          progress=False, teacher=teacher)
-            keep({"name": name, "budget": budget, "source": source, "train_tokens": res.train_tokens,
-                  "steps": res.steps, "train_seconds": time.perf_counter() - start, "lr": res.lr, "text": res.text,
-                  **measure(res.model)})
+    for name in [n for n in todo if "/" in n]:  # the recoveries (base and reconstructed are measured above)
+        budget, source = name.split("/")
+        budget = int(budget)
+        data, cfg = recipe_for(source, budget, args, recipe, tok, texts)
+        student = copy.deepcopy(model)
+        student.load_state_dict(state)
+        start = time.perf_counter()
+        res = recover(student, tok, data, cfg, runs.work / "recovery" / name.replace("/", "-"), overwrite=True,
+                      progress=False, teacher=teacher)
+        keep({"name": name, "budget": budget, "source": source, "train_tokens": res.train_tokens,
+              "steps": res.steps, "train_seconds": time.perf_counter() - start, "lr": res.lr, "text": res.text,
+              **measure(res.model)})
     done = Runs(args.work).done  # the other shards' rows too
     if all(n in done for n in ("base", "reconstructed")):
         report_results(args, done, budgets, sources)

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import glob
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
+from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
 
 VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.6,kd+sft-0.7"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
@@ -71,8 +70,6 @@ def variant_config(rc, name: str):
 
 
 def main(argv=None) -> None:
-    import pyarrow.parquet as pq
-
     from rora.config import load_preset
     from rora.evaluation.quality import generation_quality, repetition
     from rora.evaluation.text import generate_text
@@ -89,10 +86,7 @@ def main(argv=None) -> None:
     preset = load_preset("quickstart")
     if args.report_only:
         return report(args, runs.done)
-    shards = sorted(glob.glob(os.path.join(args.prose, "*.parquet")))
-    if not shards:
-        sys.exit(f"no prose corpus in {args.prose}: run `make prose` first")
-    val_prose = pq.read_table(shards[-1]).column("text").to_pylist()[-48:]  # the recipe reads from the start
+    val_prose = validation_prose(args.prose)
     text = os.path.join(args.prose, "*.parquet")
     rc = dataclasses.replace(preset.recover, text=text)
     if args.max_steps:
