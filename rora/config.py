@@ -509,7 +509,7 @@ class EvalConfig(StageConfig):
     # degenerates into "yes, yes, yes"); these figures can (rora.evaluation.quality).
     generation: bool = setting(True, "Also score the model's own writing: greedy continuations of held-out prompts, by "
                                      "repetition, distinct-2 and perplexity under a reference model.")
-    generation_prompts: int = setting(12, "Generation figures: up to N of the shipped text openings, plus N task "
+    generation_prompts: int = setting(48, "Generation figures: up to N of the shipped text openings, plus N task "
                                           "prompts when held-out training records are given (rora run).",
                                       maximum=2**12)
     generation_tokens: int = setting(48, "Generation figures: new tokens per greedy continuation.", maximum=2**12)

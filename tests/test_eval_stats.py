@@ -4,7 +4,7 @@ import math
 import pytest
 
 from rora.evaluation.stats import (accuracy_table, gap_closed, mean_se, outcomes_from_records, paired_difference,
-                                   suite_se)
+                                   ratio_se, suite_se)
 
 
 def test_mean_se_is_lm_evals_acc_stderr():
@@ -13,6 +13,16 @@ def test_mean_se_is_lm_evals_acc_stderr():
     # 6 of 10: sqrt(0.6 * 0.4 / 9)
     assert mean_se([1] * 6 + [0] * 4)[1] == pytest.approx(math.sqrt(0.24 / 9))
     assert mean_se([1, 1, 1])[1] == 0.0
+
+
+def test_ratio_se_by_hand_and_as_mean_se_with_equal_wholes():
+    # R = 6 / 20 = 0.3; residuals 1 - 3, 5 - 3 = -2, 2: sqrt(2 / 1 * 8) / 20
+    assert ratio_se([1, 5], [10, 10]) == pytest.approx(math.sqrt(16) / 20)
+    parts = [0, 3, 1, 7, 2]
+    assert ratio_se(parts, [8] * 5) == pytest.approx(mean_se([p / 8 for p in parts])[1])
+    # Units of different sizes weigh by size: a big unit's share moves the ratio more than a small one's.
+    assert ratio_se([0, 10], [2, 20]) == pytest.approx(math.sqrt(2 * ((0 - 10 / 22 * 2) ** 2 + (10 - 10 / 22 * 20) ** 2)) / 22)
+    assert math.isnan(ratio_se([1], [4])) and math.isnan(ratio_se([0, 0], [0, 0]))
 
 
 def test_suite_average_weighs_tasks_equally():

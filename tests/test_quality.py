@@ -40,6 +40,14 @@ def test_repetition_counts_repeated_4grams(texts, expected):
     assert found["repetition"] == (expected[0] / expected[1] if expected[1] else None)
 
 
+def test_repetition_has_a_standard_error_over_continuations():
+    # Per continuation: 1 of 5 repeated, 0 of 3: R = 1 / 8; residuals 1 - 5/8, 0 - 3/8.
+    found = repetition(["a b c d a b c d", "the cat sat on the mat"])
+    assert found["se"] == pytest.approx(math.sqrt(2 * ((3 / 8) ** 2 + (3 / 8) ** 2)) / 8)
+    assert repetition(["a b c d a b c d"])["se"] is None  # one continuation: no spread to measure
+    assert repetition(["a b c d"] * 3)["se"] == 0.0
+
+
 def test_distinct_2_is_across_all_continuations():
     # (a b) (b a) (a b) + (a b) (b c): 3 distinct of 5
     assert distinct(["a b a b", "a b c"]) == {"distinct": 0.6, "unique": 3, "ngrams": 5}
@@ -73,7 +81,7 @@ def test_held_out_prompts_are_openings_then_task_prompts_without_answers():
     assert [p["text"] for p in found[:3]] == list(OPENINGS[:3])
     assert found[3] == {"set": "task", "prompt": "Is 0 even?", "text": eval_prompt("Is 0 even?")}
     assert not any("SECRET" in p["text"] for p in found)
-    assert len(quality_prompts(None, 50)) == len(OPENINGS) == 12
+    assert len(quality_prompts(None, 100)) == len(OPENINGS) == 48 == len(set(OPENINGS))
 
 
 def test_generation_quality_figures_and_examples(tokenizer):

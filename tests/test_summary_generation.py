@@ -87,3 +87,13 @@ def test_only_text_prompts_give_three_openings():
     head = lines.index("| prompt | base |")
     assert lines[head + 2:] == ["| Volcanoes form where | a |", "| The engineers tested \\| the bridge by | b |",
                                 "| Once | c |"]
+
+
+def test_standard_errors_show_in_the_table_and_the_warning():
+    result = _result(0.22, 0.15)
+    _by_set(result.generation["base"], 0.116, 0.337, 186)
+    _by_set(result.generation["recovered"], 0.30, 0.0, 101)
+    recovered = result.generation["recovered"]
+    recovered["repetition_se"], recovered["by_set"]["text"]["repetition_se"] = 0.021, 0.052
+    assert "| recovered | 15.0 ± 2.1 | 30.0 ± 5.2 / 0.0 | 0.500 | 3.25 | 25.2 |" in summary_table(result)
+    assert "on the text openings: 30.0 ± 5.2% of its 4-grams are repeats, 2.6x" in repetition_warning(result.generation)

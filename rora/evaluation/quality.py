@@ -23,6 +23,7 @@ import re
 from typing import Sequence
 
 from ..errors import ConfigError
+from .stats import ratio_se
 from .tasks import eval_prompt
 
 OPENINGS = (
@@ -38,6 +39,42 @@ OPENINGS = (
     "The engineers tested the new bridge by",
     "Most people who learn to play the piano as adults find that",
     "The letter arrived three weeks late, and when Anna finally opened it,",
+    "Bees find their way back to the hive by",
+    "The old lighthouse keeper kept a notebook in which he",
+    "To make bread without yeast, you can",
+    "In the middle of the nineteenth century, most families in the countryside",
+    "The reason the sky turns red at sunset is",
+    "After the match, the coach gathered the players in the changing room and",
+    "A museum is more than a building full of objects; it",
+    "The small shop on the corner had sold the same three things for forty years:",
+    "Learning a second language as a child",
+    "When the power went out across the whole town, people",
+    "The river that runs through the valley was once",
+    "Good sleep matters for memory because",
+    "He had never flown before, so when the plane began to move he",
+    "The first step in repairing a bicycle tyre is to",
+    "Desert plants survive long periods without rain by",
+    "On the last day of school, the children",
+    "Trade between distant cities grew quickly once",
+    "The problem with building a house on sand is that",
+    "She opened the door of the empty flat and saw that",
+    "A healthy breakfast should include",
+    "The committee met every Thursday to decide",
+    "Whales and dolphins are mammals, which means that",
+    "The village football team had not won a game in two years, until",
+    "Before you paint a wooden fence, it is important to",
+    "The ancient city was built on a hill so that",
+    "My neighbour has a dog that",
+    "Winter in the mountains is hard for the animals that live there, because",
+    "The train was delayed by an hour, so the passengers",
+    "Maps drawn five hundred years ago often showed",
+    "The simplest way to save money each month is",
+    "When the two friends met again after twenty years, they",
+    "Rainforests are important to the whole planet because",
+    "The new library opened in the spring, and within a month",
+    "A compass works because",
+    "The fisherman pulled in his net and found, among the fish,",
+    "Most of the world's fresh water is",
 )
 NGRAM = 4  # repetition counts repeated 4-grams
 DISTINCT = 2  # distinct-2
@@ -55,11 +92,14 @@ def ngrams(units: Sequence[str], n: int) -> list[tuple[str, ...]]:
 
 def repetition(texts: Sequence[str], n: int = NGRAM) -> dict:
     """Repeated n-grams (each occurrence after a continuation's first of it) over all n-grams, per continuation,
-    pooled: {"repetition", "repeated", "ngrams"}; repetition is None without any n-gram."""
+    pooled: {"repetition", "se", "repeated", "ngrams"}; repetition is None without any n-gram. `se`, the standard
+    error over continuations (stats.ratio_se), is None with fewer than two continuations or no n-gram."""
     grams = [ngrams(words(t), n) for t in texts]
     total = sum(len(g) for g in grams)
-    repeated = sum(len(g) - len(set(g)) for g in grams)
-    return {"repetition": repeated / total if total else None, "repeated": repeated, "ngrams": total}
+    per_text = [len(g) - len(set(g)) for g in grams]
+    se = ratio_se(per_text, [len(g) for g in grams])
+    return {"repetition": sum(per_text) / total if total else None,
+            "se": None if math.isnan(se) else se, "repeated": sum(per_text), "ngrams": total}
 
 
 def distinct(texts: Sequence[str], n: int = DISTINCT) -> dict:
@@ -118,7 +158,8 @@ def generation_quality(model, tokenizer, reference=None, records: Sequence[dict]
 def _figures(generations, reference) -> dict:
     texts = [g.text for g in generations]
     rep, dis, ppl = repetition(texts), distinct(texts), reference_perplexity(reference, generations)
-    return {"prompts": len(generations), "repetition": rep["repetition"], "distinct_2": dis["distinct"],
+    return {"prompts": len(generations), "repetition": rep["repetition"], "repetition_se": rep["se"],
+            "distinct_2": dis["distinct"],
             "reference_ppl": ppl["perplexity"],
             "counts": {"repeated_4grams": rep["repeated"], "4grams": rep["ngrams"], "distinct_bigrams": dis["unique"],
                        "bigrams": dis["ngrams"], "written_tokens": ppl["tokens"], "reference_nll": ppl["nll"]}}

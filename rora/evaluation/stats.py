@@ -42,6 +42,17 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def ratio_se(parts: Sequence[float], wholes: Sequence[float]) -> float:
+    """Standard error of the pooled ratio sum(parts) / sum(wholes) over independent units (e.g. repeated 4-grams
+    over all 4-grams, one unit per continuation), by the delta method (the ratio estimator's variance):
+    sqrt(n / (n - 1) * sum((part - R * whole)^2)) / sum(wholes). NaN with fewer than two units or no whole."""
+    n, total = len(wholes), sum(wholes)
+    if n < 2 or not total:
+        return float("nan")
+    r = sum(parts) / total
+    return math.sqrt(n / (n - 1) * sum((p - r * w) ** 2 for p, w in zip(parts, wholes))) / total
+
+
 def suite_se(per_task: Outcomes) -> tuple[float, float]:
     """(average of the task means, its standard error): tasks weigh equally whatever their size."""
     stats = [mean_se(v) for v in per_task.values()]

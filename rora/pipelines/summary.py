@@ -149,18 +149,18 @@ def repetition_warning(generation: dict) -> str | None:
     words and stops writes few 4-grams there, so the overall figure is mostly its text openings'); the worst
     offence is named. None otherwise (or when the figures are missing)."""
     of_base, of_recovered = generation.get("base", {}), generation.get("recovered", {})
-    pairs = [("", of_base.get("repetition"), of_recovered.get("repetition"))]
-    pairs += [(f" on the {_SETS.get(name, name)}", figures.get("repetition"),
-               of_recovered.get("by_set", {}).get(name, {}).get("repetition"))
+    pairs = [("", of_base.get("repetition"), of_recovered)]
+    pairs += [(f" on the {_SETS.get(name, name)}", figures.get("repetition"), of_recovered.get("by_set", {}).get(name, {}))
               for name, figures in of_base.get("by_set", {}).items()]
-    over = [(r / b if b else math.inf, where, b, r) for where, b, r in pairs
-            if b is not None and r is not None and r > REPETITION_LIMIT * b]
+    over = [(r["repetition"] / b if b else math.inf, where, b, r) for where, b, r in pairs
+            if b is not None and r.get("repetition") is not None and r["repetition"] > REPETITION_LIMIT * b]
     if not over:
         return None
     _, where, base, recovered = max(over, key=lambda o: o[0])
-    versus = f"{recovered / base:.1f}x the unpruned model's {100 * base:.1f}%" if base else \
+    versus = f"{recovered['repetition'] / base:.1f}x the unpruned model's {100 * base:.1f}%" if base else \
         "where the unpruned model repeats none"
-    return (f"Warning: the recovered model repeats itself{where}: {100 * recovered:.1f}% of its 4-grams are repeats, "
+    return (f"Warning: the recovered model repeats itself{where}: "
+            f"{_percent(recovered['repetition'], recovered.get('repetition_se'))}% of its 4-grams are repeats, "
             f"{versus} (the limit is {REPETITION_LIMIT:g}x). Its accuracy can look recovered while its own text "
             "degenerates: read the examples, or look with `rora generate`.")
 
@@ -178,11 +178,12 @@ def generation_lines(generation: dict) -> list[str]:
              f"| model | repetition (% of 4-grams) | {' / '.join(_SETS.get(n, n) for n in names)} | distinct-2 | "
              "reference perplexity | tokens written |", "|---|---|---|---|---|---|"]
     for label, g in generation.items():
-        by_set = " / ".join(_percent(g["by_set"].get(n, {}).get("repetition")) for n in names)
+        by_set = " / ".join(_percent(g["by_set"].get(n, {}).get("repetition"), g["by_set"].get(n, {}).get("repetition_se"))
+                            for n in names)
         dis = "-" if g["distinct_2"] is None else f"{g['distinct_2']:.3f}"
         written = g.get("counts", {}).get("written_tokens")
         written = "-" if written is None else f"{written / g['prompts']:.1f}"
-        lines.append(f"| {label} | {_percent(g['repetition'])} | {by_set} | {dis} | {g['reference_ppl']:.2f} | "
+        lines.append(f"| {label} | {_percent(g['repetition'], g.get('repetition_se'))} | {by_set} | {dis} | {g['reference_ppl']:.2f} | "
                      f"{written} |")
     warning = repetition_warning(generation)
     if warning:
@@ -199,8 +200,9 @@ def generation_lines(generation: dict) -> list[str]:
     return lines
 
 
-def _percent(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def _percent(value, se=None) -> str:
+    """A share as a percentage, with its standard error when known."""
+    return "-" if value is None else f"{100 * value:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
 def _cell(text: str) -> str:
