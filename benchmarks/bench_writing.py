@@ -9,12 +9,14 @@ recovered with the quickstart's recover section, once per variant (--variants):
     on-policy N nr K   + the teacher grades them without repeating a K-gram of the continuation
     kd+sft W           the recipe with the cross-entropy of the training tokens added (kd weight W): the records'
                        answers (each ended by EOS) and the prose
+    ...-prose R        (suffix) R of the same training tokens prose instead of the preset's half
 Each recovered model (and the base, pruned and reconstructed ones) gets validation figures only (never a test set):
-    writing            repetition (% of repeated 4-grams) of greedy 48-token continuations of the held-out prompts
-                       (rora.evaluation.quality: 12 openings, 12 validation records' prompts; by set), distinct-2,
-                       perplexity of the written text under the unpruned model
-    wide               repetition on 48 more openings, the first 10 words of the 48 corpus paragraphs below: four
-                       times the text prompts, so a less noisy figure than the 12 openings'
+    writing            repetition (% of repeated 4-grams, ± standard error over prompts) of greedy 48-token
+                       continuations of the summary's held-out prompts (rora.evaluation.quality: 48 openings, the 32
+                       validation records' prompts; by set), distinct-2, perplexity of the written text under the
+                       unpruned model
+    wide               repetition on 48 other openings, the first 10 words of the 48 corpus paragraphs below: what a
+                       recipe is chosen on, so that the summary's openings stay a measurement
     KL                 to the unpruned model on the run's own validation split (records + prose) and on 48 paragraphs
                        of the prose corpus the recipe never reads (the end of its last shard)
 and beside them the held-out prose test passages' perplexity (measured, never chosen on) and the seconds recovery took.
@@ -22,7 +24,7 @@ and beside them the held-out prose test passages' perplexity (measured, never ch
 Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
     make prose
-    python benchmarks/bench_writing.py                       # 5 recoveries, ~75 min on one quiet core
+    python benchmarks/bench_writing.py --variants kd+sft-0.5,kd+sft-0.6,kd+sft-0.7,kd+sft-0.5-prose0.75  # ~40 min, 2 cores
     python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noq
 VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.6,kd+sft-0.7"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
 NEW_TOKENS = 48  # per greedy continuation, as in the demo's summary
+PROMPTS = 48  # the summary's openings (all 48) and up to as many validation records' prompts (its 32)
 
 
 def parse_args(argv=None):
@@ -58,8 +61,14 @@ def parse_args(argv=None):
 
 def variant_config(rc, name: str):
     """The quickstart's recover section changed as the variant's name says (from plain kd, whatever the preset's
-    objective)."""
+    objective); a "-proseR" suffix makes R of the preset's training tokens prose (text_ratio R, the prose budget
+    scaled to match; the preset's is half)."""
+    name, _, prose = name.partition("-prose")
     kd = dataclasses.replace(rc, objective="kd", on_policy=0, on_policy_no_repeat=0)
+    if prose:
+        held_out = rc.val_set_size * rc.cutoff_len  # the validation sequences the text budget also pays for
+        kd = dataclasses.replace(kd, text_ratio=float(prose),
+                                 max_text_tokens=round(held_out + (rc.max_text_tokens - held_out) * 2 * float(prose)))
     if name == "kd":
         return kd
     if name.startswith("kd+sft-"):
@@ -99,14 +108,16 @@ def main(argv=None) -> None:
     train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
 
     def figures(model) -> dict:
-        q = generation_quality(model, tok, base, val, prompts=12, new_tokens=NEW_TOKENS)
+        q = generation_quality(model, tok, base, val, prompts=PROMPTS, new_tokens=NEW_TOKENS)
         written = generate_text(model, tok, wide, {"max_new_tokens": NEW_TOKENS, "chat": False, "batch_size": 8})
-        return {"repetition": q["repetition"], "wide": repetition([g.text for g in written])["repetition"],
+        wide_rep = repetition([g.text for g in written])
+        return {"repetition": q["repetition"], "wide": wide_rep["repetition"], "wide_se": wide_rep["se"],
                 "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
                 "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
                 "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
                 "test_prose_ppl": prose.measure(model, base, tok)["perplexity"],
-                "examples": q["examples"][:3] + q["examples"][12:15]}
+                "se": {"repetition": q["repetition_se"], **{k: v["repetition_se"] for k, v in q["by_set"].items()}},
+                "examples": q["examples"][:3] + q["examples"][-3:]}
 
     if "base" not in runs.done:
         runs.keep({"name": "base", **figures(base)})
@@ -136,33 +147,39 @@ def main(argv=None) -> None:
 
 def report(args, done: dict) -> None:
     base = done.get("base")
-    table = ["| model | repetition (%) | text / task prompts | x base | wide openings (x base) | distinct-2 | "
-             "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 11 + "|"]
+    table = ["| model | repetition (%) | text openings (x base) / task prompts | wide openings (x base) | distinct-2 | "
+             "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
     for name, r in done.items():
-        ratio = f"{r['repetition'] / base['repetition']:.2f}" if base else "-"
-        table.append(f"| {name} | {100 * r['repetition']:.1f} | {100 * r['by_set']['text']:.1f} / "
-                     f"{100 * r['by_set']['task']:.1f} | {ratio} | {_wide(r, base)} | {r['distinct_2']:.3f} | "
-                     f"{r['reference_ppl']:.2f} | "
+        se = r.get("se", {})
+        text = f"{_pm(r['by_set']['text'], se.get('text'))}{_times(r['by_set']['text'], base and base['by_set']['text'])}"
+        table.append(f"| {name} | {_pm(r['repetition'], se.get('repetition'))} | {text} / "
+                     f"{_pm(r['by_set']['task'], se.get('task'))} | "
+                     f"{_pm(r['wide'], r.get('wide_se'))}{_times(r['wide'], base and base['wide'])} | "
+                     f"{r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
                      f"{_num(r.get('val_kl'))} | {r['val_prose_kl']:.3f} | {r['test_prose_ppl']:.1f} | "
                      f"{_num(r.get('seconds'), '.0f')} |")
     plot(done, RESULTS / "writing.png")
-    publish("writing", title="Writing after recovery: kd, kd+sft and on-policy distillation",
+    publish("writing", title="Writing after recovery: the kd weight of kd+sft, and the share of prose",
             setting="the quickstart preset's prune and reconstruction, then its recovery (RoRA r16, lr 1e-3, ~28k "
-                    "tokens of records and Wikipedia prose) with the row's objective, one recovery per variant from "
-                    "the same reconstructed model; repetition: greedy 48-token continuations of 12 openings and 12 "
-                    "validation records' prompts (the demo summary's prompts; its limit: 1.5x the unpruned model's), "
-                    "wide openings: 48 more, the first 10 words of corpus paragraphs never read; val KL (run): the "
-                    "recovery's own validation records and prose; val KL (prose): those 48 paragraphs; test prose: "
-                    "32 held-out BoolQ passages (measured only, never chosen on); one run each (deterministic on the "
-                    "same setup and thread count, not across them)",
+                    "tokens of records and Wikipedia prose) with the row's objective (kd+sft-W: kd weight W; "
+                    "-prose0.75: three quarters of the same training tokens prose), one recovery per variant from "
+                    "the same reconstructed model; repetition (± standard error over prompts): greedy 48-token "
+                    "continuations of the summary's 48 text openings and 32 validation records' prompts (its limit: "
+                    "1.5x the unpruned model's on each set), wide openings: 48 more, the first 10 words of corpus "
+                    "paragraphs never read (validation: what a recipe is chosen on); val KL (run): the recovery's own "
+                    "validation records and prose; val KL (prose): those 48 paragraphs; test prose: 32 held-out BoolQ "
+                    "passages (measured only, never chosen on); one run each (deterministic on the same setup and "
+                    "thread count, not across them)",
             table="\n".join(table), data={"runs": done})
 
 
-def _wide(row: dict, base: dict | None) -> str:
-    if row.get("wide") is None:
-        return "-"
-    ratio = f" ({row['wide'] / base['wide']:.2f}x)" if base and base.get("wide") else ""
-    return f"{100 * row['wide']:.1f}{ratio}"
+def _pm(share, se=None) -> str:
+    """A share as a percentage, ± its standard error when known."""
+    return f"{100 * share:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
+def _times(value, base) -> str:
+    return f" ({value / base:.2f}x)" if base else ""
 
 
 def _num(value, spec: str = ".3f") -> str:
@@ -170,7 +187,8 @@ def _num(value, spec: str = ".3f") -> str:
 
 
 def plot(done: dict, path: Path) -> None:
-    """Repetition of each model's writing, text and task prompts side by side, the 1.5x-base limit drawn."""
+    """Repetition of each model's writing (± standard error), text and task prompts side by side, the text
+    openings' 1.5x-base limit drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,10 +197,12 @@ def plot(done: dict, path: Path) -> None:
     names = list(done)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for k, (part, label) in enumerate((("text", "text openings"), ("task", "task prompts"))):
+        errors = [100 * (done[n].get("se", {}).get(part) or 0) for n in names]
         ax.bar([i + 0.4 * k for i in range(len(names))], [100 * done[n]["by_set"][part] for n in names], 0.4,
-               label=label)
+               yerr=errors, capsize=2, label=label)
     if "base" in done:
-        ax.axhline(150 * done["base"]["repetition"], color="k", ls=":", lw=1, label="1.5x the unpruned model")
+        ax.axhline(150 * done["base"]["by_set"]["text"], color="k", ls=":", lw=1,
+                   label="1.5x the unpruned model (text openings)")
     ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("repeated 4-grams (%)")
     ax.legend(fontsize=8)
