@@ -24,7 +24,7 @@ and beside them the held-out prose test passages' perplexity (measured, never ch
 Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
     make prose
-    python benchmarks/bench_writing.py --variants kd+sft-0.5,kd+sft-0.6,kd+sft-0.7,kd+sft-0.5-prose0.75  # ~40 min, 2 cores
+    python benchmarks/bench_writing.py --variants kd+sft-0.5,kd+sft-0.6,kd+sft-0.7,kd+sft-0.5-prose0.75  # ~40 min
     python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def report(args, done: dict) -> None:
              "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
     for name, r in done.items():
         se = r.get("se", {})
-        text = f"{_pm(r['by_set']['text'], se.get('text'))}{_times(r['by_set']['text'], base and base['by_set']['text'])}"
+        text = _pm(r["by_set"]["text"], se.get("text")) + _times(r["by_set"]["text"], base and base["by_set"]["text"])
         table.append(f"| {name} | {_pm(r['repetition'], se.get('repetition'))} | {text} / "
                      f"{_pm(r['by_set']['task'], se.get('task'))} | "
                      f"{_pm(r['wide'], r.get('wide_se'))}{_times(r['wide'], base and base['wide'])} | "

@@ -21,7 +21,8 @@ def test_ratio_se_by_hand_and_as_mean_se_with_equal_wholes():
     parts = [0, 3, 1, 7, 2]
     assert ratio_se(parts, [8] * 5) == pytest.approx(mean_se([p / 8 for p in parts])[1])
     # Units of different sizes weigh by size: a big unit's share moves the ratio more than a small one's.
-    assert ratio_se([0, 10], [2, 20]) == pytest.approx(math.sqrt(2 * ((0 - 10 / 22 * 2) ** 2 + (10 - 10 / 22 * 20) ** 2)) / 22)
+    r = 10 / 22
+    assert ratio_se([0, 10], [2, 20]) == pytest.approx(math.sqrt(2 * ((0 - r * 2) ** 2 + (10 - r * 20) ** 2)) / 22)
     assert math.isnan(ratio_se([1], [4])) and math.isnan(ratio_se([0, 0], [0, 0]))
 
 

@@ -96,4 +96,5 @@ def test_standard_errors_show_in_the_table_and_the_warning():
     recovered = result.generation["recovered"]
     recovered["repetition_se"], recovered["by_set"]["text"]["repetition_se"] = 0.021, 0.052
     assert "| recovered | 15.0 ± 2.1 | 30.0 ± 5.2 / 0.0 | 0.500 | 3.25 | 25.2 |" in summary_table(result)
-    assert "on the text openings: 30.0 ± 5.2% of its 4-grams are repeats, 2.6x" in repetition_warning(result.generation)
+    assert "on the text openings: 30.0 ± 5.2% of its 4-grams are repeats, 2.6x" in \
+        repetition_warning(result.generation)

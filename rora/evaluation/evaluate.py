@@ -95,7 +95,8 @@ class EvalResults:
         if self.generation:
             g = self.generation
             lines += ["", f"generation: {g['prompts']} held-out prompts, {g['new_tokens']} greedy tokens each: "
-                          f"repetition {_pct(g['repetition'])}{_pm(g.get('repetition_se'))}% of 4-grams, distinct-2 {_ratio(g['distinct_2'])}, "
+                          f"repetition {_pct(g['repetition'])}{_pm(g.get('repetition_se'))}% of 4-grams, "
+                          f"distinct-2 {_ratio(g['distinct_2'])}, "
                           f"perplexity {g['reference_ppl']:.2f} under {self.reference or 'the model itself'}"]
         return "\n".join(lines)
 

@@ -159,7 +159,6 @@ def _figures(generations, reference) -> dict:
     texts = [g.text for g in generations]
     rep, dis, ppl = repetition(texts), distinct(texts), reference_perplexity(reference, generations)
     return {"prompts": len(generations), "repetition": rep["repetition"], "repetition_se": rep["se"],
-            "distinct_2": dis["distinct"],
-            "reference_ppl": ppl["perplexity"],
+            "distinct_2": dis["distinct"], "reference_ppl": ppl["perplexity"],
             "counts": {"repeated_4grams": rep["repeated"], "4grams": rep["ngrams"], "distinct_bigrams": dis["unique"],
                        "bigrams": dis["ngrams"], "written_tokens": ppl["tokens"], "reference_nll": ppl["nll"]}}

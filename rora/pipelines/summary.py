@@ -150,8 +150,8 @@ def repetition_warning(generation: dict) -> str | None:
     offence is named. None otherwise (or when the figures are missing)."""
     of_base, of_recovered = generation.get("base", {}), generation.get("recovered", {})
     pairs = [("", of_base.get("repetition"), of_recovered)]
-    pairs += [(f" on the {_SETS.get(name, name)}", figures.get("repetition"), of_recovered.get("by_set", {}).get(name, {}))
-              for name, figures in of_base.get("by_set", {}).items()]
+    pairs += [(f" on the {_SETS.get(name, name)}", figures.get("repetition"),
+               of_recovered.get("by_set", {}).get(name, {})) for name, figures in of_base.get("by_set", {}).items()]
     over = [(r["repetition"] / b if b else math.inf, where, b, r) for where, b, r in pairs
             if b is not None and r.get("repetition") is not None and r["repetition"] > REPETITION_LIMIT * b]
     if not over:
@@ -159,9 +159,8 @@ def repetition_warning(generation: dict) -> str | None:
     _, where, base, recovered = max(over, key=lambda o: o[0])
     versus = f"{recovered['repetition'] / base:.1f}x the unpruned model's {100 * base:.1f}%" if base else \
         "where the unpruned model repeats none"
-    return (f"Warning: the recovered model repeats itself{where}: "
-            f"{_percent(recovered['repetition'], recovered.get('repetition_se'))}% of its 4-grams are repeats, "
-            f"{versus} (the limit is {REPETITION_LIMIT:g}x). Its accuracy can look recovered while its own text "
+    return (f"Warning: the recovered model repeats itself{where}: {_repetition(recovered)}% of its 4-grams are "
+            f"repeats, {versus} (the limit is {REPETITION_LIMIT:g}x). Its accuracy can look recovered while its own text "
             "degenerates: read the examples, or look with `rora generate`.")
 
 
@@ -178,13 +177,11 @@ def generation_lines(generation: dict) -> list[str]:
              f"| model | repetition (% of 4-grams) | {' / '.join(_SETS.get(n, n) for n in names)} | distinct-2 | "
              "reference perplexity | tokens written |", "|---|---|---|---|---|---|"]
     for label, g in generation.items():
-        by_set = " / ".join(_percent(g["by_set"].get(n, {}).get("repetition"), g["by_set"].get(n, {}).get("repetition_se"))
-                            for n in names)
+        by_set = " / ".join(_repetition(g["by_set"].get(n, {})) for n in names)
         dis = "-" if g["distinct_2"] is None else f"{g['distinct_2']:.3f}"
         written = g.get("counts", {}).get("written_tokens")
         written = "-" if written is None else f"{written / g['prompts']:.1f}"
-        lines.append(f"| {label} | {_percent(g['repetition'], g.get('repetition_se'))} | {by_set} | {dis} | {g['reference_ppl']:.2f} | "
-                     f"{written} |")
+        lines.append(f"| {label} | {_repetition(g)} | {by_set} | {dis} | {g['reference_ppl']:.2f} | {written} |")
     warning = repetition_warning(generation)
     if warning:
         lines += ["", warning]
@@ -203,6 +200,11 @@ def generation_lines(generation: dict) -> list[str]:
 def _percent(value, se=None) -> str:
     """A share as a percentage, with its standard error when known."""
     return "-" if value is None else f"{100 * value:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
+def _repetition(figures: dict) -> str:
+    """A generation figure set's repetition (± its standard error) as a percentage."""
+    return _percent(figures.get("repetition"), figures.get("repetition_se"))
 
 
 def _cell(text: str) -> str:
