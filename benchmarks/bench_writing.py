@@ -146,6 +146,8 @@ def main(argv=None) -> None:
 
 
 def report(args, done: dict) -> None:
+    from rora.pipelines.summary import _percent as _pm  # a share as a percentage, ± its standard error
+
     base = done.get("base")
     table = ["| model | repetition (%) | text openings (x base) / task prompts | wide openings (x base) | distinct-2 | "
              "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
@@ -171,11 +173,6 @@ def report(args, done: dict) -> None:
                     "passages (measured only, never chosen on); one run each (deterministic on the same setup and "
                     "thread count, not across them)",
             table="\n".join(table), data={"runs": done})
-
-
-def _pm(share, se=None) -> str:
-    """A share as a percentage, ± its standard error when known."""
-    return f"{100 * share:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
 def _times(value, base) -> str:
