@@ -379,8 +379,8 @@ def format_reconstruct(r: dict, path) -> str:
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
 @config_options(RecoverConfig, "objective")
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
-@config_options(RecoverConfig, "kd_temperature", "kd_weight", "teacher_dtype", "text", "text_split", "text_field",
-                "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens", "synthetic_prompts",
+@config_options(RecoverConfig, "kd_temperature", "kd_weight", "unlikelihood", "teacher_dtype", "text", "text_split",
+                "text_field", "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens", "synthetic_prompts",
                 "on_policy", "on_policy_tokens", "on_policy_no_repeat",
                 "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "lr_probe_steps", "epochs", "max_steps",
                 "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",
@@ -428,7 +428,7 @@ def format_recover(r: dict, cfg) -> str:
     held = r.get("val_metrics") or {}
     return "\n".join([
         f"method         {cfg.method} rank {cfg.rank} alpha {cfg.resolved_alpha:g} (scale {r['effective_scale']:.4g})",
-        f"objective      {cfg.objective}" + (f" (T={cfg.kd_temperature:g})" if cfg.objective != "sft" else ""),
+        f"objective      {cfg.describe_objective()}",
         f"steps          {r['steps']}   tokens {r['train_tokens']:,}   {r['tokens_per_second']:.1f} tokens/s",
         "learning rate  " + (describe_lr_auto(r["lr_auto"]) if r.get("lr_auto") else f"{r['lr']:g}"),
         *([f"text           {describe_read(r['text'])}"] if r.get("text") else []),

@@ -394,6 +394,10 @@ class RecoverConfig(StageConfig):
                                          "scaled by T^2 (Hinton et al.); at most 100, where both are already "
                                          "uniform to float precision.", maximum=100.0)
     kd_weight: float = setting(0.5, "kd+sft only: the KD term's share of the loss, in (0, 1).")
+    unlikelihood: float = setting(0.0, "kd objectives: weight of token-level unlikelihood (Welleck et al., 2020), "
+                                       "added to the KL at every position: -log(1 - p) of each token already in the "
+                                       "context that is not the next one, against copying loops. 0: off.",
+                                  maximum=100.0)
     teacher_dtype: str = setting("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or "
                                          "float16.", TEACHER_DTYPES)
     kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.", maximum=BIG)
@@ -444,6 +448,9 @@ class RecoverConfig(StageConfig):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):  # nan > 0 is False too, but say "finite" for inf
                 out.append(f"recover.{key} must be a finite number > 0, got {value}")
+        if self.unlikelihood and (self.objective == "sft" or self.kd_temperature != 1.0):
+            out.append("recover.unlikelihood rides on the distillation loss: it needs objective kd or kd+sft and "
+                       f"kd_temperature 1 (got {self.objective}, {self.kd_temperature})")
         if not (math.isfinite(self.kd_weight) and 0 < self.kd_weight < 1):
             out.append(f"recover.kd_weight must be in (0, 1), got {self.kd_weight}")
         if isinstance(self.lr, str) and self.lr != AUTO:
@@ -452,7 +459,8 @@ class RecoverConfig(StageConfig):
             positive=("kd_chunk_size", "synthetic_tokens", "on_policy_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
                       "eval_steps", "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
                       *(("lr",) if not isinstance(self.lr, str) else ())),
-            non_negative=("synthetic", "on_policy", "on_policy_no_repeat", "val_set_size", "warmup_steps", "weight_decay"))
+            non_negative=("synthetic", "on_policy", "on_policy_no_repeat", "val_set_size", "warmup_steps",
+                          "weight_decay", "unlikelihood"))
         if self.lr == AUTO and self.val_set_size == 0:
             out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
         if self.text is not None and self.synthetic:
@@ -479,6 +487,16 @@ class RecoverConfig(StageConfig):
     @property
     def resolved_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def describe_objective(self, objective: str | None = None) -> str:
+        """'kd+sft (T=1, kd weight 0.6, unlikelihood 1)': the objective (`objective`, when `auto` was resolved
+        elsewhere) and the settings that shape it, for reports."""
+        objective = objective or self.objective
+        if objective in ("sft", AUTO):
+            return objective
+        return (f"{objective} (T={self.kd_temperature:g}"
+                + (f", kd weight {self.kd_weight:g}" if objective == "kd+sft" else "")
+                + (f", unlikelihood {self.unlikelihood:g}" if self.unlikelihood else "") + ")")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_written_kl_covers_exactly_the_written_tokens(tokenizer):
     batch = [Example([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9]),
              Example([11, 12, 13, 14, 15, 16, 17], [IGNORE_INDEX] * 2 + [13, 14, 15, 16, 17])]
     ids, labels = collate(batch, tokenizer.pad_token_id)
-    kd, sft = DistillLoss(pm, teacher, 1.0, 4, sft=True)(ids, labels, torch.tensor([5, 7]), written=True)
+    kd, sft, _ = DistillLoss(pm, teacher, 1.0, 4, sft=True)(ids, labels, torch.tensor([5, 7]), written=True)
     with torch.no_grad():
         log_s, log_t = pm(input_ids=ids).logits.log_softmax(-1), teacher(input_ids=ids).logits.log_softmax(-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
@@ -155,7 +155,7 @@ def test_banned_kl_is_the_kl_to_the_renormalised_teacher(tokenizer):
     hidden = torch.randn(6, 8, requires_grad=True)
     t_hidden = torch.randn(6, 8)
     bans = torch.tensor([[1, 3], [1, 7], [4, 0]])
-    got = chunked_kl(hidden, head, t_hidden, t_head, 1.0, 4, bans)  # chunk 4: the bans span two chunks
+    got, _ = chunked_kl(hidden, head, t_hidden, t_head, 1.0, 4, bans)  # chunk 4: the bans span two chunks
     got.backward()
     grad = hidden.grad.clone()
     hidden.grad = None

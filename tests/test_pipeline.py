@@ -131,6 +131,7 @@ def test_pipeline_end_to_end_and_skip_after_crash(tiny_setup, monkeypatch):
     assert auto["lr"] == min((p for p in auto["probes"] if p["val_loss"] is not None), key=lambda p: p["val_loss"])["lr"]
     assert summary["recovery"]["lr"] == auto["lr"] == recovery["report"]["lr"]
     assert f"- learning rate: lr auto chose {auto['lr']:g}" in md
+    assert summary["recovery"]["objective"] == "kd (T=1)" and "- recovery objective: kd (T=1)" in md
     card = (tiny_setup / "run" / "export" / "README.md").read_text()
     assert "effective_scale" in card and "recovered" in card and "Pruning" in card
 

@@ -79,7 +79,7 @@ def test_chunked_kl_equals_full_logit_kl_with_gradients(tokenizer, temperature):
     ref_grads = torch.autograd.grad(ref, params)
     assert ref > 1.0  # different models: a real divergence, not a trivial zero
     for chunk in (1, 7, 64, 10_000):
-        kd, sft = DistillLoss(student, teacher, temperature, chunk, sft=False)(ids, labels, lengths)
+        kd, sft, _ = DistillLoss(student, teacher, temperature, chunk, sft=False)(ids, labels, lengths)
         assert float(sft) == 0.0
         torch.testing.assert_close(kd, ref, rtol=1e-5, atol=1e-5)
         grads = torch.autograd.grad(kd, params)
@@ -94,7 +94,7 @@ def test_chunked_kl_gradient_reaches_a_trainable_head():
     head, t_head = torch.nn.Linear(8, 30, bias=False), torch.nn.Linear(6, 30, bias=False)
     t_hidden = torch.randn(11, 6)
     for chunk in (3, 11):
-        got = chunked_kl(hidden, head, t_hidden, t_head, 1.7, chunk)
+        got, _ = chunked_kl(hidden, head, t_hidden, t_head, 1.7, chunk)
         g_h, g_w = torch.autograd.grad(got * 3.0, [hidden, head.weight])  # the upstream gradient is honoured
         s, t = head(hidden) / 1.7, t_head(t_hidden).detach() / 1.7
         ref = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum") * 1.7**2
@@ -102,6 +102,65 @@ def test_chunked_kl_gradient_reaches_a_trainable_head():
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-6)
+
+
+def test_unlikely_pairs_are_the_earlier_distinct_tokens_but_the_next_one():
+    from rora.recovery.distill import unlikely_pairs
+
+    # row 0: 5 6 5 7 (4 tokens), row 1: 8 8 9 then padding; keep: the positions that predict a real token
+    ids = torch.tensor([[5, 6, 5, 7], [8, 8, 9, 0]])
+    keep = torch.tensor([[True, True, True], [True, True, False]])
+    got = sorted(map(tuple, unlikely_pairs(ids, keep).tolist()))
+    # rows 0-2 (row 0's positions): {5} minus 6 / {5, 6} minus 5 / {5, 6} minus 7; rows 3-4: {8} minus 8 / {8} minus 9
+    assert got == [(0, 5), (1, 6), (2, 5), (2, 6), (4, 8)]
+
+
+def test_unlikelihood_term_and_its_gradient_match_autograd():
+    """ChunkedKL with unlikelihood pairs: the first output is KL + u * -sum log(1 - p(c)), its gradient what autograd
+    gives through softmax; the second output is the unlikelihood sum alone. Pairs span chunks, a row holds several."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    head, t_head = torch.nn.Linear(8, 20, bias=False), torch.nn.Linear(8, 20, bias=False)
+    t_hidden = torch.randn(7, 8)
+    pairs = torch.tensor([[0, 3], [2, 1], [2, 4], [2, 19], [5, 0], [6, 7]])
+    s, t = head(hidden), t_head(t_hidden).detach()
+    ul_ref = -torch.log1p(-s.softmax(-1)[pairs[:, 0], pairs[:, 1]]).sum()
+    kl_ref = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+    r_h, r_w = torch.autograd.grad(kl_ref + 0.7 * ul_ref, [hidden, head.weight])
+    assert float(ul_ref.detach()) > 0.1  # a real term, not a rounding
+    for chunk in (3, 7):
+        got, ul = chunked_kl(hidden, head, t_hidden, t_head, 1.0, chunk, unlikely=pairs, ul_weight=0.7)
+        g_h, g_w = torch.autograd.grad(got, [hidden, head.weight])
+        torch.testing.assert_close(ul, ul_ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, (kl_ref + 0.7 * ul_ref).detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-6)
+
+
+def test_unlikelihood_lowers_the_probability_of_context_tokens(tokenizer):
+    """A few steps on the KL + unlikelihood objective leave the student's probability of its context's other tokens
+    lower than the KL alone does, from the same start: the term does what it is for."""
+    from rora.recovery.distill import unlikely_pairs
+
+    teacher = make_model(seed=1)
+    ids, labels, lengths = _batch(tokenizer)
+    keep = torch.arange(ids.shape[1] - 1)[None, :] < (lengths[:, None] - 1)
+    pairs = unlikely_pairs(ids, keep)
+    mass = {}
+    for weight in (0.0, 2.0):
+        student = _student(make_model(seed=0))
+        loss = DistillLoss(student, teacher, 1.0, 16, sft=False, unlikelihood=weight)
+        opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.05)
+        for _ in range(5):
+            kd, _, ul = loss(ids, labels, lengths)
+            assert (float(ul) > 0) == (weight > 0)
+            opt.zero_grad()
+            kd.backward()
+            opt.step()
+        with torch.no_grad():
+            probs = student(input_ids=ids).logits[:, :-1][keep].softmax(-1)
+        mass[weight] = float(probs[pairs[:, 0], pairs[:, 1]].sum())
+    assert mass[2.0] < 0.9 * mass[0.0]
 
 
 def test_student_equal_to_teacher_has_zero_kl_and_zero_gradient(tokenizer):
@@ -112,7 +171,7 @@ def test_student_equal_to_teacher_has_zero_kl_and_zero_gradient(tokenizer):
     teacher = make_model(seed=3)
     student = get_peft_model(copy.deepcopy(teacher), peft_config(RecoverConfig(rank=4), teacher)).eval()
     ids, labels, lengths = _batch(tokenizer)
-    kd, _ = DistillLoss(student, teacher, 1.0, 5, sft=False)(ids, labels, lengths)
+    kd, _, _ = DistillLoss(student, teacher, 1.0, 5, sft=False)(ids, labels, lengths)
     kd.backward()
     assert abs(float(kd.detach())) < 1e-6
     grads = [p.grad for p in student.parameters() if p.requires_grad]
@@ -178,6 +237,38 @@ def test_kd_plus_sft_weighs_both_terms(tokenizer, tmp_path):
         assert r["kl"] > 0 and r["sft"] > 0 and r["loss"] == pytest.approx(0.25 * r["kl"] + 0.75 * r["sft"], rel=1e-6)
     for r in evals:
         assert r["val_loss"] == pytest.approx(0.25 * r["val_kl"] + 0.75 * r["val_response_loss"], rel=1e-9)
+
+
+def test_unlikelihood_enters_the_objective_and_is_logged_apart(tokenizer, tmp_path):
+    """With unlikelihood u the step's objective is w * (KL + u * UL) + (1 - w) * SFT; the logged KL is the KL alone,
+    and the validation objective (what the best adapter is chosen by) has no unlikelihood in it."""
+    teacher = make_model(seed=4)
+    cfg = kd_config(objective="kd+sft", kd_weight=0.25, unlikelihood=0.5, max_steps=2, eval_steps=1)
+    recover(_pruned(teacher), tokenizer, records(30), cfg, tmp_path / "run", progress=False, teacher=teacher)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["unlikelihood"] > 0 and r["kl"] > 0
+        assert r["loss"] == pytest.approx(0.25 * (r["kl"] + 0.5 * r["unlikelihood"]) + 0.75 * r["sft"], rel=1e-5)
+    for r in (r for r in logged if "val_loss" in r):
+        assert r["val_loss"] == pytest.approx(0.25 * r["val_kl"] + 0.75 * r["val_response_loss"], rel=1e-9)
+
+
+def test_the_objective_is_described_with_what_shapes_it():
+    assert RecoverConfig(objective="sft").describe_objective() == "sft"
+    assert RecoverConfig(objective="kd", kd_temperature=2.0).describe_objective() == "kd (T=2)"
+    both = RecoverConfig(objective="kd+sft", kd_weight=0.6, unlikelihood=1.0)
+    assert both.describe_objective() == "kd+sft (T=1, kd weight 0.6, unlikelihood 1)"
+    assert RecoverConfig(objective="auto").describe_objective("kd") == "kd (T=1)"
+
+
+@pytest.mark.parametrize("changes", [{"objective": "sft"}, {"kd_temperature": 2.0}, {"unlikelihood": -1.0}])
+def test_unlikelihood_refuses_what_it_cannot_ride_on(changes):
+    from rora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recover.unlikelihood"):
+        RecoverConfig(**{"objective": "kd", "unlikelihood": 1.0, **changes})
 
 
 def test_sft_with_a_teacher_logs_the_kl_too(tokenizer):
@@ -393,6 +484,12 @@ def test_cli_recover_kd_and_its_errors(saved, tmp_path):
     assert done.exit_code == 0, done.output
     assert "objective      kd (T=2)" in done.output and "best val KL" in done.output
     assert "KL to the teacher" in done.output
+    again = CliRunner().invoke(main, base + ["--teacher", str(saved / "teacher"), "--objective", "kd+sft",
+                                             "--unlikelihood", "0.5", "--out", str(tmp_path / "ul")])
+    assert again.exit_code == 0, again.output
+    assert "objective      kd+sft (T=1, kd weight 0.5, unlikelihood 0.5)" in again.output
+    steps = [json.loads(line) for line in (tmp_path / "ul" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["unlikelihood"] > 0 for r in steps if "loss" in r)
     empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("")
     latin1.write_bytes(b"caf\xe9")
@@ -403,6 +500,8 @@ def test_cli_recover_kd_and_its_errors(saved, tmp_path):
         (base + ["--teacher", str(saved / "other-vocab"), "--overwrite"], "tokenizer differs from the student's: 400 tokens"),
         (base + ["--teacher", str(saved / "teacher"), "--kd-temperature", "0", "--overwrite"], "kd_temperature must be a finite"),
         (base + ["--teacher", str(saved / "teacher"), "--kd-temperature", "nan", "--overwrite"], "kd_temperature must be a finite"),
+        (base + ["--teacher", str(saved / "teacher"), "--kd-temperature", "2", "--unlikelihood", "1", "--overwrite"],
+         "recover.unlikelihood rides on the distillation loss"),
         (text_args + ["--teacher", str(saved / "teacher"), "--text", str(empty)], "holds no text"),
         (text_args + ["--teacher", str(saved / "teacher"), "--text", str(latin1)], "is not UTF-8 text"),
     ]:
@@ -421,9 +520,9 @@ def test_kd_non_finite_loss_stops_and_keeps_the_checkpoint(tokenizer, tmp_path, 
     real = DistillLoss.forward
 
     def poisoned(self, input_ids, labels, lengths, written=False):
-        kd, sft = real(self, input_ids, labels, lengths, written)
+        kd, sft, ul = real(self, input_ids, labels, lengths, written)
         calls["n"] += 1
-        return (kd * float("nan") if calls["n"] > 4 * 2 else kd), sft  # 2 micro-batches per step
+        return (kd * float("nan") if calls["n"] > 4 * 2 else kd), sft, ul  # 2 micro-batches per step
 
     monkeypatch.setattr(DistillLoss, "forward", poisoned)
     out = tmp_path / "run"

@@ -435,7 +435,8 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
                   resume=ctx.stages.interrupted("recover", fp), overwrite=True, progress=ctx.progress,
                   source=_recovery_base(ctx), teacher=_teacher(flow))
     flow.model = res.model
-    ctx.result.recovery = {"lr": res.lr, "lr_auto": res.lr_auto, "text": res.text, "on_policy": res.on_policy}
+    ctx.result.recovery = {"objective": rc.describe_objective(res.objective), "lr": res.lr, "lr_auto": res.lr_auto,
+                           "text": res.text, "on_policy": res.on_policy}
     return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
 
 

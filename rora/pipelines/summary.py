@@ -125,13 +125,14 @@ def summary_table(result) -> str:
 
 
 def recovery_lines(recovery: dict) -> list[str]:
-    """'- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure, the choice and its cost) and
-    '- recovery text: ...' (what was read of the text source) and '- on-policy distillation: ...'."""
+    """'- recovery objective: ...', '- learning rate: ...' (with --lr auto: the grid, every probe's held-out figure,
+    the choice and its cost), '- recovery text: ...' (what was read of the text source) and '- on-policy
+    distillation: ...'."""
     from ..recovery.lr_auto import describe
     from ..recovery.on_policy import describe as describe_on_policy
     from ..sources.text import describe_read
 
-    lines = []
+    lines = [f"- recovery objective: {recovery['objective']}"] if recovery.get("objective") else []
     if recovery.get("lr_auto"):
         lines.append(f"- learning rate: {describe(recovery['lr_auto'])}")
     elif recovery.get("lr") is not None:

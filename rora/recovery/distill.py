@@ -10,6 +10,12 @@ their last hidden states only; `ChunkedKL` then walks the positions in chunks, a
 the chunk's KL and its gradient with respect to the student's hidden states right away (dKL/dz = T (p_s - p_t)),
 keeping only that [tokens x hidden] gradient for the backward. One chunk of logits is live at any time, there is a
 single backward pass (so DDP's gradient hooks fire once, as for any loss), and no logits are recomputed.
+
+Token-level unlikelihood (Welleck et al., ICLR 2020; RecoverConfig.unlikelihood = u > 0): at every position the
+student is also pushed away from the tokens already in its context that are not the next token,
+u * -sum_c log(1 - p_s(c)), c over those candidates (unlikely_pairs). A pruned model copies its context too readily:
+in greedy writing a small preference for a token it has just written turns into a loop. The term rides on the KL's
+chunks (it needs the same student probabilities), so it costs no extra LM-head pass.
 """
 from __future__ import annotations
 
@@ -27,8 +33,16 @@ from .on_policy import repeat_bans
 BANNED = -1e4  # a banned token's teacher logit offset: exp() underflows to 0 in float32, log-probs stay finite
 
 
+def _in_chunk(pairs, start: int, size: int):
+    """The (row - start, token) columns of the [K, 2] pairs whose row lies in [start, start + size)."""
+    here = pairs[(pairs[:, 0] >= start) & (pairs[:, 0] < start + size)]
+    return here[:, 0] - start, here[:, 1]
+
+
 class ChunkedKL(torch.autograd.Function):
-    """T^2 * sum over rows of KL(softmax(t/T) || softmax(s/T)), s = hidden @ weight.T, t = teacher's logits.
+    """(T^2 * KL + u * UL, UL): KL the sum over rows of KL(softmax(t/T) || softmax(s/T)), s = hidden @ weight.T,
+    t = teacher's logits; UL the token-level unlikelihood sum -sum log(1 - p_s(c)) over the (row, token) pairs
+    `unlikely` ([K, 2], or None: 0), weighted by u (needs T = 1). The second output is a figure, not differentiable.
 
     `bans` ([K, 2] rows and token ids, or None): tokens the teacher's distribution leaves out at those rows (its
     logit lowered by BANNED, so it gets probability 0 and the rest renormalises).
@@ -37,26 +51,42 @@ class ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature: float, chunk_size: int, bans=None):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature: float, chunk_size: int, bans=None,
+                unlikely=None, ul_weight: float = 0.0):
+        if unlikely is not None and temperature != 1.0:
+            raise ConfigError("the unlikelihood term needs kd_temperature 1")
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ul_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s : s + chunk_size]
             log_s = _log_probs(F.linear(h, weight), temperature)
             t_logits = F.linear(teacher_hidden[s : s + chunk_size], teacher_weight).to(hidden.device).float()
             if bans is not None:
-                here = bans[(bans[:, 0] >= s) & (bans[:, 0] < s + chunk_size)]
-                t_logits[here[:, 0] - s, here[:, 1]] += BANNED
+                t_logits[_in_chunk(bans, s, chunk_size)] += BANNED
             log_t = _log_probs(t_logits, temperature)
+            ul_grad = None
+            if unlikely is not None:
+                rows, tokens = _in_chunk(unlikely, s, chunk_size)
+                p_c = log_s[rows, tokens].exp().clamp(max=1.0 - 1e-6)
+                ul_total -= torch.log1p(-p_c).sum()
+                ul_grad = (rows, tokens, ul_weight * p_c / (1.0 - p_c))
             # KL = sum p_t (log p_t - log p_s): the difference in place, then one dot product; passes over a chunk's
             # logits are memory-bound, so no [chunk x vocab] temporaries beyond p_t.
             p_t = log_t.exp()
             total += p_t.view(-1) @ log_t.sub_(log_s).view(-1)
             if need_h or need_w:
                 # d(T^2 KL)/d(logits) = T^2 * (p_s - p_t) / T, computed in place over the student's log-probs.
-                g = log_s.exp_().sub_(p_t)
+                p_s = log_s.exp_()
+                if ul_grad is not None:
+                    # d(-log(1 - p_c))/dz_k = w_c (1[k = c] - p_k), w_c = p_c / (1 - p_c): per row, u * (w_k on the
+                    # row's candidates - p_k * sum of the row's w)
+                    rows, tokens, w = ul_grad
+                    p_s.mul_(1.0 - torch.zeros(p_s.shape[0], device=p_s.device).index_add_(0, rows, w)[:, None])
+                    p_s.index_put_((rows, tokens), w, accumulate=True)
+                g = p_s.sub_(p_t)
                 if temperature != 1.0:
                     g.mul_(temperature)
                 if need_h:
@@ -65,14 +95,15 @@ class ChunkedKL(torch.autograd.Function):
                     grad_w += g.T @ h.float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total * temperature**2
+        ctx.mark_non_differentiable(ul_total)
+        return total * temperature**2 + ul_weight * ul_total, ul_total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_ul):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_out * grad_h if grad_h is not None else None,
                 (grad_out * grad_w).to(ctx.weight_dtype) if grad_w is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _log_probs(logits, temperature: float):
@@ -81,12 +112,29 @@ def _log_probs(logits, temperature: float):
 
 
 def chunked_kl(hidden, head: nn.Linear, teacher_hidden, teacher_head: nn.Linear, temperature: float = 1.0,
-               chunk_size: int = 256, bans: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed T^2-scaled KL(teacher || student) over the rows of [N, hidden] states; see ChunkedKL."""
+               chunk_size: int = 256, bans: torch.Tensor | None = None, unlikely: torch.Tensor | None = None,
+               ul_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed T^2-scaled KL(teacher || student) + ul_weight * unlikelihood, the unlikelihood sum) over the rows of
+    [N, hidden] states; see ChunkedKL."""
     if getattr(head, "bias", None) is not None or getattr(teacher_head, "bias", None) is not None:
         raise ConfigError("LM heads with a bias are not supported by the distillation loss")
     return ChunkedKL.apply(hidden, head.weight, teacher_hidden, teacher_head.weight, float(temperature), int(chunk_size),
-                           bans)
+                           bans, unlikely, float(ul_weight))
+
+
+def unlikely_pairs(input_ids, keep) -> torch.Tensor:
+    """[K, 2] (row, token) pairs: at each row of the kept positions (`keep`, [batch, width - 1], row-major order: the
+    rows the KL walks), the distinct tokens of the context up to and including that position, except the token it
+    predicts: the negative candidates of token-level unlikelihood (Welleck et al., 2020)."""
+    width = input_ids.shape[1]
+    same = input_ids[:, :, None] == input_ids[:, None, :]  # [batch, k, k']
+    first = ~(same & torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril(-1)).any(-1)
+    seen = torch.ones(width - 1, width, dtype=torch.bool, device=input_ids.device).tril()  # k <= j
+    candidates = (seen[None] & first[:, None, :] & keep[:, :, None]
+                  & (input_ids[:, None, :] != input_ids[:, 1:, None]))  # [batch, j, k]
+    b, j, k = candidates.nonzero(as_tuple=True)
+    rows = keep.reshape(-1).cumsum(0).sub(1).view_as(keep)
+    return torch.stack([rows[b, j], input_ids[b, k]], dim=1)
 
 
 def labelled_ce(causal_lm, hidden, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,26 +164,32 @@ class DistillLoss(StudentLoss):
     touch it.
     """
 
-    def __init__(self, peft_model, teacher, temperature: float, chunk_size: int, sft: bool, no_repeat: int = 0):
+    def __init__(self, peft_model, teacher, temperature: float, chunk_size: int, sft: bool, no_repeat: int = 0,
+                 unlikelihood: float = 0.0):
         super().__init__(peft_model)
         object.__setattr__(self, "teacher", causal_lm_of(teacher))
         self.temperature, self.chunk_size, self.sft, self.no_repeat = temperature, chunk_size, sft, no_repeat
+        self.unlikelihood = unlikelihood
 
     def forward(self, input_ids, labels, lengths, written: bool = False):
-        """`written`: the KD term covers only the positions that predict a labelled token (an on-policy
-        continuation's written tokens), there is no SFT term, and with `no_repeat` = n the teacher's distribution
-        at each written position leaves out the tokens that would repeat an n-gram of the continuation
-        (rora.recovery.on_policy.repeat_bans)."""
+        """(KD term, SFT term, unlikelihood sum); the KD term includes `unlikelihood` times the unlikelihood sum.
+
+        `written`: the KD term covers only the positions that predict a labelled token (an on-policy
+        continuation's written tokens), there is no SFT or unlikelihood term, and with `no_repeat` = n the
+        teacher's distribution at each written position leaves out the tokens that would repeat an n-gram of the
+        continuation (rora.recovery.on_policy.repeat_bans)."""
         student = self.peft_model.get_base_model()
         hidden = decoder_states(student, input_ids)
         keep = labels[:, 1:] != IGNORE_INDEX if written else text_positions(lengths, input_ids.shape[1])
         with torch.inference_mode():
             t_hidden = decoder_states(self.teacher, input_ids.to(self.teacher.device))[:, :-1][keep.to(self.teacher.device)]
         bans = repeat_bans(input_ids, keep, self.no_repeat) if written and self.no_repeat else None
-        kd = chunked_kl(hidden[:, :-1][keep], student.get_output_embeddings(), t_hidden,
-                        self.teacher.get_output_embeddings(), self.temperature, self.chunk_size, bans)
+        unlikely = unlikely_pairs(input_ids, keep) if self.unlikelihood and not written else None
+        kd, ul = chunked_kl(hidden[:, :-1][keep], student.get_output_embeddings(), t_hidden,
+                            self.teacher.get_output_embeddings(), self.temperature, self.chunk_size, bans, unlikely,
+                            self.unlikelihood)
         sft = labelled_ce(student, hidden, labels)[0] if self.sft and not written else kd.new_zeros(())
-        return kd, sft
+        return kd, sft, ul
 
 
 @torch.no_grad()

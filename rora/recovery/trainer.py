@@ -215,7 +215,8 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
         loss_module = LabelledTokenLoss(peft_model)
     else:
         loss_module = DistillLoss(peft_model, teacher, config.kd_temperature, config.kd_chunk_size,
-                                  sft=config.objective == "kd+sft", no_repeat=config.on_policy_no_repeat)
+                                  sft=config.objective == "kd+sft", no_repeat=config.on_policy_no_repeat,
+                                  unlikelihood=config.unlikelihood)
     wrapped, optimizer = accelerator.prepare(loss_module, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = _Run(config=config, out=work, acc=accelerator, peft_model=peft_model, loss_module=loss_module,
@@ -484,7 +485,7 @@ class _Run:
         if self.kd:
             n_kd = max(1, sum(len(train[i]) - 1 for mb in micro_batches for i in mb) + n_written)
             w = 1.0 if cfg.objective == "kd" else cfg.kd_weight
-            coefs = (w / n_kd, (1.0 - w) / n_targets)
+            coefs = (w / n_kd, (1.0 - w) / n_targets, 0.0)  # the unlikelihood sum is in the KD term already
         else:
             coefs = (1.0 / n_targets,)
         jobs = [([train[i] for i in mb], False) for mb in micro_batches[acc.process_index :: acc.num_processes]]
@@ -510,7 +511,9 @@ class _Run:
         loss = sum(c * float(t) for c, t in zip(coefs, totals))
         parts = {}
         if self.kd:
-            parts["kl"] = float(totals[0]) / n_kd
+            parts["kl"] = (float(totals[0]) - cfg.unlikelihood * float(totals[2])) / n_kd
+            if cfg.unlikelihood:
+                parts["unlikelihood"] = float(totals[2]) / n_kd
             if cfg.objective == "kd+sft":
                 parts["sft"] = float(totals[1]) / n_targets
             if n_written:
