@@ -9,14 +9,17 @@ recovered with the quickstart's recover section, once per variant (--variants):
     on-policy N nr K   + the teacher grades them without repeating a K-gram of the continuation
     kd+sft W           the recipe with the cross-entropy of the training tokens added (kd weight W): the records'
                        answers (each ended by EOS) and the prose
-    ...-prose R        (suffix) R of the same training tokens prose instead of the preset's half
+    ...-ul U           (suffix) token-level unlikelihood of the context's other tokens added, weight U
+    ...-prose R        (suffix, last) R of the same training tokens prose instead of the preset's half
 Each recovered model (and the base, pruned and reconstructed ones) gets validation figures only (never a test set):
     writing            repetition (% of repeated 4-grams, ± standard error over prompts) of greedy 48-token
                        continuations of the summary's held-out prompts (rora.evaluation.quality: 48 openings, the 32
                        validation records' prompts; by set), distinct-2, perplexity of the written text under the
                        unpruned model
-    wide               repetition on 48 other openings, the first 10 words of the 48 corpus paragraphs below: what a
-                       recipe is chosen on, so that the summary's openings stay a measurement
+    wide               repetition on --wide other openings (default 192), the first 10 words of the last corpus
+                       paragraphs (never read by any recipe): what a recipe is chosen on, so that the summary's
+                       openings stay a measurement; beside it each row's paired difference from the --reference row
+                       on the same openings (± its standard error)
     KL                 to the unpruned model on the run's own validation split (records + prose) and on 48 paragraphs
                        of the prose corpus the recipe never reads (the end of its last shard)
 and beside them the held-out prose test passages' perplexity (measured, never chosen on) and the seconds recovery took.
@@ -24,7 +27,7 @@ and beside them the held-out prose test passages' perplexity (measured, never ch
 Each finished row is appended to <work>/runs.jsonl, so an interrupted benchmark continues where it stopped.
 
     make prose
-    python benchmarks/bench_writing.py --variants kd+sft-0.5,kd+sft-0.6,kd+sft-0.7,kd+sft-0.5-prose0.75  # ~40 min
+    python benchmarks/bench_writing.py --variants kd+sft-0.6,kd+sft-0.6-ul0.3,kd+sft-0.6-ul1,kd+sft-0.6-ul3  # ~55 min
     python benchmarks/bench_writing.py --variants kd,on-policy-8-nr4 --max-steps 2 --work runs/writing-tiny
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
 
-VARIANTS = "kd,on-policy-8-nr4,kd+sft-0.5,kd+sft-0.6,kd+sft-0.7"
+VARIANTS = "kd+sft-0.6,kd+sft-0.6-ul0.3,kd+sft-0.6-ul1,kd+sft-0.6-ul3"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
 NEW_TOKENS = 48  # per greedy continuation, as in the demo's summary
 PROMPTS = 48  # the summary's openings (all 48) and up to as many validation records' prompts (its 32)
@@ -52,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--prose", default="runs/prose", help="the directory `make prose` wrote")
     p.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default: {VARIANTS})")
     p.add_argument("--max-steps", type=int, default=None, help="cap each recovery's steps (a quick check)")
+    p.add_argument("--wide", type=int, default=192,
+                   help="validation openings: the first words of the corpus's last N paragraphs")
+    p.add_argument("--reference", default="kd+sft-0.6", help="the row every other is compared with, paired, on the "
+                                                              "wide openings")
     p.add_argument("--seed", type=int, default=None, help="the recovery's seed (validation split, order, prompts; "
                                                           "default: the preset's)")
     p.add_argument("--work", default="runs/writing", help="scratch directory (runs.jsonl, recoveries)")
@@ -62,9 +69,11 @@ def parse_args(argv=None):
 def variant_config(rc, name: str):
     """The quickstart's recover section changed as the variant's name says (from plain kd, whatever the preset's
     objective); a "-proseR" suffix makes R of the preset's training tokens prose (text_ratio R, the prose budget
-    scaled to match; the preset's is half)."""
+    scaled to match; the preset's is half); an "-ulU" suffix before it adds token-level unlikelihood, weight U."""
     name, _, prose = name.partition("-prose")
-    kd = dataclasses.replace(rc, objective="kd", on_policy=0, on_policy_no_repeat=0)
+    name, _, unlikelihood = name.partition("-ul")
+    kd = dataclasses.replace(rc, objective="kd", on_policy=0, on_policy_no_repeat=0,
+                             unlikelihood=float(unlikelihood or 0.0))
     if prose:
         held_out = rc.val_set_size * rc.cutoff_len  # the validation sequences the text budget also pays for
         kd = dataclasses.replace(kd, text_ratio=float(prose),
@@ -102,7 +111,7 @@ def main(argv=None) -> None:
         rc = dataclasses.replace(rc, max_steps=args.max_steps)
     if args.seed is not None:
         rc = dataclasses.replace(rc, seed=args.seed)
-    wide = [" ".join(p.split()[:WIDE]) for p in val_prose]
+    wide = [" ".join(p.split()[:WIDE]) for p in validation_prose(args.prose, args.wide)]
     base, tok = load_model(preset.model)
     prose = Prose.load("auto", 32, args.data)
     train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
@@ -111,7 +120,9 @@ def main(argv=None) -> None:
         q = generation_quality(model, tok, base, val, prompts=PROMPTS, new_tokens=NEW_TOKENS)
         written = generate_text(model, tok, wide, {"max_new_tokens": NEW_TOKENS, "chat": False, "batch_size": 8})
         wide_rep = repetition([g.text for g in written])
+        each = [repetition([g.text]) for g in written]  # per opening, for paired differences between rows
         return {"repetition": q["repetition"], "wide": wide_rep["repetition"], "wide_se": wide_rep["se"],
+                "wide_each": [[r["repeated"], r["ngrams"]] for r in each],
                 "by_set": {k: v["repetition"] for k, v in q["by_set"].items()},
                 "distinct_2": q["distinct_2"], "reference_ppl": q["reference_ppl"],
                 "val_prose_kl": heldout_metrics(model, base, tok, val_prose)["kl"],
@@ -148,31 +159,48 @@ def main(argv=None) -> None:
 def report(args, done: dict) -> None:
     from rora.pipelines.summary import _percent as _pm  # a share as a percentage, ± its standard error
 
-    base = done.get("base")
-    table = ["| model | repetition (%) | text openings (x base) / task prompts | wide openings (x base) | distinct-2 | "
-             "reference ppl | val KL (run) | val KL (prose) | test prose ppl | recover s |", "|---" * 10 + "|"]
+    base, ref = done.get("base"), done.get(args.reference)
+    table = ["| model | repetition (%) | text openings (x base) / task prompts | wide openings (x base) | "
+             f"wide vs {args.reference} (paired) | distinct-2 | reference ppl | val KL (run) | val KL (prose) | "
+             "test prose ppl | recover s |", "|---" * 11 + "|"]
     for name, r in done.items():
         se = r.get("se", {})
         text = _pm(r["by_set"]["text"], se.get("text")) + _times(r["by_set"]["text"], base and base["by_set"]["text"])
         table.append(f"| {name} | {_pm(r['repetition'], se.get('repetition'))} | {text} / "
                      f"{_pm(r['by_set']['task'], se.get('task'))} | "
                      f"{_pm(r['wide'], r.get('wide_se'))}{_times(r['wide'], base and base['wide'])} | "
-                     f"{r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
+                     f"{_paired(r, ref)} | {r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
                      f"{_num(r.get('val_kl'))} | {r['val_prose_kl']:.3f} | {r['test_prose_ppl']:.1f} | "
                      f"{_num(r.get('seconds'), '.0f')} |")
     plot(done, RESULTS / "writing.png")
-    publish("writing", title="Writing after recovery: the kd weight of kd+sft, and the share of prose",
+    wide = len(next(iter(done.values())).get("wide_each", [])) or 48
+    publish("writing", title="Writing after recovery: the recovery's objective (kd weight, share of prose, "
+                             "token-level unlikelihood)",
             setting="the quickstart preset's prune and reconstruction, then its recovery (RoRA r16, lr 1e-3, ~28k "
                     "tokens of records and Wikipedia prose) with the row's objective (kd+sft-W: kd weight W; "
-                    "-prose0.75: three quarters of the same training tokens prose), one recovery per variant from "
+                    "-ulU: token-level unlikelihood of the context's other tokens, weight U; -proseR: R of the same "
+                    "training tokens prose), one recovery per variant from "
                     "the same reconstructed model; repetition (± standard error over prompts): greedy 48-token "
                     "continuations of the summary's 48 text openings and 32 validation records' prompts (its limit: "
-                    "1.5x the unpruned model's on each set), wide openings: 48 more, the first 10 words of corpus "
-                    "paragraphs never read (validation: what a recipe is chosen on); val KL (run): the recovery's own "
-                    "validation records and prose; val KL (prose): those 48 paragraphs; test prose: 32 held-out BoolQ "
+                    f"1.5x the unpruned model's on each set), wide openings: {wide} more, the first 10 words of corpus "
+                    "paragraphs never read (validation: what a recipe is chosen on), and each row's difference from "
+                    f"{args.reference} on them, paired over openings (* beyond two standard errors); val KL (run): "
+                    "the recovery's own validation records and prose; val KL (prose): the last 48 of those "
+                    "paragraphs, whole; test prose: 32 held-out BoolQ "
                     "passages (measured only, never chosen on); one run each (deterministic on the same setup and "
                     "thread count, not across them)",
             table="\n".join(table), data={"runs": done})
+
+
+def _paired(row: dict, ref: dict | None) -> str:
+    """The row's wide-openings repetition minus the reference row's, on the same openings, ± its paired se."""
+    from rora.evaluation.stats import paired_ratio_se
+
+    if ref is None or row is ref or "wide_each" not in row or "wide_each" not in ref:
+        return "-"
+    (a_parts, a_wholes), (b_parts, b_wholes) = zip(*row["wide_each"]), zip(*ref["wide_each"])
+    diff, se = row["wide"] - ref["wide"], paired_ratio_se(a_parts, a_wholes, b_parts, b_wholes)
+    return f"{100 * diff:+.1f} ± {100 * se:.1f}" + (" *" if abs(diff) > 2 * se else "")
 
 
 def _times(value, base) -> str:

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from rora.evaluation.stats import (accuracy_table, gap_closed, mean_se, outcomes_from_records, paired_difference,
-                                   ratio_se, suite_se)
+                                   paired_ratio_se, ratio_se, suite_se)
 
 
 def test_mean_se_is_lm_evals_acc_stderr():
@@ -24,6 +24,24 @@ def test_ratio_se_by_hand_and_as_mean_se_with_equal_wholes():
     r = 10 / 22
     assert ratio_se([0, 10], [2, 20]) == pytest.approx(math.sqrt(2 * ((0 - r * 2) ** 2 + (10 - r * 20) ** 2)) / 22)
     assert math.isnan(ratio_se([1], [4])) and math.isnan(ratio_se([0, 0], [0, 0]))
+
+
+def test_paired_ratio_se_by_hand_and_its_special_cases():
+    a_parts, b_parts, wholes = [0, 3, 1, 7, 2], [1, 2, 1, 5, 0], [8] * 5
+    # equal wholes: the paired se of the per-unit differences of shares
+    assert paired_ratio_se(a_parts, wholes, b_parts, wholes) == pytest.approx(
+        mean_se([(a - b) / 8 for a, b in zip(a_parts, b_parts)])[1])
+    # b all zero: the se of a alone
+    assert paired_ratio_se(a_parts, [4, 8, 2, 10, 6], [0] * 5, [3] * 5) == pytest.approx(
+        ratio_se(a_parts, [4, 8, 2, 10, 6]))
+    # what the units share cancels: b = a plus one repeat in every unit differs by a constant share, se 0
+    assert paired_ratio_se(a_parts, wholes, [p + 1 for p in a_parts], wholes) == pytest.approx(0.0, abs=1e-12)
+    # by hand, wholes of different sizes: R_a = 3/10, R_b = 4/10, mean whole 5
+    ua = [(1 - 0.3 * 4) / 5, (2 - 0.3 * 6) / 5]
+    ub = [(2 - 0.4 * 4) / 5, (2 - 0.4 * 6) / 5]
+    d = [x - y for x, y in zip(ua, ub)]
+    assert paired_ratio_se([1, 2], [4, 6], [2, 2], [4, 6]) == pytest.approx(math.sqrt(sum(v * v for v in d) / 2))
+    assert math.isnan(paired_ratio_se([1], [4], [1], [4])) and math.isnan(paired_ratio_se([1, 2], [3, 4], [1], [3]))
 
 
 def test_suite_average_weighs_tasks_equally():

@@ -53,6 +53,24 @@ def ratio_se(parts: Sequence[float], wholes: Sequence[float]) -> float:
     return math.sqrt(n / (n - 1) * sum((p - r * w) ** 2 for p, w in zip(parts, wholes))) / total
 
 
+def paired_ratio_se(a_parts: Sequence[float], a_wholes: Sequence[float], b_parts: Sequence[float],
+                    b_wholes: Sequence[float]) -> float:
+    """Standard error of the difference of two pooled ratios measured on the same units (two models' repetition on
+    the same prompts), by the delta method: each unit's linearised contribution (part - R * whole) / mean whole,
+    differenced unit by unit, so what the units share cancels. ratio_se of one ratio is the case b = 0. NaN with
+    fewer than two units or no whole."""
+    n = len(a_wholes)
+    if n < 2 or len(b_wholes) != n or not sum(a_wholes) or not sum(b_wholes):
+        return float("nan")
+
+    def linearised(parts, wholes):
+        r, mean_whole = sum(parts) / sum(wholes), sum(wholes) / n
+        return [(p - r * w) / mean_whole for p, w in zip(parts, wholes)]
+
+    d = [x - y for x, y in zip(linearised(a_parts, a_wholes), linearised(b_parts, b_wholes))]
+    return math.sqrt(sum(v * v for v in d) / (n * (n - 1)))
+
+
 def suite_se(per_task: Outcomes) -> tuple[float, float]:
     """(average of the task means, its standard error): tasks weigh equally whatever their size."""
     stats = [mean_se(v) for v in per_task.values()]
