@@ -212,8 +212,8 @@ def _num(value, spec: str = ".3f") -> str:
 
 
 def plot(done: dict, path: Path) -> None:
-    """Repetition of each model's writing (± standard error), text and task prompts side by side, the text
-    openings' 1.5x-base limit drawn."""
+    """Repetition of each model's writing (± standard error): the summary's text openings and task prompts and the
+    validation openings side by side, the text openings' 1.5x-base limit drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,14 +221,17 @@ def plot(done: dict, path: Path) -> None:
 
     names = list(done)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for k, (part, label) in enumerate((("text", "text openings"), ("task", "task prompts"))):
-        errors = [100 * (done[n].get("se", {}).get(part) or 0) for n in names]
-        ax.bar([i + 0.4 * k for i in range(len(names))], [100 * done[n]["by_set"][part] for n in names], 0.4,
-               yerr=errors, capsize=2, label=label)
+    bars = [([done[n]["by_set"][part] for n in names], [done[n].get("se", {}).get(part) for n in names], label)
+            for part, label in (("text", "the summary's text openings"), ("task", "task prompts"))]
+    bars.append(([done[n]["wide"] for n in names], [done[n].get("wide_se") for n in names],
+                 "validation openings (what a recipe is chosen on)"))
+    for k, (values, errors, label) in enumerate(bars):
+        ax.bar([i + 0.27 * k for i in range(len(names))], [100 * v for v in values], 0.27,
+               yerr=[100 * (e or 0) for e in errors], capsize=2, label=label)
     if "base" in done:
         ax.axhline(150 * done["base"]["by_set"]["text"], color="k", ls=":", lw=1,
                    label="1.5x the unpruned model (text openings)")
-    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("repeated 4-grams (%)")
     ax.legend(fontsize=8)
     save_figure(fig, path)
