@@ -46,29 +46,33 @@ def ratio_se(parts: Sequence[float], wholes: Sequence[float]) -> float:
     """Standard error of the pooled ratio sum(parts) / sum(wholes) over independent units (e.g. repeated 4-grams
     over all 4-grams, one unit per continuation), by the delta method (the ratio estimator's variance):
     sqrt(n / (n - 1) * sum((part - R * whole)^2)) / sum(wholes). NaN with fewer than two units or no whole."""
-    n, total = len(wholes), sum(wholes)
-    if n < 2 or not total:
+    if len(wholes) < 2 or not sum(wholes):
         return float("nan")
-    r = sum(parts) / total
-    return math.sqrt(n / (n - 1) * sum((p - r * w) ** 2 for p, w in zip(parts, wholes))) / total
+    return _se_of_mean(_linearised(parts, wholes))
 
 
 def paired_ratio_se(a_parts: Sequence[float], a_wholes: Sequence[float], b_parts: Sequence[float],
                     b_wholes: Sequence[float]) -> float:
     """Standard error of the difference of two pooled ratios measured on the same units (two models' repetition on
-    the same prompts), by the delta method: each unit's linearised contribution (part - R * whole) / mean whole,
-    differenced unit by unit, so what the units share cancels. ratio_se of one ratio is the case b = 0. NaN with
-    fewer than two units or no whole."""
+    the same prompts), by the delta method: each unit's linearised contribution, differenced unit by unit, so what
+    the units share cancels. ratio_se of one ratio is the case b = 0. NaN with fewer than two units or no whole."""
     n = len(a_wholes)
     if n < 2 or len(b_wholes) != n or not sum(a_wholes) or not sum(b_wholes):
         return float("nan")
+    return _se_of_mean([x - y for x, y in zip(_linearised(a_parts, a_wholes), _linearised(b_parts, b_wholes))])
 
-    def linearised(parts, wholes):
-        r, mean_whole = sum(parts) / sum(wholes), sum(wholes) / n
-        return [(p - r * w) / mean_whole for p, w in zip(parts, wholes)]
 
-    d = [x - y for x, y in zip(linearised(a_parts, a_wholes), linearised(b_parts, b_wholes))]
-    return math.sqrt(sum(v * v for v in d) / (n * (n - 1)))
+def _linearised(parts: Sequence[float], wholes: Sequence[float]) -> list[float]:
+    """Each unit's contribution to the pooled ratio's error, (part - R * whole) / mean whole: zero-mean, and the
+    ratio's delta-method variance is their mean square over n - 1."""
+    r, mean_whole = sum(parts) / sum(wholes), sum(wholes) / len(wholes)
+    return [(p - r * w) / mean_whole for p, w in zip(parts, wholes)]
+
+
+def _se_of_mean(units: Sequence[float]) -> float:
+    """sqrt(sum(u^2) / (n (n - 1))): the standard error of the mean of zero-mean units."""
+    n = len(units)
+    return math.sqrt(sum(u * u for u in units) / (n * (n - 1)))
 
 
 def suite_se(per_task: Outcomes) -> tuple[float, float]:
