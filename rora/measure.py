@@ -32,16 +32,19 @@ def text_positions(lengths: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_sums(causal_lm, reference, hidden, ids, lengths, chunk_size: int = 256) -> torch.Tensor:
+def text_sums(causal_lm, reference, hidden, ids, lengths, chunk_size: int = 256, ref_hidden=None) -> torch.Tensor:
     """[whole-text NLL, predicted tokens, KL(reference || model)] summed over one right-padded batch, given the
-    model's decoder states `hidden`; the KL is 0 without a reference."""
+    model's decoder states `hidden` (and the reference's, `ref_hidden`, when already at hand: else the reference
+    runs); the KL is 0 without a reference."""
     keep = text_positions(lengths, ids.shape[1])
     h, targets = hidden[:, :-1][keep], ids[:, 1:][keep]
     head = causal_lm.get_output_embeddings()
     ref_h = None
     if reference is not None:
-        with torch.inference_mode():
-            ref_h = decoder_states(reference, ids.to(reference.device))[:, :-1][keep.to(reference.device)]
+        if ref_hidden is None:
+            with torch.inference_mode():
+                ref_hidden = decoder_states(reference, ids.to(reference.device))
+        ref_h = ref_hidden[:, :-1][keep.to(ref_hidden.device)]
         ref_head = reference.get_output_embeddings()
     nll = kl = torch.zeros((), dtype=torch.float32, device=ids.device)
     for s in range(0, h.shape[0], chunk_size):
@@ -81,10 +84,15 @@ def heldout_metrics(model, reference, tokenizer, items, cutoff_len: int = 256, b
     finally:
         for m, was_training in modes:
             m.train(was_training)
+    return metrics_of(sums, reference is not None)
+
+
+def metrics_of(sums: torch.Tensor, with_kl: bool) -> dict:
+    """heldout_metrics' figures from text_sums' summed [NLL, tokens, KL]."""
     n = int(sums[1])
     loss = float(sums[0]) / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "kl": float(sums[2]) / max(n, 1) if reference is not None else None, "tokens": n}
+            "kl": float(sums[2]) / max(n, 1) if with_kl else None, "tokens": n}
 
 
 def token_sequences(items, tokenizer, cutoff_len: int) -> list[list[int]]:

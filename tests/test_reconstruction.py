@@ -37,10 +37,25 @@ def test_lstsq_in_float64_reproduces_a_known_linear_map_exactly():
 
 def test_sse_in_closed_form_equals_the_direct_sum():
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 3, generator=gen)
+    x, y = torch.randn(64, 5, generator=gen, dtype=torch.float64), torch.randn(64, 3, generator=gen, dtype=torch.float64)
     w, b = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
-    direct = ((y.double() - x.double() @ w.double().T - b.double()) ** 2).sum()
+    direct = ((y - x @ w.double().T - b.double()) ** 2).sum()
     assert _stats(x, y).sse(w, b) == pytest.approx(float(direct), rel=1e-10)
+
+
+def test_float32_batches_sum_into_float64_totals_to_float32_precision():
+    """A model's float32 activations: each batch's products in float32, the totals in float64 (4x faster than float64
+    products on a CPU). Over many batches the totals keep float32's relative precision; they do not drift."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 1024, 40, generator=gen) + 3.0, torch.randn(64, 1024, 6, generator=gen)
+    exact, fast = LinearStats(40, 6), LinearStats(40, 6)
+    for xb, yb in zip(x, y):
+        exact.add(xb.double(), yb.double())
+        fast.add(xb, yb)
+    assert fast.gram.dtype == torch.float64 and fast.n == exact.n == 64 * 1024
+    for name in ("gram", "sum_x", "cross", "sum_y", "yy"):
+        a, b = getattr(fast, name), getattr(exact, name)
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), name
 
 
 def test_damping_pulls_toward_the_old_weights_and_the_bias_is_the_mean_residual():
@@ -114,8 +129,14 @@ def test_reconstruction_lowers_each_layers_error_and_the_heldout_kl(tokenizer, o
     calib, held = _ids(40, seed=1), _ids(8, seed=2)
     errors_before = [(a - b).pow(2).mean() for a, b in zip(_layer_outputs(student, held), _layer_outputs(teacher, held))]
     kl_before = heldout_metrics(student, teacher, tokenizer, held.tolist())["kl"]
-    cfg = ReconstructConfig(method="lstsq", num_samples=32, holdout_samples=8, batch_size=8)
+    own_before = heldout_metrics(student, teacher, tokenizer, calib[32:].tolist())  # the 8 held-out calibration rows
+    cfg = ReconstructConfig(method="lstsq", num_samples=32, holdout_samples=8, batch_size=5)
     report = reconstruct(student, teacher, tokenizer, cfg, sequences=calib, progress=False)
+    # The report's held-out figures (from the states the walk left, no model run again) are heldout_metrics' own.
+    own_after = heldout_metrics(student, teacher, tokenizer, calib[32:].tolist())
+    for got, want in ((report.heldout_before, own_before), (report.heldout_after, own_after)):
+        assert got["tokens"] == want["tokens"] == 8 * 23
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["kl"] == pytest.approx(want["kl"], rel=1e-4)
     errors_after = [(a - b).pow(2).mean() for a, b in zip(_layer_outputs(student, held), _layer_outputs(teacher, held))]
     kl_after = heldout_metrics(student, teacher, tokenizer, held.tolist())["kl"]
     assert all(a < b for a, b in zip(errors_after, errors_before)), (errors_before, errors_after)

@@ -16,7 +16,8 @@ held-out sequences are never fitted on, so the choice at every layer (and the re
 least squares of a projection's ~d_in x d_out weights on a few thousand tokens overfits, and the damping that
 held-out text prefers is what keeps it from doing so (RCPU, arXiv 2510.07782). Time: one pass of the teacher and
 one of the pruned model over the calibration tokens (each projection's inputs are kept from that pass and the refitted
-projection applied to them), plus the solves. Memory: the statistics grow with the projection's input width squared;
+projection applied to them), plus the solves; the held-out figures before and after add one pass of the pruned model
+over the held-out tokens and the heads (the walk's last hidden states serve for the rest). Memory: the statistics grow with the projection's input width squared;
 the hidden states and one projection's inputs of every calibration token are held in the models' dtype.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..architecture import add_output_biases, can_hold_output_biases, check_supp
 from ..artifacts import save_stage_model
 from ..config import ReconstructConfig
 from ..errors import ConfigError
-from ..measure import heldout_metrics
+from ..measure import decoder_states, metrics_of, text_sums
 from ..models import adopt
 from ..registry import RECONSTRUCT_METHODS
 from .solve import LinearStats, candidates
@@ -104,22 +105,29 @@ def reconstruct(model, teacher, tokenizer, config: ReconstructConfig | dict | No
     ids = _check_sequences(sequences, config, model.get_output_embeddings().weight.shape[0])
     n_fit = ids.shape[0] - config.holdout_samples
     start = time.perf_counter()
-    held_texts = [row.tolist() for row in ids[n_fit:]]  # the held-out sequences, for the KL before and after
     report = ReconstructReport(config.to_dict(), {"source": source, "sequences": int(ids.shape[0]),
                                                  "fit_tokens": int(n_fit * ids.shape[1]),
                                                  "holdout_tokens": int((ids.shape[0] - n_fit) * ids.shape[1])})
-    report.heldout_before = heldout_metrics(model, teacher, tokenizer, held_texts, cutoff_len=ids.shape[1])
     modes = [(m, m.training) for m in (model, teacher)]
     try:
         model.eval(), teacher.eval()
-        if fit_bias:
-            report.biases_added = add_output_biases(model)
         with torch.no_grad():
-            _walk(model, teacher, ids, n_fit, config, method.rules, fit_bias, report, progress)
+            batches = [_Batch(part[s : s + config.batch_size], model, teacher, held)  # none straddles the split
+                       for part, held in ((ids[:n_fit], False), (ids[n_fit:], True))
+                       for s in range(0, part.shape[0], config.batch_size)]
+            held = [b for b in batches if b.held]
+            pruned_states = [decoder_states(model, b.ids) for b in held]
+            if fit_bias:
+                report.biases_added = add_output_biases(model)
+            _walk(model, teacher, batches, config, method.rules, fit_bias, report, progress)
+            # The walk leaves both models' last hidden states in every batch: the held-out figures before and after
+            # need no model to run again, only the final norms and the heads.
+            states = [model.get_decoder().norm(b.x_s) for b in held]
+            report.heldout_before, report.heldout_after = (_heldout(model, teacher, held, s)
+                                                           for s in (pruned_states, states))
     finally:
         for m, was in modes:
             m.train(was)
-    report.heldout_after = heldout_metrics(model, teacher, tokenizer, held_texts, cutoff_len=ids.shape[1])
     report.seconds = time.perf_counter() - start
     return report
 
@@ -139,11 +147,11 @@ def _check_sequences(sequences, config: ReconstructConfig, vocab: int) -> torch.
 
 
 class _Batch:
-    """One calibration batch on its way up: the pruned model's hidden states, the teacher's, and each model's
-    per-layer keyword arguments (causal mask, rotary embeddings) as its decoder passes them."""
+    """One calibration batch on its way up: its token ids, the pruned model's hidden states, the teacher's, and each
+    model's per-layer keyword arguments (causal mask, rotary embeddings) as its decoder passes them."""
 
     def __init__(self, ids: torch.Tensor, model, teacher, held: bool):
-        self.held = held
+        self.ids, self.held = ids.to(model.device), held
         self.x_s, self.kw_s = _layer_inputs(model, ids)
         self.x_t, self.kw_t = _layer_inputs(teacher, ids)
 
@@ -192,12 +200,18 @@ def _inputs_of(linear: nn.Linear, run):
     return out, seen["x"]
 
 
-def _walk(model, teacher, ids, n_fit, config, rules, fit_bias, report, progress) -> None:
+def _heldout(model, teacher, held: list[_Batch], states) -> dict:
+    """Held-out loss, perplexity, KL to the teacher and tokens of the model whose last decoder states on the `held`
+    batches are `states`, against the teacher's, which the walk left in each batch."""
+    norm = teacher.get_decoder().norm
+    sums = sum(text_sums(model, teacher, h, b.ids, torch.full((b.ids.shape[0],), b.ids.shape[1], device=h.device),
+                         ref_hidden=norm(b.x_t)) for b, h in zip(held, states))
+    return metrics_of(sums, with_kl=True)
+
+
+def _walk(model, teacher, batches, config, rules, fit_bias, report, progress) -> None:
     from tqdm.auto import tqdm
 
-    size = config.batch_size
-    batches = [_Batch(part[s : s + size], model, teacher, held)  # no batch straddles the fit / held-out split
-               for part, held in ((ids[:n_fit], False), (ids[n_fit:], True)) for s in range(0, part.shape[0], size)]
     layers_s, layers_t = decoder_layers(model), decoder_layers(teacher)
     for index in tqdm(range(len(layers_s)), desc="reconstruct", unit="layer", disable=not progress):
         ls, lt = layers_s[index], layers_t[index]
