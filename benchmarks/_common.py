@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+AT_END = 10**9  # recover.eval_steps for "validate once, after the last step" (the preset's 0 never validates)
 
 
 def environment() -> dict:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, Runs, publish, save_figure  # noqa: E402
+from _common import AT_END, RESULTS, Runs, publish, save_figure  # noqa: E402
 from bench_reconstruct import Measure, _diff, _pct, summary_line  # noqa: E402
 
 SOURCES = ("records", "prose", "teacher", "mix")
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     measure = Measure(args, teacher, tok)
     # the preset's recipe with its own training data cleared: each source below sets what it reads
     recipe = dataclasses.replace(load_preset(args.kd).recover, epochs=1.0, max_train_examples=None, text=None,
-                                 text_ratio=None, max_text_tokens=None, kd_weight=args.kd_weight)
+                                 text_ratio=None, max_text_tokens=None, kd_weight=args.kd_weight, eval_steps=AT_END)
     if args.lr is not None:
         recipe = recipe.replace(lr=args.lr if args.lr == AUTO else float(args.lr))
     mine = shard_of(["base", "reconstructed", *(f"{b}/{s}" for b in budgets for s in sources)], args.shard)

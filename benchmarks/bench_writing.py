@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
+from _common import AT_END, RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
 
 VARIANTS = "kd+sft-0.6,kd+sft-0.6-ul0.3,kd+sft-0.6-ul1,kd+sft-0.6-ul3"
 WIDE = 10  # words of each held-out corpus paragraph that make a wide opening
@@ -73,7 +73,7 @@ def variant_config(rc, name: str):
     name, _, prose = name.partition("-prose")
     name, _, unlikelihood = name.partition("-ul")
     kd = dataclasses.replace(rc, objective="kd", on_policy=0, on_policy_no_repeat=0,
-                             unlikelihood=float(unlikelihood or 0.0))
+                             unlikelihood=float(unlikelihood or 0.0), eval_steps=AT_END)  # the val KL column
     if prose:
         held_out = rc.val_set_size * rc.cutoff_len  # the validation sequences the text budget also pays for
         kd = dataclasses.replace(kd, text_ratio=float(prose),

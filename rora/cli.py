@@ -423,7 +423,7 @@ def format_recover(r: dict, cfg) -> str:
     from .recovery.on_policy import describe as describe_on_policy
     from .sources.text import describe_read
 
-    best = "n/a (no validation split)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
+    best = "n/a (no validation)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f} at step {r['best_step']}"
     figure = {"sft": "val loss", "kd": "val KL", "kd+sft": "val objective"}[cfg.objective]
     held = r.get("val_metrics") or {}
     return "\n".join([

@@ -375,7 +375,8 @@ class RecoverConfig(StageConfig):
     val_set_size: int = setting(120, "Validation examples carved from the training data (never from a test set).")
     max_train_examples: int | None = setting(None, "Use only the first N training examples (after the seeded "
                                                    "shuffle); unset: all.")
-    eval_steps: int = setting(80, "Evaluate every N steps.")
+    eval_steps: int = setting(80, "Evaluate on the validation split every N steps and after the last; 0: never (the "
+                                  "final weights are the result, the validation split still held out).")
     save_steps: int = setting(80, "Checkpoint every N steps.")
     warmup_steps: int = setting(100, "Linear learning-rate warmup steps.")
     scheduler: str = setting("linear", f"Learning-rate decay after the warmup: {_listing(SCHEDULERS)}.", SCHEDULERS)
@@ -457,12 +458,13 @@ class RecoverConfig(StageConfig):
             out.append(f"recover.lr must be a number > 0 or {AUTO!r}, got {self.lr!r}")
         out += self.out_of_bounds(
             positive=("kd_chunk_size", "synthetic_tokens", "on_policy_tokens", "rank", "alpha", "epochs", "cutoff_len", "save_steps",
-                      "eval_steps", "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
+                      "max_steps", "max_train_examples", "lr_probe_steps", "max_text_tokens",
                       *(("lr",) if not isinstance(self.lr, str) else ())),
             non_negative=("synthetic", "on_policy", "on_policy_no_repeat", "val_set_size", "warmup_steps",
-                          "weight_decay", "unlikelihood"))
-        if self.lr == AUTO and self.val_set_size == 0:
-            out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0")
+                          "weight_decay", "unlikelihood", "eval_steps"))
+        if self.lr == AUTO and (self.val_set_size == 0 or self.eval_steps == 0):
+            out.append("recover.lr auto compares its probes on the validation split: set val_set_size > 0 and "
+                       "eval_steps > 0")
         if self.text is not None and self.synthetic:
             out.append("recover.text and recover.synthetic are two sources of training text: give one")
         if self.text_ratio is not None and not 0 < self.text_ratio < 1:

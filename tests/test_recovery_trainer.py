@@ -78,6 +78,26 @@ def test_in_memory_run_and_dropped_examples_are_reported(tokenizer):
     assert result.dropped_too_long == 3 and result.best_step == 2
 
 
+def test_eval_steps_zero_never_validates_and_keeps_the_split_held_out(tokenizer, tmp_path):
+    """eval_steps 0 skips the validation passes (a demo's last one costs ~30 s): the same training, the final weights
+    as the result, the validation records still kept out of training."""
+    runs = {n: recover(make_model(), tokenizer, records(), tiny_config(max_steps=4, eval_steps=n), tmp_path / str(n),
+                       progress=False) for n in (4, 0)}
+    once, never = runs[4], runs[0]
+    rows = [json.loads(line) for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_loss" in r for r in rows) and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert never.best_step is None and never.best_val_loss is None and once.best_step == 4
+    sizes = [{k: json.loads((tmp_path / str(n) / "rora.json").read_text())["report"][k]
+              for k in ("train_examples", "val_examples")} for n in (4, 0)]
+    assert sizes[0] == sizes[1] and sizes[1]["val_examples"] > 0
+    ids = torch.tensor([tokenize_record(records(1)[0], tokenizer, 256, False).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(never.model(ids).logits, once.model(ids).logits, rtol=0, atol=0)
+    for bad, why in ((dict(eval_steps=-1), "eval_steps"), (dict(eval_steps=0, lr="auto"), "eval_steps > 0")):
+        with pytest.raises(ConfigError, match=why):
+            RecoverConfig(**bad)
+
+
 def test_bad_input_writes_nothing_and_keeps_existing_output(tokenizer, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -399,7 +399,7 @@ class _Run:
             bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()}, tok_s=f"{tps:.0f}")
             if probe is not None:
                 continue
-            if self.data.val and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
+            if self.data.val and cfg.eval_steps and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps):
                 self.evaluate()
             if self.out is not None and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
@@ -695,7 +695,7 @@ class _Run:
         from peft.utils import load_peft_weights
 
         if self.best_step is None:
-            return  # no validation split: the final weights are the result
+            return  # no validation (no split, or eval_steps 0): the final weights are the result
         if self.out is None:
             set_peft_model_state_dict(self.peft_model, self.best_weights)
         else:
