@@ -1,0 +1,111 @@
+"""How much text the demo reconstructs on, and which paragraphs it distils on (the "How much text" table in the
+quickstart preset's comment), on the demo's own prune (`make demo` writes runs/quickstart/pruned).
+
+One variant per call: reconstruction (lstsq) on --fit x 128 tokens of --calib (+ --hold held out), cached per
+calibration under --work, then one recovery with the quickstart preset's recover section, changed by --set KEY=VALUE.
+The reconstructed and the recovered model each append a line to <work>/rows.jsonl (and stdout):
+    VAL   perplexity and KL to the unpruned model on the last 96 paragraphs of the prose corpus's last shard (the
+          demo reads from the start of its first two shards: never read) and the KL on the run's 32 validation
+          records: what a variant is chosen on
+    TEST  perplexity and KL on 64 held-out BoolQ validation passages (measured, never chosen on)
+
+The table's rows (2 cores, ~6 min each; the 160 x 128 reconstruction runs once):
+    B=benchmarks/bench_demo_text.py; C='runs/prose/*.parquet'
+    python $B --name same  --calib "$C" --set text="$C"
+    python $B --name fresh --calib "$C" --set text=runs/prose/train-00001.parquet
+    python $B --name fit256 --fit 256 --calib "$C" --set text=runs/prose/train-00001.parquet
+    python $B --name fit256-r0.6 --fit 256 --calib "$C" --set text=runs/prose/train-00001.parquet \
+        --set text_ratio=0.6 --set max_text_tokens=23000
+(`runs/prose/*.parquet` is read from the start, so 256 x 128 tokens of it are the first shard's.)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import validation_prose  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the variant's name in rows.jsonl")
+    p.add_argument("--pruned", default="runs/quickstart/pruned", help="the pruned model (make demo's)")
+    p.add_argument("--fit", type=int, default=160, help="calibration sequences of 128 tokens fitted on")
+    p.add_argument("--hold", type=int, default=32, help="calibration sequences held out (damping choice)")
+    p.add_argument("--calib", default="runs/prose/*.parquet", help="calibration text source")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recover setting changed from the quickstart preset's (JSON values)")
+    p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"))
+    p.add_argument("--work", default="runs/bench-demo-text")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model
+
+    from rora.architecture import add_output_biases
+    from rora.config import ReconstructConfig, load_preset
+    from rora.measure import Prose, heldout_metrics
+    from rora.models import load_model
+    from rora.reconstruction.calibration import calibration_sequences
+    from rora.reconstruction.reconstruct import reconstruct
+    from rora.recovery.data import load_records, split_train_val
+    from rora.recovery.distill import record_examples
+    from rora.recovery.trainer import recover
+
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base, tok = load_model("smollm2-135m")
+    val_prose = validation_prose("runs/prose", 96)
+    prose = Prose.load("auto", 64, args.data)
+    rc = load_preset("quickstart").recover
+    val_records = record_examples(split_train_val(load_records(args.data), rc.val_set_size, rc.seed,
+                                                  rc.max_train_examples)[1], tok, rc.cutoff_len)
+
+    def line(model, stage: str, extra: str = "") -> None:
+        vp, vr = (heldout_metrics(model, base, tok, items) for items in (val_prose, val_records))
+        tp = prose.measure(model, base, tok)
+        row = {"name": args.name, "stage": stage, "val_prose_ppl": vp["perplexity"], "val_prose_kl": vp["kl"],
+               "val_prose_tokens": vp["tokens"], "val_records_kl": vr["kl"], "test_prose_ppl": tp["perplexity"],
+               "test_prose_kl": tp["kl"], "extra": extra}
+        print(json.dumps(row), flush=True)
+        with open(work / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    model, _ = load_model(args.pruned)
+    cfg = ReconstructConfig.coerce({"method": "lstsq", "calibration": args.calib, "num_samples": args.fit,
+                                    "holdout_samples": args.hold})
+    cache = work / (f"recon_{args.fit}_{args.hold}_" + "".join(c for c in args.calib if c.isalnum()) + ".safetensors")
+    if cache.is_file():
+        add_output_biases(model)
+        load_weights(model, cache)
+    else:
+        ids, what = calibration_sequences(cfg, tok, teacher=base)
+        start = time.perf_counter()
+        reconstruct(model, base, tok, cfg, sequences=ids, source=what, progress=False)
+        seconds = time.perf_counter() - start
+        save_model(model, cache)  # the tied embedding once
+        line(model, "reconstructed", f"{seconds:.0f} s")
+    changes = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    start = time.perf_counter()
+    res = recover(model, tok, args.data, dataclasses.replace(rc, **changes), work / f"recovery-{args.name}",
+                  overwrite=True, progress=False, teacher=base)
+    line(res.model, "recovered", f"{res.train_tokens} tokens {res.steps} steps {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
