@@ -37,7 +37,7 @@ def test_lstsq_in_float64_reproduces_a_known_linear_map_exactly():
 
 def test_sse_in_closed_form_equals_the_direct_sum():
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 5, generator=gen, dtype=torch.float64), torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    x, y = (torch.randn(64, d, generator=gen, dtype=torch.float64) for d in (5, 3))
     w, b = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
     direct = ((y - x @ w.double().T - b.double()) ** 2).sum()
     assert _stats(x, y).sse(w, b) == pytest.approx(float(direct), rel=1e-10)

@@ -17,8 +17,9 @@ least squares of a projection's ~d_in x d_out weights on a few thousand tokens o
 held-out text prefers is what keeps it from doing so (RCPU, arXiv 2510.07782). Time: one pass of the teacher and
 one of the pruned model over the calibration tokens (each projection's inputs are kept from that pass and the refitted
 projection applied to them), plus the solves; the held-out figures before and after add one pass of the pruned model
-over the held-out tokens and the heads (the walk's last hidden states serve for the rest). Memory: the statistics grow with the projection's input width squared;
-the hidden states and one projection's inputs of every calibration token are held in the models' dtype.
+over the held-out tokens and the heads (the walk's last hidden states serve for the rest). Memory: the statistics
+grow with the projection's input width squared; the hidden states and one projection's inputs of every calibration
+token are held in the models' dtype.
 """
 from __future__ import annotations
 
