@@ -64,7 +64,9 @@ class Measure:
         self.args, self.teacher, self.tok = args, teacher, tok
         self.recover = load_preset(args.kd).recover if args.kd != "none" else RecoverConfig()
         rc = self.recover
-        self.train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, rc.max_train_examples)
+        # the records calibration reads every training record (the recipe's own cap, 168 in the quickstart, would
+        # not fill 80 sequences); their seeded order is the recipe's, so a cap only cuts it short
+        self.train, val = split_train_val(load_records(args.data), rc.val_set_size, rc.seed, None)
         self.val_records = record_examples(val, tok, rc.cutoff_len)
         ids, _ = calibration_sequences(ReconstructConfig(num_samples=32, holdout_samples=1, seed=VALIDATION_TEXT_SEED),
                                        tok, teacher=teacher)
