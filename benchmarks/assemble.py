@@ -19,8 +19,9 @@ reported as ratios, since absolute times on shared 2-core machines are noisy. Re
 
 Not yet measured: the rank sweep's `--full` setting, GPU throughput and memory (`bench_gpu.py`: written and tested
 on CPU at a tiny size, waiting for a session with a GPU), the text-budget benchmark's larger budget
-(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark at ratios 0.2
-and 0.5, with kd and at 200 examples per task (its section below is ratio 0.3, 100 per task). No GPU was lent to
+(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark at ratio
+0.5, with kd at 0.3, and at 200 examples per task (its section below has ratio 0.3 without training and ratio 0.2
+with and without kd, 100 per task). No GPU was lent to
 the sessions that made these figures; the recovery scripts train through accelerate, which picks up a GPU (and bf16)
 unchanged; the evaluation and edge scripts are CPU-only as written. Where a goal is out of reach on this CPU, the
 section says how far any implementation could go here (FLOPs it must do at the measured matmul peak).

@@ -215,8 +215,11 @@ def test_rora_run_takes_the_text_flags_and_defaults_to_lr_auto():
         return yaml.safe_load(done.stdout)["recover"]
 
     assert resolved()["lr"] == "auto" and resolved("--preset", "quickstart")["lr"] == 0.001  # the preset's measured lr
+    # the preset never validates (eval_steps 0), which lr auto's probes need: refused in one line, then given
+    refused = CliRunner().invoke(main, ["run", "--preset", "quickstart", "--lr", "auto", "--print-config"])
+    assert refused.exit_code == 2 and "eval_steps > 0" in refused.output
     found = resolved("--preset", "quickstart", "--lr", "auto", "--text", "c/*.parquet", "--max-text-tokens", "5000",
-                     "--text-ratio", "0.25", "--set", "recover.text_field=body")
+                     "--text-ratio", "0.25", "--set", "recover.text_field=body", "--set", "recover.eval_steps=100")
     assert (found["lr"], found["text"], found["max_text_tokens"], found["text_ratio"], found["text_field"]) == (
         "auto", "c/*.parquet", 5000, 0.25, "body")
     assert resolved("--lr", "3e-4")["lr"] == 3e-4 and resolved("--set", "recover.lr=2e-4")["lr"] == 2e-4
