@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--hold", type=int, default=32, help="calibration sequences held out (damping choice)")
     p.add_argument("--calib", default="runs/prose/*.parquet", help="calibration text source")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a recover setting changed from the quickstart preset's (JSON values)")
+                   help="a recover setting changed from the quickstart preset's (YAML values, as rora run --set)")
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"))
     p.add_argument("--work", default="runs/bench-demo-text")
     return p.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     from safetensors.torch import save_model
 
     from rora.architecture import add_output_biases
-    from rora.config import ReconstructConfig, load_preset
+    from rora.config import ReconstructConfig, load_preset, parse_setting
     from rora.measure import Prose, heldout_metrics
     from rora.models import load_model
     from rora.reconstruction.calibration import calibration_sequences
@@ -94,13 +94,7 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - start
         save_model(model, cache)  # the tied embedding once
         line(model, "reconstructed", f"{seconds:.0f} s")
-    changes = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            changes[key] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key] = value
+    changes = dict(map(parse_setting, args.set))  # KEY=VALUE as rora run --set reads it (YAML values)
     start = time.perf_counter()
     res = recover(model, tok, args.data, dataclasses.replace(rc, **changes), work / f"recovery-{args.name}",
                   overwrite=True, progress=False, teacher=base)
