@@ -28,30 +28,36 @@ def environment() -> dict:
     }
 
 
-def matmul_peak(n: int = 1024, reps: int = 10) -> float:
-    """Best fp32 FLOP/s of an n^3 torch.mm with the current thread count: the roof the engines are held against."""
+def matmul_peak(n: int = 1024, reps: int = 10, device="cpu") -> float:
+    """Best fp32 FLOP/s of an n^3 torch.mm on `device` (on CPU with the current thread count): the roof the engines
+    are held against."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
 
-def write_outputs(name: str, *, title: str, command: str, setting: str, table: str, data: dict, images=()) -> None:
-    """results/<name>.json (everything) and results/<name>.md (the section BENCHMARKS.md is assembled from)."""
+def write_outputs(name: str, *, title: str, command: str, setting: str, table: str, data: dict, images=(),
+                  out: Path = RESULTS) -> None:
+    """<out>/<name>.json (everything) and <out>/<name>.md (the section BENCHMARKS.md is assembled from); out is
+    results/ unless a run writes elsewhere (a device run's $OUT, a test's temporary directory)."""
     env = data.get("environment") or environment()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({**data, "environment": env}, indent=2, default=str) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**data, "environment": env}, indent=2, default=str) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     md = [f"## {title}", "", f"- command: `{command}`", f"- machine: {env['machine']} ({env['device']}), {env['date']}",
           f"- versions: {versions}", f"- setting: {setting}", "", table, ""]
     md += [f"![{name}](benchmarks/results/{img})" for img in images]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
 def validation_prose(prose_dir: str | Path, count: int = 48) -> list[str]:

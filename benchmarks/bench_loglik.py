@@ -7,10 +7,14 @@ calls alone, identical predictions, acc and acc_norm, the largest log-likelihood
 the engine's docstring cites: one packed row per example vs a KV cache of the context reused by per-choice rows,
 on the same requests. And the ceiling: the FLOPs the engine must do at the measured matmul peak.
 
-    .venv/bin/python benchmarks/bench_loglik.py [--n 100] [--small]
+    .venv/bin/python benchmarks/bench_loglik.py [--n 100] [--small] [--device cuda] [--out DIR]
 
 The committed results are `--n 100` (1,600 examples per engine; 35 minutes with the engines' torch at one
-thread on a 2-core CPU whose other core ran another job).
+thread on a 2-core CPU whose other core ran another job). On a GPU (issue 22, part 3) the same comparison runs on
+the device, fp32 (identical predictions are the point), lm-eval's backend at --batch-size rows per forward pass:
+
+    . tools/device_setup.sh && python benchmarks/bench_loglik.py --device cuda --n 200 --batch-size 64 --out $OUT
+(tools/device_carry.py packs the model, the data and the wheels the device lacks; its docstring has the calls).
 """
 from __future__ import annotations
 
@@ -34,11 +38,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="first N examples of each task")
     ap.add_argument("--small", action="store_true", help="3 examples per task, base model only (a smoke run)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma list (default: all eight)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--batch-size", type=int, default=16, help="lm-eval backend: rows per forward pass")
+    ap.add_argument("--out", type=Path, default=None, help="where loglik.{json,md} go (default benchmarks/results)")
     args = ap.parse_args()
     if args.small:
         args.n = 3
+    tasks = args.tasks.split(",")
 
     import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from rora.config import EvalConfig, PruneConfig
     from rora.evaluation import lmeval_backend
@@ -56,6 +67,7 @@ def main() -> None:
         pruned = copy.deepcopy(base)
         prune(pruned, tok, PruneConfig(ratio=0.3, num_samples=4, seed=42))
         models["pruned 30%"] = pruned.eval()
+    models = {label: m.to(device) for label, m in models.items()}
 
     # Time the log-likelihood calls alone (both backends reach them through HFLM.loglikelihood), and count the work
     # the engine does (packed tokens, scored positions) for the ceiling.
@@ -87,8 +99,9 @@ def main() -> None:
 
     runs = {}
     for label, model in models.items():
-        for task in ALL_TASKS:
-            cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=args.n)
+        for task in tasks:
+            cfg = EvalConfig(tasks=[task], protocol="lm-eval", limit=args.n, batch_size=args.batch_size,
+                             prose="none", generation=False)
             found = {}
             for engine in ENGINES:
                 clock["s"] = 0.0
@@ -113,20 +126,22 @@ def main() -> None:
     lmeval_backend.score_rows = score_rows
     HFLM.loglikelihood = inner
 
-    design = _design_check(base, tok, data_dir, min(args.n, 10))
+    design = _design_check(base, tok, data_dir, min(args.n, 10), tasks)
     print(f"design: packed {design['packed_s']:.1f} s, KV cache {design['kv_s']:.1f} s "
           f"(max diff {design['max_abs_diff']:.1e})", flush=True)
-    ceiling = _ceiling(base, work, runs, len(models))
-    data = {"n_per_task": args.n, "tasks": list(ALL_TASKS), "models": list(models),
+    ceiling = _ceiling(base, work, runs, len(models), device)
+    data = {"n_per_task": args.n, "tasks": tasks, "models": list(models),
             "runs": {f"{m} / {t}": v for (m, t), v in runs.items()}, "design_check": design, "ceiling": ceiling,
             "environment": environment()}
-    table = _table(runs, models, ALL_TASKS, design, ceiling)
+    table = _table(runs, models, tasks, design, ceiling)
+    where = (f"on {torch.cuda.get_device_name(0)}" if device == "cuda" else
+             f"on CPU, torch threads {torch.get_num_threads()}")
     write_outputs("loglik", title="lm-eval protocol: native log-likelihood engine vs lm-eval's HF backend",
-                  command="python benchmarks/bench_loglik.py" + (" --small" if args.small else f" --n {args.n}"),
-                  setting=f"smollm2-135m (base and pruned 30%, Taylor) fp32 on CPU, first {args.n} examples of "
-                          f"each of the eight tasks, each task evaluated by both engines in turn (rora first); "
-                          f"torch threads {torch.get_num_threads()}, a CPU shared with other work",
-                  table=table, data=data)
+                  command="python benchmarks/bench_loglik.py " + " ".join(sys.argv[1:]),
+                  setting=f"smollm2-135m ({', '.join(models)}; pruned: 30%, Taylor) fp32 {where}, first {args.n} "
+                          f"examples of each of {len(tasks)} tasks, each task evaluated by both engines in turn (rora "
+                          f"first; lm-eval's backend at {args.batch_size} rows per forward pass)",
+                  table=table, data=data, **({"out": args.out} if args.out else {}))
     print(table)
 
 
@@ -175,7 +190,7 @@ def _table(runs, models, tasks, design, ceiling) -> str:
     return "\n".join(lines)
 
 
-def _ceiling(model, work, runs, n_models) -> dict:
+def _ceiling(model, work, runs, n_models, device) -> dict:
     """FLOPs the engine must do (2 x parameters per token through the decoder's linear layers, 2 x the LM head's per
     scored position; attention is small beside them at these lengths), against the measured matmul peak. The
     counts are over all models' runs; the base model's share is taken in proportion (the same requests)."""
@@ -186,26 +201,27 @@ def _ceiling(model, work, runs, n_models) -> dict:
     head = model.get_output_embeddings().weight.numel()
     tokens, scored, pair = (work[k] // n_models for k in ("nodes", "scored", "pair_tokens"))
     flop = 2 * body * tokens + 2 * head * scored
-    peak = matmul_peak()
+    peak = matmul_peak(4096 if device == "cuda" else 1024, device=device)
     ll_s = sum(x["ll_s"] for (m, _), x in runs.items() if m == "base")
     return {"tokens": tokens, "scored": scored, "flop": flop, "peak": peak, "min_s": flop / peak, "ll_s": ll_s,
             "fraction": flop / peak / ll_s, "hflm_flop": 2 * (body + head) * pair}
 
 
-def _design_check(model, tok, data_dir, n) -> dict:
+def _design_check(model, tok, data_dir, n, tasks) -> dict:
     """The same lm-eval requests through the engine's packed rows and through a KV-cache variant (each context
     encoded once, its cache copied for every choice's row), each with the same token budget."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from rora.evaluation.lmeval_bridge import LMEVAL_DIR
-    from rora.evaluation.loglik import CPU_TOKENS, pack, score_rows
+    from rora.evaluation.loglik import default_tokens, pack, score_rows
     from rora.evaluation.tasks import TASKS
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device=str(model.device))
+    budget = default_tokens(model.device)
     manager = TaskManager(include_path=str(LMEVAL_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
     groups = []
-    for name in ALL_TASKS:
+    for name in tasks:
         task = get_task_dict([TASKS[name].lmeval_task], manager)[TASKS[name].lmeval_task]
         task.build_all_requests(limit=n, rank=0, world_size=1)
         by_doc: dict = {}
@@ -216,10 +232,10 @@ def _design_check(model, tok, data_dir, n) -> dict:
     rows = [pack(g) for g in groups]
     score_rows(model, rows[:4])  # warm-up
     start = time.perf_counter()
-    packed = score_rows(model, rows, max_tokens=CPU_TOKENS)
+    packed = score_rows(model, rows, max_tokens=budget)
     packed_s = time.perf_counter() - start
     start = time.perf_counter()
-    kv = _kv_cache_variant(model, groups, CPU_TOKENS, tok.pad_token_id or 0)
+    kv = _kv_cache_variant(model, groups, budget, tok.pad_token_id or 0)
     kv_s = time.perf_counter() - start
     diff = max(abs(a[0] - b) for p, k in zip(packed, kv) for a, b in zip(p, k))
     return {"examples": n, "packed_s": packed_s, "kv_s": kv_s, "max_abs_diff": diff}
@@ -234,6 +250,7 @@ def _kv_cache_variant(model, groups, max_tokens, pad_id) -> list[list[float]]:
     from rora.evaluation.loglik import batches, decoder_and_head
 
     decoder, head = decoder_and_head(model)
+    dev = model.device
     # split groups into units sharing one context (WinoGrande's choices each have their own)
     units = []
     for g, pairs in enumerate(groups):
@@ -247,15 +264,15 @@ def _kv_cache_variant(model, groups, max_tokens, pad_id) -> list[list[float]]:
         for chunk in batches(cost, max_tokens):
             us = [units[i] for i in chunk]
             width = max(len(u[1]) for u in us)
-            ids = torch.full((len(us), width), pad_id)
-            mask = torch.zeros((len(us), width), dtype=torch.long)
+            ids = torch.full((len(us), width), pad_id, device=dev)
+            mask = torch.zeros((len(us), width), dtype=torch.long, device=dev)
             for b, (_, ctx, _) in enumerate(us):
                 ids[b, :len(ctx)] = torch.tensor(ctx)
                 mask[b, :len(ctx)] = 1
             cache = DynamicCache(config=decoder.config)
             hidden = decoder(input_ids=ids, attention_mask=mask, past_key_values=cache,
                              use_cache=True).last_hidden_state
-            first = torch.log_softmax(head(hidden[torch.arange(len(us)), mask.sum(1) - 1]).float(), -1)
+            first = torch.log_softmax(head(hidden[torch.arange(len(us), device=dev), mask.sum(1) - 1]).float(), -1)
             tails = [(b, k, cont) for b, (_, _, conts) in enumerate(us) for k, cont in conts]
             for b, k, cont in tails:
                 out[us[b][0]][k] = first[b, cont[0]].item()
@@ -263,20 +280,21 @@ def _kv_cache_variant(model, groups, max_tokens, pad_id) -> list[list[float]]:
             if not long:
                 continue
             tw = max(len(c) - 1 for _, _, c in long)
-            sel = torch.tensor([b for b, _, _ in long])
+            sel = torch.tensor([b for b, _, _ in long], device=dev)
             rows_cache = copy.deepcopy(cache)
             rows_cache.reorder_cache(sel)  # index_select over the batch: one cache copy per choice
-            tids = torch.full((len(long), tw), pad_id)
-            tmask = torch.zeros((len(long), tw), dtype=torch.long)
+            tids = torch.full((len(long), tw), pad_id, device=dev)
+            tmask = torch.zeros((len(long), tw), dtype=torch.long, device=dev)
             for r, (_, _, cont) in enumerate(long):
                 tids[r, :len(cont) - 1] = torch.tensor(cont[:-1])
                 tmask[r, :len(cont) - 1] = 1
-            pos = mask.sum(1)[sel][:, None] + torch.arange(tw)[None]
+            pos = mask.sum(1)[sel][:, None] + torch.arange(tw, device=dev)[None]
             h = decoder(input_ids=tids, attention_mask=torch.cat([mask[sel], tmask], 1), position_ids=pos,
                         past_key_values=rows_cache, use_cache=True).last_hidden_state
             for r, (b, k, cont) in enumerate(long):
                 lp = torch.log_softmax(head(h[r, :len(cont) - 1]).float(), -1)
-                out[us[b][0]][k] += lp[torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum().item()
+                picked = lp[torch.arange(len(cont) - 1, device=dev), torch.tensor(cont[1:], device=dev)]
+                out[us[b][0]][k] += picked.sum().item()
     return out
 
 

@@ -70,7 +70,8 @@ def measure(model, teacher, tok, args, val_records) -> dict:
     from rora.recovery.distill import record_examples
 
     start = time.perf_counter()
-    res = evaluate(model, tok, EvalConfig(protocol="lm-eval", sample=args.sample, seed=0), progress=False)
+    res = evaluate(model, tok, EvalConfig(protocol="lm-eval", sample=args.sample, seed=0, prose="none",
+                                          generation=False), progress=False)
     held = heldout_metrics(model, teacher, tok, record_examples(val_records, tok, 192))
     return {"outcomes": outcomes_from_records(res.records), "heldout_loss": held["loss"], "heldout_kl": held["kl"],
             "eval_seconds": time.perf_counter() - start}

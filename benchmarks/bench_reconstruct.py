@@ -80,7 +80,8 @@ class Measure:
         from rora.measure import heldout_metrics
 
         start = time.perf_counter()
-        res = evaluate(model, self.tok, EvalConfig(protocol="lm-eval", sample=self.args.sample, seed=0, prose="none"),
+        res = evaluate(model, self.tok, EvalConfig(protocol="lm-eval", sample=self.args.sample, seed=0, prose="none",
+                                                        generation=False),
                        data_dir=self.args.data, progress=False)
         return {"outcomes": outcomes_from_records(res.records),
                 "prose": self.prose.measure(model, self.teacher, self.tok),
@@ -185,9 +186,6 @@ def token_sweep(args, base, teacher, tok, measure, work: Path) -> list[dict]:
         print(f"token sweep {n}: prose ppl {row['prose']['perplexity']:.1f}, {rec.seconds:.0f} s vs forwards "
               f"{sum(forward.values()):.0f} s", flush=True)
     return rows
-
-
-
 
 
 def summary_line(row: dict) -> str:
