@@ -60,6 +60,19 @@ def write_outputs(name: str, *, title: str, command: str, setting: str, table: s
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
+def paired_cell(diff: dict | None, key: str) -> str:
+    """A table cell for a paired difference (stats.paired_difference) at `key`: '+1.2 ± 0.8', starred beyond two
+    standard errors; '-' where there is none."""
+    if not diff or key not in diff:
+        return "-"
+    d = diff[key]
+    return f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}"
+
+
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x + 0.0:.0f}%"  # + 0.0: no "-0%"
+
+
 def validation_prose(prose_dir: str | Path, count: int = 48) -> list[str]:
     """The last `count` paragraphs of the prose corpus's last shard (tools/prose_corpus.py's output): validation
     text the demo and the benchmarks never train or calibrate on, since they read the corpus from the start."""

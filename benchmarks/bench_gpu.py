@@ -19,9 +19,9 @@ Taylor prune 20%, reconstruction, 20 kd steps with the unpruned teacher (rora's 
 checkpointing; again with the fp32 student the CLI loads), merge, the log-likelihood engine: seconds and peak
 memory of each stage; a failure is an entry of the table, not the end of the run.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_gpu.py --out $OUT                 # the GPU run, both parts
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py --out $OUT                # the GPU run, both parts
     python benchmarks/bench_gpu.py --tiny --out /tmp/gpu                          # tiny shapes on CPU (the test's)
-    python benchmarks/bench_gpu.py --parts speed --profile rora-kd --out $OUT     # + top-20 ops of one side
+    python3 benchmarks/bench_gpu.py --parts speed --profile rora-kd --out $OUT    # + top-20 ops of one side
 Each side and stage is skipped (and recorded so) when it would not end within --budget-s of the start.
 """
 from __future__ import annotations

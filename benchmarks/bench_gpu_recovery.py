@@ -9,7 +9,7 @@ test sets of the eight tasks (lm-eval protocol, native engine; 22,419 examples; 
 paired against the base and the pruned model, and on held-out prose (BoolQ validation passages: measured only).
 Nothing is chosen on a test set: the recipe is the quickstart's, the budgets are fixed in advance.
 
-    . tools/device_setup.sh && python benchmarks/bench_gpu_recovery.py --out $OUT       # the GPU run
+    . tools/device_setup.sh && python3 benchmarks/bench_gpu_recovery.py --out $OUT       # the GPU run
     python benchmarks/bench_gpu_recovery.py --model DIR --budgets 2000,4000 --set eval.sample=3 \\
         --set prune.layers=0:2 --set reconstruct.num_samples=4 ... --out /tmp/rec         # tiny, on CPU (the test)
 --set SECTION.KEY=VALUE changes the preset as `rora run --set` does, after the scale-up below (SCALE). The GPU run
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, save_figure, write_outputs  # noqa: E402
+from _common import RESULTS, environment, paired_cell, percent, save_figure, write_outputs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -135,9 +135,9 @@ def report(args, rows: list[dict], epoch_tokens: int, preset) -> None:
             prose_closed
         tokens = f"{r['train_tokens']:,}" if "train_tokens" in r else "-"
         table.append(f"| {r['name']} | {tokens} | {100 * a['accuracy']:.1f} ± {100 * a['se']:.1f} "
-                     f"| {_diff(vs_base, 'average')} | {_diff(vs_pruned, 'average')} | "
-                     f"{_diff(vs_pruned, WITHOUT_PRIOR)} | {_pct(closed)} | {r['prose']['perplexity']:.1f} | "
-                     f"{r['prose']['kl']:.3f} | {_pct(prose_closed)} | {r.get('seconds', 0):.0f} |")
+                     f"| {paired_cell(vs_base, 'average')} | {paired_cell(vs_pruned, 'average')} | "
+                     f"{paired_cell(vs_pruned, WITHOUT_PRIOR)} | {percent(closed)} | {r['prose']['perplexity']:.1f} | "
+                     f"{r['prose']['kl']:.3f} | {percent(prose_closed)} | {r.get('seconds', 0):.0f} |")
     n = sum(len(v) for v in base["outcomes"].values())
     sample = preset.eval.sample
     head = (f"{n:,} examples per model ({'the full test sets' if sample is None else f'{sample} per task'}),"
@@ -157,17 +157,6 @@ def report(args, rows: list[dict], epoch_tokens: int, preset) -> None:
                   data={"rows": rows, "epoch_tokens": epoch_tokens, "preset": preset.to_dict(),
                         "environment": environment()})
     print("\n".join(table))
-
-
-def _diff(diff, key) -> str:
-    if not diff or key not in diff:
-        return "-"
-    d = diff[key]
-    return f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -13,7 +13,7 @@ The committed results are `--n 100` (1,600 examples per engine; 35 minutes with 
 thread on a 2-core CPU whose other core ran another job). On a GPU (issue 22, part 3) the same comparison runs on
 the device, fp32 (identical predictions are the point), lm-eval's backend at --batch-size rows per forward pass:
 
-    . tools/device_setup.sh && python benchmarks/bench_loglik.py --device cuda --n 200 --batch-size 64 --out $OUT
+    . tools/device_setup.sh && python3 benchmarks/bench_loglik.py --device cuda --n 200 --batch-size 64 --out $OUT
 (tools/device_carry.py packs the model, the data and the wheels the device lacks; its docstring has the calls).
 """
 from __future__ import annotations

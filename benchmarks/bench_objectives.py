@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write_outputs  # noqa: E402
+from _common import RESULTS, environment, percent, write_outputs  # noqa: E402
 
 # name -> RecoverConfig changes. "kd-synthetic": the teacher writes as many texts as there are training records,
 # continuing their instructions, and the student is distilled on those instead of on the records.
@@ -143,9 +143,9 @@ def report_results(args, done: dict) -> None:
         d = diff["average"] if diff else None
         table.append(
             f"| {n} | {row['tokens']:,} | {row['heldout_kl']:.3f} | {row['heldout_loss']:.3f} | "
-            f"{_pct(loss_closed)} | {100 * avg[n]:.1f} ± {100 * acc[n]['average']['se']:.1f} | "
+            f"{percent(loss_closed)} | {100 * avg[n]:.1f} ± {100 * acc[n]['average']['se']:.1f} | "
             + (f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}" if d else "-")
-            + f" | {_pct(acc_closed)} | {row.get('train_seconds', 0):.0f} |")
+            + f" | {percent(acc_closed)} | {row.get('train_seconds', 0):.0f} |")
     tasks = [t for t in acc["pruned"] if t != "average"]
     table += ["", "Per task (%, ± se; * = paired difference from pruned beyond two standard errors):", "",
               "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -163,10 +163,6 @@ def report_results(args, done: dict) -> None:
                   table="\n".join(table), data={"rows": rows, "runs": done, "environment": environment()},
                   images=["objectives.png"])
     print("\n".join(table))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def plot(done: dict, names: list[str], acc: dict, path: Path) -> None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write_outputs  # noqa: E402
+from _common import RESULTS, environment, paired_cell, percent, write_outputs  # noqa: E402
 
 VALIDATION_TEXT_SEED = 1000  # teacher-written validation text: another seed than any calibration text
 
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--calibrations", default="records,teacher")
     p.add_argument("--kd", default="quickstart", help="the kd recovery recipe: a preset whose recover section is used, "
                                                      "or 'none' to measure reconstruction alone")
+    p.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recover setting changed from the preset's (YAML values, as rora run --set recover.KEY)")
     p.add_argument("--sample", type=int, default=200, help="evaluation examples per task (seeded random sample)")
     p.add_argument("--prose-documents", type=int, default=64)
     p.add_argument("--token-sweep", default="8,16,32,64,128",
@@ -55,7 +57,7 @@ class Measure:
     """Everything every model is measured on, loaded once."""
 
     def __init__(self, args, teacher, tok):
-        from rora.config import ReconstructConfig, RecoverConfig, load_preset
+        from rora.config import ReconstructConfig, RecoverConfig, load_preset, parse_setting
         from rora.measure import Prose
         from rora.reconstruction.calibration import calibration_sequences
         from rora.recovery.data import load_records, split_train_val
@@ -63,6 +65,7 @@ class Measure:
 
         self.args, self.teacher, self.tok = args, teacher, tok
         self.recover = load_preset(args.kd).recover if args.kd != "none" else RecoverConfig()
+        self.recover = self.recover.replace(**dict(map(parse_setting, args.kd_set)))
         rc = self.recover
         # the records calibration reads every training record (the recipe's own cap, 168 in the quickstart, would
         # not fill 80 sequences); their seeded order is the recipe's, so a cap only cuts it short
@@ -219,8 +222,8 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
         seconds = row.get("reconstruct_seconds", 0) + row.get("train_seconds", 0)
         table.append(
             f"| {ratio} | {name.split('/')[1]} | {100 * acc['average']['accuracy']:.1f} ± "
-            f"{100 * acc['average']['se']:.1f} | {_diff(diff, 'average')} | {_diff(diff, WITHOUT_PRIOR)} | "
-            f"{_pct(closed)} | {row['prose']['perplexity']:.1f} | {row['prose']['kl']:.3f} | {_pct(prose_closed)} | "
+            f"{100 * acc['average']['se']:.1f} | {paired_cell(diff, 'average')} | {paired_cell(diff, WITHOUT_PRIOR)} | "
+            f"{percent(closed)} | {row['prose']['perplexity']:.1f} | {row['prose']['kl']:.3f} | {percent(prose_closed)} | "
             f"{row['val_text']['kl']:.3f} | {row['val_records']['kl']:.3f} | {seconds:.0f} |")
     head = (f"Base model: average {100 * acc_base['average']['accuracy']:.1f} ± {100 * acc_base['average']['se']:.1f}, "
             f"prose perplexity {base['prose']['perplexity']:.1f} ({base['prose']['tokens']:,} tokens of "
@@ -238,7 +241,8 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
     plot(done, RESULTS / "reconstruct.png")
     setting = (f"{args.model} pruned uniformly by Taylor importance at each ratio; reconstruction on 64 x 128 "
                f"calibration tokens (+16 x 128 held out for the damping); kd recovery: the {args.kd} preset's recover "
-               f"section for every variant; accuracy: lm-eval protocol (native engine), a seeded {args.sample} per task, "
+               f"section for every variant{_changes(args.kd_set)}; accuracy: lm-eval protocol (native engine), a "
+               f"seeded {args.sample} per task, "
                "paired against the pruned model of the same ratio; prose: held-out BoolQ validation passages "
                "(measured only); val KL: held-out teacher-written text and training records (the selection figures)")
     write_outputs("reconstruct", title="Reconstruction: closed-form refits against the unpruned model, then adapters",
@@ -249,15 +253,8 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
     print("\n".join(table))
 
 
-def _diff(diff, key) -> str:
-    if not diff or key not in diff:
-        return "-"
-    d = diff[key]
-    return f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}"
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x + 0.0:.0f}%"  # + 0.0: no "-0%"
+def _changes(settings: list[str]) -> str:
+    return f" (changed: {', '.join(settings)})" if settings else ""
 
 
 def plot(done: dict, path: Path) -> None:

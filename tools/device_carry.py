@@ -1,21 +1,24 @@
 """What a GPU machine of the `device` tool lacks for rora's device runs (issue 22), packed into parts that each fit
 one call (64 MiB with the working tree): the embedded model's GGUF (98 MB, split across parts), the offline task
-data (lm-eval records and training records, gzipped), the prose corpus (`make prose`, when built) and the wheels of the packages its image does not have
-(lm-eval and what it needs, datasets, gguf), for its Python 3.12, at the versions installed here.
+data (lm-eval records and training records, gzipped), the prose corpus (`make prose`, when built) and the wheels of
+the packages its image does not have (lm-eval and what it needs, datasets, gguf), for its Python 3.12, at the
+versions installed here.
 
     python tools/device_carry.py pack                 # here: writes .carry/1, .carry/2, ... (git-ignored)
 
 Then one call per part, back to back (the machine keeps /tmp between calls while it is warm, 30 s), each command
-starting with `. tools/device_setup.sh`, which runs `unpack` below and exports PYTHONPATH and RORA_DATA_DIR:
+starting with `. tools/device_setup.sh`, which runs `unpack` below and exports PYTHONPATH and RORA_DATA_DIR (there,
+python3 is the interpreter that holds torch):
 
-    run(carry=[".carry/1"], command=". tools/device_setup.sh && python benchmarks/bench_gpu.py --out $OUT")
-    run(carry=[".carry/2"], command=". tools/device_setup.sh && python benchmarks/bench_loglik.py --device cuda ...")
-    run(command=". tools/device_setup.sh && python benchmarks/bench_gpu_recovery.py --out $OUT")   # warm: all there
+    run(carry=[".carry/1"], command=". tools/device_setup.sh && python3 benchmarks/bench_gpu.py --out $OUT")
+    run(carry=[".carry/2"], command=". tools/device_setup.sh && python3 benchmarks/bench_loglik.py --device cuda ...")
+    run(command=". tools/device_setup.sh && python3 benchmarks/bench_gpu_recovery.py --out $OUT")  # warm: all there
 
 bench_gpu.py needs nothing carried (random weights), so the first call does useful work while its part lands.
 `unpack` copies the call's part under /tmp/rora-carry, installs the wheels there, unpacks the data (and the corpus
-into runs/prose, where the presets read it), and once every part of the model is there joins it (checked against its sha256) where rora.load_model("smollm2-135m") finds it.
-Standard library only: it runs before anything is installed.
+into runs/prose, where the presets read it), and once every part of the model is there joins it (checked against
+its sha256) where rora.load_model("smollm2-135m") finds it. Standard library only: it runs before anything is
+installed.
 """
 from __future__ import annotations
 
