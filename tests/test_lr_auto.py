@@ -1,7 +1,7 @@
 """--lr auto: the grid follows the rule of thumb for method, rank and objective; the probe picks the value with the
 lowest held-out figure unless a larger one is within the margin, and the run continues from that probe (the
 adapter equals a plain run at that learning rate); a winner at the edge widens the grid once; a diverging probe
-loses; a run killed during the probe resumes bit-identically; the choice is in the manifest, metrics.jsonl and the
+loses, and so does one no better than the model before training (the grid then widens downwards until one is); a run killed during the probe resumes bit-identically; the choice is in the manifest, metrics.jsonl and the
 CLI's report."""
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def test_auto_picks_the_leading_probe_and_continues_from_it(tokenizer, tmp_path)
     assert [p["lr"] for p in probes] == auto.lr_auto["grid"] and len(probes) == 3 and not auto.lr_auto["widened"]
     assert auto.lr == LrSearch(auto.lr_auto["grid"], 2, "kd", probes).leader()["lr"]
     assert auto.lr_auto["figure"] == "val_kl"
+    assert all(p["val_loss"] < auto.lr_auto["start"] for p in probes if p["lr"] == auto.lr)  # it beat the start
     assert auto.lr != auto.lr_auto["grid"][-1] or auto.lr_auto["widened"]
     # The continued run is exactly a run at the chosen learning rate: the probe was its first steps.
     fixed = recover(_student(), tokenizer, even_odd_records(), auto_config(lr=auto.lr), tmp_path / "fixed",
@@ -133,6 +134,34 @@ def test_a_diverging_probe_loses(tokenizer, monkeypatch):
     run = recover(_student(), tokenizer, even_odd_records(), auto_config(), progress=False, teacher=make_model(seed=4))
     middle = run.lr_auto["probes"][1]  # probed in order: the initial grid's centre second
     assert middle["val_loss"] is None and middle["diverged_at"] == 2 and run.lr != middle["lr"]
+
+
+@pytest.mark.parametrize("figures, below, chosen", [
+    ({8e-4: 1.9, 2e-3: 1.5, 5e-3: None}, [], 2e-3),  # probes that beat the start (2.13) lead as before
+    ({8e-4: 9.05, 2e-3: 5.38, 5e-3: 6.11, 3.2e-4: 1.9}, [3.2e-4], 3.2e-4),  # ratio 0.5's grid: all worse than
+    ({8e-4: 9.05, 2e-3: 5.38, 5e-3: 6.11, 3.2e-4: 2.5, 1.3e-4: 2.2, 5.2e-5: 2.0}, [3.2e-4, 1.3e-4, 5.2e-5], 5.2e-5),
+])
+def test_probes_no_better_than_the_start_lose_and_the_grid_widens_down_until_one_is(figures, below, chosen):
+    """A probe must beat the model before training: a rate that makes it worse is no candidate, however it compares
+    with the other probes; while none does, smaller rates are tried, BELOW_START at most."""
+    search = LrSearch([8e-4, 2e-3, 5e-3], 2, "kd", start_loss=2.13)
+    probed = []
+    while (lr := search.next_lr()) is not None:
+        probed.append(lr)
+        search.results.append(_result(lr, figures[lr]))
+    assert probed == [8e-4, 2e-3, 5e-3] + below
+    assert search.choose() == chosen and search.summary()["start"] == 2.13
+    assert "before training 2.1300" in lr_auto.describe(search.summary())
+
+
+def test_when_no_rate_beats_the_start_the_search_stops_in_one_line():
+    search = LrSearch([8e-4, 2e-3, 5e-3], 2, "kd", start_loss=2.13)
+    while (lr := search.next_lr()) is not None:
+        search.results.append(_result(lr, 3.0))
+    assert len(search.results) == 3 + lr_auto.BELOW_START
+    with pytest.raises(TrainingError, match=r"no --lr auto probe improved on the model before training "
+                                            r"\(validation figure 2.1300; learning rates 5.2e-05, 0.00013"):
+        search.choose()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,12 @@ below the best full run for LoRA and RoRA at rank 8, where the next larger value
 2.5-3.2% of it at the probe; at rank 128 both rules choose the same value. A leader at either end of the grid
 widens it once, by one more value beyond that end, rather than being accepted silently. The run then continues from
 the leading probe's state, so the full run is exactly a run with that learning rate and the probe costs only the
-other probes' steps. A probe whose loss becomes non-finite loses.
+other probes' steps. A probe whose loss becomes non-finite loses, and so does one that ends no better than the
+model before any training (the validation figure measured once before the first probe): a rate that makes the
+model worse is no candidate, however it compares with the others. While no probe has beaten the start, the grid
+widens downwards, up to BELOW_START values past its end (at ratio 0.5 the quickstart's whole grid made the model
+worse, and a rate 4x below its smallest value helped: BENCHMARKS.md, "Reconstruction"); if none does, the run
+stops with one line asking for a smaller --lr.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ FACTOR = 2.5  # between neighbouring values of the grid
 CENTRE = {"kd": 0.064, "kd+sft": 0.064, "sft": 0.032}  # C above, per objective
 MARGIN = 0.05  # the share by which the probe figures must differ to overrule the preference for the larger rate
 PROBE_STEPS = (8, 5)  # an unset probe length: at least 8 steps, and 5 past the warmup
+BELOW_START = 3  # values tried below the grid while no probe beats the model before training
 
 
 def rule_of_thumb(objective: str, scale: float, rank: int) -> float:
@@ -73,6 +79,8 @@ class LrSearch:
     results: list[dict] = field(default_factory=list)  # {"lr", "val_loss" (None: diverged), figures, cost}
     widened: bool = False
     lr: float | None = None  # the choice
+    start_loss: float | None = None  # the validation figure before any training (None: not measured)
+    below: int = 0  # values added below the grid because no probe beat the start
 
     @classmethod
     def start(cls, config, scale: float, total_steps: int) -> "LrSearch":
@@ -97,11 +105,14 @@ class LrSearch:
         for lr in self.grid:
             if lr not in tried:
                 return lr
-        if self.widened:
-            return None
         lead = self.leader()
         low, high = min(self.grid), max(self.grid)
-        if lead is None or lead["lr"] == low:  # every probe diverged: smaller steps are the way out
+        if lead is None and self.below < BELOW_START:  # every probe diverged or made the model worse
+            self.below += 1
+            return self._widen(_round(low / FACTOR))
+        if self.widened:
+            return None
+        if lead is not None and lead["lr"] == low:  # smaller steps may be better still
             return self._widen(_round(low / FACTOR))
         if lead["lr"] == high:
             return self._widen(_round(high * FACTOR))
@@ -117,15 +128,22 @@ class LrSearch:
         trainer keeps one probe's state; None while every probe diverged."""
         lead = None
         for r in self.results:
-            if r["val_loss"] is not None and (lead is None or _takes_lead(r, lead)):
+            if self.improves(r) and (lead is None or _takes_lead(r, lead)):
                 lead = r
         return lead
+
+    def improves(self, probe: dict) -> bool:
+        """The probe finished below the model's figure before training (when that was measured)."""
+        return probe["val_loss"] is not None and (self.start_loss is None or probe["val_loss"] < self.start_loss)
 
     def choose(self) -> float:
         lead = self.leader()
         if lead is None:
-            raise TrainingError(f"every --lr auto probe diverged (learning rates {', '.join(map(_fmt, self.grid))}); "
-                                "give a smaller --lr")
+            rates = ", ".join(map(_fmt, sorted(self.grid)))
+            if all(r["val_loss"] is None for r in self.results):
+                raise TrainingError(f"every --lr auto probe diverged (learning rates {rates}); give a smaller --lr")
+            raise TrainingError(f"no --lr auto probe improved on the model before training (validation figure "
+                                f"{self.start_loss:.4f}; learning rates {rates}); give a smaller --lr")
         self.lr = lead["lr"]
         return self.lr
 
@@ -141,7 +159,8 @@ class LrSearch:
         return {"grid": sorted(self.grid), "probe_steps": self.steps, "objective": self.objective,
                 "figure": "val_kl" if self.objective == "kd" else "val_response_loss" if self.objective == "sft"
                 else "val_loss",
-                "probes": self.results, "lr": self.lr, "widened": self.widened, "at_edge": self.at_edge,
+                "probes": self.results, "start": self.start_loss, "lr": self.lr, "widened": self.widened,
+                "at_edge": self.at_edge,
                 "extra_steps": sum(r["steps"] for r in losers),
                 "extra_seconds": round(sum(r["seconds"] for r in losers), 3),
                 "extra_tokens": sum(r["tokens"] for r in losers)}
@@ -152,8 +171,9 @@ def describe(summary: dict) -> str:
     figures = ", ".join(f"{_fmt(r['lr'])}: " + ("diverged" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
                         for r in sorted(summary["probes"], key=lambda r: r["lr"]))
     edge = "; at the edge of the widened grid" if summary["at_edge"] else ""
+    start = f"; before training {summary['start']:.4f}" if summary.get("start") is not None else ""
     return (f"lr auto chose {_fmt(summary['lr'])} ({summary['figure']} after {summary['probe_steps']} steps: "
-            f"{figures}{edge}; the other probes cost {summary['extra_steps']} steps, "
+            f"{figures}{start}{edge}; the other probes cost {summary['extra_steps']} steps, "
             f"{summary['extra_seconds']:.0f} s)")
 
 

@@ -412,6 +412,8 @@ class _Run:
         (checkpoints/probe holds the best so far), so a killed run resumes the search where it stopped."""
         search = self.search
         best = self.snapshot() if search.results else None  # resumed: the restored state is the best probe so far
+        if search.start_loss is None and not search.results:  # the model before training: what a probe must beat
+            search.start_loss, _ = self.measure()
         while (lr := search.next_lr()) is not None:
             self.load_snapshot(self.initial, lr)
             result = self.probe(lr)
