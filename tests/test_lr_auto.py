@@ -164,6 +164,26 @@ def test_when_no_rate_beats_the_start_the_search_stops_in_one_line():
         search.choose()
 
 
+def test_a_first_probe_that_never_leads_is_recorded_in_a_run_with_an_output(tokenizer, monkeypatch, tmp_path):
+    """The first probe diverges, so no probe has led yet when it ends (no probe checkpoint to carry its record):
+    the run goes on, and its report keeps the probe's figure."""
+    from rora.recovery import trainer
+
+    real = trainer._Run.train_step
+
+    def poisoned(self, micro_batches):
+        if self.optimizer.param_groups[0]["initial_lr"] == self.search.grid[0] and self.step == 1:
+            raise trainer.NonFiniteLoss("loss became nan")
+        return real(self, micro_batches)
+
+    monkeypatch.setattr(trainer._Run, "train_step", poisoned)
+    run = recover(_student(), tokenizer, even_odd_records(), auto_config(), tmp_path / "run", progress=False,
+                  teacher=make_model(seed=4))
+    first = run.lr_auto["probes"][0]
+    assert first["val_loss"] is None and run.lr != first["lr"] and run.steps == 6
+    assert json.loads((tmp_path / "run" / "rora.json").read_text())["report"]["lr_auto"]["probes"][0] == first
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("auto-worker")

@@ -424,7 +424,8 @@ class _Run:
                     self.save_checkpoint(PROBE_CHECKPOINT)
             elif self.out is not None and self.acc.is_main_process:  # the saved state stays; its record grows
                 state = self.out / "checkpoints" / PROBE_CHECKPOINT / STATE_FILE
-                write_json(state, {**read_json(state, TrainingError), "lr_auto": search.to_dict()})
+                if state.is_file():  # before any probe has led there is none: a resumed run probes from the start
+                    write_json(state, {**read_json(state, TrainingError), "lr_auto": search.to_dict()})
         lr = search.choose()
         self.load_snapshot(best)
         summary = search.summary()
