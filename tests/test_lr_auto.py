@@ -120,17 +120,22 @@ def test_a_winner_at_the_edge_widens_the_grid_in_a_run(tokenizer, monkeypatch):
     assert run.lr == pytest.approx(sorted(grid)[-2] * lr_auto.FACTOR, rel=0.05) and run.lr_auto["at_edge"]
 
 
-def test_a_diverging_probe_loses(tokenizer, monkeypatch):
+def _poison_probe(monkeypatch, index: int) -> None:
+    """The probe of the initial grid's value `index` gets a non-finite loss at its second step."""
     from rora.recovery import trainer
 
     real = trainer._Run.train_step
 
     def poisoned(self, micro_batches):
-        if self.optimizer.param_groups[0]["initial_lr"] == self.search.grid[1] and self.step == 1:
+        if self.optimizer.param_groups[0]["initial_lr"] == self.search.grid[index] and self.step == 1:
             raise trainer.NonFiniteLoss("loss became nan")
         return real(self, micro_batches)
 
     monkeypatch.setattr(trainer._Run, "train_step", poisoned)
+
+
+def test_a_diverging_probe_loses(tokenizer, monkeypatch):
+    _poison_probe(monkeypatch, 1)
     run = recover(_student(), tokenizer, even_odd_records(), auto_config(), progress=False, teacher=make_model(seed=4))
     middle = run.lr_auto["probes"][1]  # probed in order: the initial grid's centre second
     assert middle["val_loss"] is None and middle["diverged_at"] == 2 and run.lr != middle["lr"]
@@ -167,16 +172,7 @@ def test_when_no_rate_beats_the_start_the_search_stops_in_one_line():
 def test_a_first_probe_that_never_leads_is_recorded_in_a_run_with_an_output(tokenizer, monkeypatch, tmp_path):
     """The first probe diverges, so no probe has led yet when it ends (no probe checkpoint to carry its record):
     the run goes on, and its report keeps the probe's figure."""
-    from rora.recovery import trainer
-
-    real = trainer._Run.train_step
-
-    def poisoned(self, micro_batches):
-        if self.optimizer.param_groups[0]["initial_lr"] == self.search.grid[0] and self.step == 1:
-            raise trainer.NonFiniteLoss("loss became nan")
-        return real(self, micro_batches)
-
-    monkeypatch.setattr(trainer._Run, "train_step", poisoned)
+    _poison_probe(monkeypatch, 0)
     run = recover(_student(), tokenizer, even_odd_records(), auto_config(), tmp_path / "run", progress=False,
                   teacher=make_model(seed=4))
     first = run.lr_auto["probes"][0]
