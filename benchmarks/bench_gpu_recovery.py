@@ -89,7 +89,6 @@ def main(argv=None) -> None:
     ids, what = calibration_sequences(rc, tok, teacher=teacher)
     rec = reconstruct(pruned, teacher, tok, rc, sequences=ids, source=what, progress=False)
     rows.append(measure("reconstructed", pruned, seconds=rec.seconds, calibration_tokens=rec.calibration["fit_tokens"]))
-    state = {k: v.clone() for k, v in pruned.state_dict().items()}
 
     recipe = preset.recover
     epoch = _training_data(args.data, tok, recipe).train  # what one epoch of the recipe trains on
@@ -98,8 +97,7 @@ def main(argv=None) -> None:
         for budget in map(int, args.budgets.split(",")):
             steps = max(1, round(budget / epoch_tokens * len(epoch) / recipe.batch_size))  # epochs cycle
             cfg = recipe.replace(max_steps=steps, warmup_steps=max(1, steps // 30), save_steps=steps)
-            model = copy.deepcopy(pruned)
-            model.load_state_dict(state)
+            model = copy.deepcopy(pruned)  # the adapter wraps the copy; pruned stays the reconstructed model
             start = time.perf_counter()
             res = recover(model, tok, args.data, cfg, Path(work) / str(budget), overwrite=True, progress=False,
                           teacher=teacher)

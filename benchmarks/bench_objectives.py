@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, percent, write_outputs  # noqa: E402
+from _common import RESULTS, environment, paired_cell, percent, write_outputs  # noqa: E402
 
 # name -> RecoverConfig changes. "kd-synthetic": the teacher writes as many texts as there are training records,
 # continuing their instructions, and the student is distilled on those instead of on the records.
@@ -140,12 +140,10 @@ def report_results(args, done: dict) -> None:
         rows[n] = {"accuracy": acc[n], "vs_pruned": diff, "heldout_kl": row["heldout_kl"],
                    "heldout_loss": row["heldout_loss"], "loss_gap_closed": loss_closed, "acc_gap_closed": acc_closed,
                    "tokens": row["tokens"], "train_seconds": row.get("train_seconds")}
-        d = diff["average"] if diff else None
         table.append(
             f"| {n} | {row['tokens']:,} | {row['heldout_kl']:.3f} | {row['heldout_loss']:.3f} | "
             f"{percent(loss_closed)} | {100 * avg[n]:.1f} ± {100 * acc[n]['average']['se']:.1f} | "
-            + (f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}" if d else "-")
-            + f" | {percent(acc_closed)} | {row.get('train_seconds', 0):.0f} |")
+            f"{paired_cell(diff, 'average')} | {percent(acc_closed)} | {row.get('train_seconds', 0):.0f} |")
     tasks = [t for t in acc["pruned"] if t != "average"]
     table += ["", "Per task (%, ± se; * = paired difference from pruned beyond two standard errors):", "",
               "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]

@@ -78,7 +78,8 @@ def train_and_eval(pruned: Path, data: str, s: dict, method: str, rank: int, lr:
            "best_val_loss": res.best_val_loss, "steps": res.steps, "train_seconds": time.perf_counter() - start,
            "losses": _losses(res.metrics_path)}
     if evaluate_it:
-        ev = evaluate(res.model, tok, EvalConfig(protocol="score", limit=s["limit"], prose="none", generation=False), progress=False)
+        ev = evaluate(res.model, tok, EvalConfig(protocol="score", limit=s["limit"], prose="none", generation=False),
+                      progress=False)
         row["accuracy"] = {t: r["accuracy"] for t, r in ev.per_task.items()}
         row["average"] = ev.average
     return row

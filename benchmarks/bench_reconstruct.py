@@ -64,8 +64,8 @@ class Measure:
         from rora.recovery.distill import record_examples
 
         self.args, self.teacher, self.tok = args, teacher, tok
-        self.recover = load_preset(args.kd).recover if args.kd != "none" else RecoverConfig()
-        self.recover = self.recover.replace(**dict(map(parse_setting, args.kd_set)))
+        recipe = load_preset(args.kd).recover if args.kd != "none" else RecoverConfig()
+        self.recover = recipe.replace(**dict(map(parse_setting, args.kd_set)))
         rc = self.recover
         # the records calibration reads every training record (the recipe's own cap, 168 in the quickstart, would
         # not fill 80 sequences); their seeded order is the recipe's, so a cap only cuts it short
@@ -222,8 +222,9 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
         seconds = row.get("reconstruct_seconds", 0) + row.get("train_seconds", 0)
         table.append(
             f"| {ratio} | {name.split('/')[1]} | {100 * acc['average']['accuracy']:.1f} ± "
-            f"{100 * acc['average']['se']:.1f} | {paired_cell(diff, 'average')} | {paired_cell(diff, WITHOUT_PRIOR)} | "
-            f"{percent(closed)} | {row['prose']['perplexity']:.1f} | {row['prose']['kl']:.3f} | {percent(prose_closed)} | "
+            f"{100 * acc['average']['se']:.1f} | {paired_cell(diff, 'average')} | "
+            f"{paired_cell(diff, WITHOUT_PRIOR)} | {percent(closed)} | {row['prose']['perplexity']:.1f} | "
+            f"{row['prose']['kl']:.3f} | {percent(prose_closed)} | "
             f"{row['val_text']['kl']:.3f} | {row['val_records']['kl']:.3f} | {seconds:.0f} |")
     head = (f"Base model: average {100 * acc_base['average']['accuracy']:.1f} ± {100 * acc_base['average']['se']:.1f}, "
             f"prose perplexity {base['prose']['perplexity']:.1f} ({base['prose']['tokens']:,} tokens of "

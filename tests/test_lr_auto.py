@@ -1,8 +1,9 @@
 """--lr auto: the grid follows the rule of thumb for method, rank and objective; the probe picks the value with the
 lowest held-out figure unless a larger one is within the margin, and the run continues from that probe (the
 adapter equals a plain run at that learning rate); a winner at the edge widens the grid once; a diverging probe
-loses, and so does one no better than the model before training (the grid then widens downwards until one is); a run killed during the probe resumes bit-identically; the choice is in the manifest, metrics.jsonl and the
-CLI's report."""
+loses, and so does one no better than the model before training (the grid then widens downwards until one is); a
+run killed during the probe resumes bit-identically; the choice is in the manifest, metrics.jsonl and the CLI's
+report."""
 from __future__ import annotations
 
 import json

@@ -165,24 +165,27 @@ def join(store: Path, site: Path) -> Path | None:
 
 
 def unpack(carried: Path, store: Path, site: Path, data: Path, prose: Path = Path("runs/prose")) -> str:
-    """Copy this call's parts (carried/<n>/) into `store`, install every wheel there into `site`, unpack the data
-    into `data` and the corpus into `prose`, join the model when complete; returns what is ready, in one line."""
+    """Copy this call's parts (carried/<n>/) into `store`, install the wheels they bring into `site`, unpack the
+    data into `data` and the corpus into `prose` when they come, join the model once every piece is in `store`
+    (earlier calls' pieces stay there); returns what is ready, in one line."""
     store.mkdir(parents=True, exist_ok=True)
+    arrived = set()
     for d in sorted(p for p in carried.glob("*") if p.is_dir()):
         for f in d.iterdir():
             shutil.copy2(f, store / f.name)
+            arrived.add(f.name)
     got = []
-    whls = sorted(store.glob("*.whl"))
+    whls = sorted(store / n for n in arrived if n.endswith(".whl"))
     if whls:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, whls)], check=True)
         got.append(f"{len(whls)} wheels")
-    if (store / DATA).is_file():
+    if DATA in arrived:
         data.mkdir(parents=True, exist_ok=True)
         with tarfile.open(store / DATA) as tar:
             tar.extractall(data, filter="data")
         got.append(f"data in {data}")
-    if (store / PROSE).is_file():
+    if PROSE in arrived:
         prose.mkdir(parents=True, exist_ok=True)
         with tarfile.open(store / PROSE) as tar:
             tar.extractall(prose, filter="data")

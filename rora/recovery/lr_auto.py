@@ -112,7 +112,7 @@ class LrSearch:
             return self._widen(_round(low / FACTOR))
         if self.widened:
             return None
-        if lead is not None and lead["lr"] == low:  # smaller steps may be better still
+        if lead["lr"] == low:  # smaller steps may be better still (lead is set: the branch above took None)
             return self._widen(_round(low / FACTOR))
         if lead["lr"] == high:
             return self._widen(_round(high * FACTOR))
