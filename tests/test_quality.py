@@ -98,6 +98,9 @@ def test_generation_quality_figures_and_examples(tokenizer):
     assert q["counts"]["written_tokens"] == sum(len(g.new_ids) for g in written)
     assert q["by_set"]["text"]["prompts"] == q["by_set"]["task"]["prompts"] == 2
     assert q["by_set"]["text"]["distinct_2"] == distinct(texts[:2])["distinct"]
+    # the sets pool their own continuations' scores (each continuation is scored once, for both figures)
+    for name, part in (("text", written[:2]), ("task", written[2:])):
+        assert q["by_set"][name]["reference_ppl"] == pytest.approx(reference_perplexity(reference, part)["perplexity"])
     # Without a reference the model scores its own text; a reference with another vocabulary is refused.
     self_scored = generation_quality(model, tokenizer, None, None, prompts=2, new_tokens=6)
     assert self_scored["reference_ppl"] == pytest.approx(reference_perplexity(model, written[:2])["perplexity"])

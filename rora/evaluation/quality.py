@@ -109,14 +109,21 @@ def distinct(texts: Sequence[str], n: int = DISTINCT) -> dict:
             "ngrams": len(grams)}
 
 
-def reference_perplexity(reference, generations) -> dict:
-    """exp(mean negative log-likelihood) of the written tokens given their prompt under `reference`, pooled over
-    every written token: {"perplexity", "nll", "tokens"}."""
+def reference_nlls(reference, generations) -> list[float]:
+    """Each continuation's summed negative log-likelihood of its written tokens, given its prompt, under
+    `reference`."""
     from .loglik import pack, score_rows
 
-    scores = score_rows(reference, [pack([(g.prompt_ids, g.new_ids)]) for g in generations])
+    return [-s[0][0] for s in score_rows(reference, [pack([(g.prompt_ids, g.new_ids)]) for g in generations])]
+
+
+def reference_perplexity(reference, generations, nlls: Sequence[float] | None = None) -> dict:
+    """exp(mean negative log-likelihood) of the written tokens given their prompt under `reference`, pooled over
+    every written token: {"perplexity", "nll", "tokens"}. `nlls`: reference_nlls(reference, generations), when
+    already computed."""
+    nlls = reference_nlls(reference, generations) if nlls is None else nlls
     tokens = sum(len(g.new_ids) for g in generations)
-    nll = -sum(s[0][0] for s in scores) / tokens
+    nll = sum(nlls) / tokens
     return {"perplexity": math.exp(min(nll, 700.0)), "nll": nll, "tokens": tokens}
 
 
@@ -149,15 +156,16 @@ def generation_quality(model, tokenizer, reference=None, records: Sequence[dict]
     written = generate_text(model, tokenizer, [i["text"] for i in items],
                             {"max_new_tokens": new_tokens, "chat": False, "batch_size": batch_size},
                             progress=progress)
+    nlls = reference_nlls(reference, written)  # each continuation scored once; the sets pool their own
     sets = {name: [k for k, i in enumerate(items) if i["set"] == name] for name in ("text", "task")}
-    by_set = {name: _figures([written[k] for k in ks], reference) for name, ks in sets.items() if ks}
-    return {**_figures(written, reference), "new_tokens": new_tokens, "by_set": by_set,
+    by_set = {name: _figures([written[k] for k in ks], [nlls[k] for k in ks]) for name, ks in sets.items() if ks}
+    return {**_figures(written, nlls), "new_tokens": new_tokens, "by_set": by_set,
             "examples": [{"set": i["set"], "prompt": i["prompt"], "text": g.text} for i, g in zip(items, written)]}
 
 
-def _figures(generations, reference) -> dict:
+def _figures(generations, nlls) -> dict:
     texts = [g.text for g in generations]
-    rep, dis, ppl = repetition(texts), distinct(texts), reference_perplexity(reference, generations)
+    rep, dis, ppl = repetition(texts), distinct(texts), reference_perplexity(None, generations, nlls)
     return {"prompts": len(generations), "repetition": rep["repetition"], "repetition_se": rep["se"],
             "distinct_2": dis["distinct"], "reference_ppl": ppl["perplexity"],
             "counts": {"repeated_4grams": rep["repeated"], "4grams": rep["ngrams"], "distinct_bigrams": dis["unique"],
