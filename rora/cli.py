@@ -463,8 +463,8 @@ def load_with_adapter(model, adapter, allow_pickle: bool):
 @main.command("eval")
 @model_argument
 @adapter_option
-@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "batch_size", "prose",
-                "prose_documents", "generation", "generation_prompts", "generation_tokens")
+@config_options(EvalConfig, "tasks", "protocol", "limit", "sample", "seed", "engine", "precision", "batch_size",
+                "prose", "prose_documents", "generation", "generation_prompts", "generation_tokens")
 @click.option("--reference", help="The unpruned model (any MODEL spec): the KL to it on the held-out prose, and the "
               "perplexity that scores the generated text; default: the unpruned model a stage output was made from.")
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")

@@ -23,9 +23,9 @@ import yaml
 from .artifacts import read_text
 from .errors import ConfigError, detail
 from .registry import (BUILTIN_CALIBRATION, CALIBRATION_TEXTS, COMPUTE_DTYPES, ENGINES, EXPORT_FORMATS, GQA_MODES,
-                       IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PROTOCOLS,
-                       RECONSTRUCT_METHODS, SCHEDULERS, SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS, TEACHER_DTYPES,
-                       Registry, did_you_mean)
+                       IMPORTANCE, LAYOUTS, MERGE_DTYPES, METHODS, OBJECTIVES, PIPELINE_STAGES, PRECISIONS,
+                       PROTOCOLS, RECONSTRUCT_METHODS, SCHEDULERS, SYNTHETIC_PROMPTS, TASKS, TAYLOR_VARIANTS,
+                       TEACHER_DTYPES, Registry, did_you_mean)
 
 
 def setting(default: Any, help: str, names: Registry | None = None, *, maximum: float | None = None,
@@ -515,6 +515,11 @@ class EvalConfig(StageConfig):
     seed: int = setting(0, "Seed of sample: the same N and seed give the same examples.")
     engine: str = setting("rora", "lm-eval protocol: rora (native log-likelihood engine; lm-eval's numbers, faster) or "
                                   "lm-eval (lm-eval-harness's own HF backend).", ENGINES)
+    precision: str = setting("auto", "Matmul precision of the log-likelihood scoring (score protocol, rora engine): "
+                                     "auto (bfloat16 autocast on GPU; on CPU the model's own dtype, lm-eval's numbers "
+                                     "to ~1e-5), float32, or bfloat16 (autocast: faster on a CPU with AVX512-BF16 or "
+                                     "AMX, slower on one without; a near-tie can flip, see BENCHMARKS.md). Prose and "
+                                     "writing figures keep the model's dtype.", PRECISIONS)
     batch_size: int = setting(16, "Prompts (generate), examples (score) or rows (engine lm-eval) per forward pass; the "
                                   "rora engine batches by a token budget.", maximum=BIG)
     num_beams: int = setting(4, "Beams of the generate protocol's beam search.", maximum=64)
@@ -541,6 +546,9 @@ class EvalConfig(StageConfig):
             out.append("eval.limit and eval.sample are exclusive (the first N, or a random N)")
         if not self.tasks:
             out.append("eval.tasks names no task; give 'all' or a comma list")
+        if self.precision != "auto" and self.protocol == "lm-eval" and self.engine != "rora":
+            out.append("eval.precision applies to the rora engine; lm-eval's own backend scores in the model's dtype "
+                       "(give eval.engine=rora or eval.precision=auto)")
         twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if twice:
             out.append(f"eval.tasks names {', '.join(twice)} more than once")

@@ -83,6 +83,30 @@ def test_batch_size_independence(tokenizer):
         assert torch.allclose(torch.tensor([x for x, _ in run]), torch.tensor([x for x, _ in runs[0]]), atol=1e-5)
 
 
+def test_bfloat16_precision_autocasts_the_cpu_engine(tokenizer):
+    """precision bfloat16 runs the engine's matmuls in bfloat16 on a CPU too (numbers near, not equal, to float32's);
+    auto and float32 keep the model's float32 there."""
+    model = make_model(seed=8)
+    auto, _ = _both(model, tokenizer, EDGE)
+    for precision in ("float32", "bfloat16"):
+        found, _ = _both(model, tokenizer, EDGE, precision=precision)
+        lls, ref = torch.tensor([x for x, _ in found]), torch.tensor([x for x, _ in auto])
+        if precision == "float32":
+            assert torch.equal(lls, ref)
+        else:
+            assert not torch.equal(lls, ref) and torch.allclose(lls, ref, rtol=0.05, atol=0.05)
+
+
+def test_lmeval_protocol_passes_its_precision_to_the_engine(data_dir, tokenizer):
+    model = make_model(seed=3)
+    cfg = EvalConfig(tasks=["piqa"], protocol="lm-eval", limit=3, prose="none", generation=False)
+    runs = {p: evaluate(model, tokenizer, cfg.replace(precision=p), data_dir=data_dir, progress=False)
+            for p in ("auto", "bfloat16")}
+    lls = {p: [r["loglikelihoods"] for r in res.records] for p, res in runs.items()}
+    assert lls["auto"] != lls["bfloat16"] and runs["bfloat16"].config["precision"] == "bfloat16"
+    assert torch.allclose(torch.tensor(lls["auto"]), torch.tensor(lls["bfloat16"]), rtol=0.05, atol=0.05)
+
+
 def test_pack_encodes_a_context_once_and_batches_by_tokens():
     row = pack([([5, 6, 7], [8, 9]), ([5, 6, 7], [8, 10, 11]), ([5, 6, 7], [12])])
     # nodes: 5 6 7 | 8 (shared by the first two) | 10 ; the last continuation token of each is never input
@@ -188,6 +212,8 @@ def test_cli_lmeval_engine_runs_and_writes(tiny_dir, lmeval_data, tmp_path):
     (["--tasks", "boolq", "--sample", "4"], "--sample 4 is larger than boolq, which has 3 examples"),
     (["--tasks", "boolq", "--sample", "2", "--limit", "2"], "eval.limit and eval.sample are exclusive"),
     (["--tasks", "boolq", "--engine", "vllm"], "eval.engine must be one of rora, lm-eval"),
+    (["--tasks", "boolq", "--precision", "fp8"], "eval.precision must be one of auto, float32, bfloat16"),
+    (["--tasks", "boolq", "--engine", "lm-eval", "--precision", "bfloat16"], "eval.precision applies to the rora"),
     (["--tasks", "boolq", "--no-tokenizer"], "tokenizer"),
 ])
 def test_cli_lmeval_bad_input_one_line_exit_2(extra, message, tiny_dir, lmeval_data, tmp_path):

@@ -164,7 +164,9 @@ def test_every_preset_loads(name):
 
 def test_quickstart_preset_is_the_documented_demo():
     cfg = load_preset("quickstart")
-    assert cfg.model == "smollm2-135m" and cfg.eval.protocol == "lm-eval" and cfg.eval.sample >= 50
+    assert cfg.model == "smollm2-135m" and cfg.eval.protocol == "lm-eval" and cfg.eval.sample >= 100
+    # 100 per task in the time of 50: bfloat16 scoring (the preset says what it changed)
+    assert cfg.eval.precision == "bfloat16" and cfg.eval.engine == "rora"
     # general text for both the closed-form refit and half the distillation: the Wikipedia corpus `make prose` writes
     # (two shards of it: the distillation reads paragraphs the refit never fitted on)
     shards = (cfg.reconstruct.calibration, cfg.recover.text)
@@ -194,3 +196,13 @@ def test_run_cli_flags_override_preset():
 
     cfg = PipelineConfig.from_dict(yaml.safe_load(result.output))
     assert cfg.recover.rank == 8 and cfg.recover.resolved_alpha == 16 and cfg.eval.tasks == ["boolq", "piqa"]
+
+
+def test_the_summary_headline_names_the_examples_and_a_non_default_precision():
+    from rora.config import EvalConfig
+    from rora.pipelines.run import describe_evaluation
+
+    assert describe_evaluation(EvalConfig(protocol="lm-eval", sample=100)) == \
+        "lm-eval, a random 100 examples per task (seed 0)"
+    assert describe_evaluation(EvalConfig(protocol="lm-eval", limit=5, precision="bfloat16")) == \
+        "lm-eval, first 5 examples per task, bfloat16 scoring"

@@ -234,7 +234,8 @@ def run_score(model, tokenizer, task: Task, examples: list[dict], config: EvalCo
 
     labels = [record_labels(task, r["instruction"]) for r in examples]
     requests = [(eval_prompt(r["instruction"]) + ANSWER_PREFIX, labs) for r, labs in zip(examples, labels)]
-    scores = loglikelihoods(model, tokenizer, requests, batch_size=config.batch_size, progress=progress)
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=config.batch_size, progress=progress,
+                            precision=config.precision)
     out = []
     for rec, labs, lls in zip(examples, labels, scores):
         pred = labs[argmax(lls)]
@@ -251,7 +252,8 @@ def _run_lmeval(model, tokenizer, tasks, data_dir, config):
     from .lmeval_bridge import run_lmeval
 
     found = run_lmeval(model, tokenizer, tasks, data_dir=data_dir, limit=config.limit, sample=config.sample,
-                       seed=config.seed, batch_size=config.batch_size, engine=config.engine)
+                       seed=config.seed, batch_size=config.batch_size, engine=config.engine,
+                       precision=config.precision)
     per_task, records = {}, []
     for name, r in found.items():
         records += r.pop("records")

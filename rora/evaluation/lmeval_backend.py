@@ -13,7 +13,8 @@ Importing this module registers the backend, so `simple_evaluate(model="rora-hf"
     python -m rora.evaluation.lmeval_backend run --model rora-hf --model_args pretrained=DIR --tasks ...
 
 (`lm_eval --model rora-hf` needs rora imported first, which that command does; lm-eval has no plugin entry point.)
-Extra model argument: `batch_tokens` (padded tokens per forward pass; default 1024 on CPU, 32768 on GPU).
+Extra model arguments: `batch_tokens` (padded tokens per forward pass; default 1024 on CPU, 32768 on GPU) and
+`precision` (auto, float32 or bfloat16: loglik.matmul_precision).
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from .loglik import default_tokens, left_truncate, pack, score_rows
 class RoraLM(HFLM):
     """HFLM whose multiple-choice log-likelihoods come from rora's engine; all other behaviour is HFLM's."""
 
-    def __init__(self, pretrained, batch_tokens: int | None = None, **kwargs):
+    def __init__(self, pretrained, batch_tokens: int | None = None, precision: str = "auto", **kwargs):
         if isinstance(pretrained, str) and kwargs.get("dtype", "auto") == "auto" and \
                 str(kwargs.get("device", "cuda")).startswith("cpu"):
             kwargs["dtype"] = "float32"  # a bf16 checkpoint runs several times slower on a CPU than in fp32
         super().__init__(pretrained=pretrained, **kwargs)
         self.batch_tokens = int(batch_tokens) if batch_tokens else default_tokens(self.device)
+        self.precision = precision
         self._keys = None
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -61,7 +63,7 @@ class RoraLM(HFLM):
                 pairs.append((left_truncate(ctx, cont, self.max_length), cont))
             rows.append(pack(pairs))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        found = score_rows(self.model, rows, pad_id=pad, max_tokens=self.batch_tokens,
+        found = score_rows(self.model, rows, pad_id=pad, max_tokens=self.batch_tokens, precision=self.precision,
                            progress=not disable_tqdm and self.rank == 0, desc="rora-hf loglikelihood")
         out = [None] * len(requests)
         for group, answers in zip(groups, found):

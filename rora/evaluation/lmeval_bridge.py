@@ -37,10 +37,11 @@ def task_source(task: Task, data_dir: Path | None) -> tuple[str, str]:
 
 
 def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, limit: int | None = None,
-               sample: int | None = None, seed: int = 0, batch_size: int = 16, engine: str = "rora"
-               ) -> dict[str, dict]:
+               sample: int | None = None, seed: int = 0, batch_size: int = 16, engine: str = "rora",
+               precision: str = "auto") -> dict[str, dict]:
     """Per task: acc, acc_norm and their standard errors, the LLM-Pruner metric's value as `accuracy`, n, seconds,
-    and per-example records. `limit`: the first N examples; `sample`: a seeded random N (sample_indices)."""
+    and per-example records. `limit`: the first N examples; `sample`: a seeded random N (sample_indices);
+    `precision`: the rora engine's (loglik.matmul_precision)."""
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -62,8 +63,9 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
                 name, kind = sources[task.name]
                 size = offline_size(task, data_dir) if kind == "offline" else _task_size(name, manager)
                 subsets[task.name] = sample_indices(size, sample, seed, task.name)
+        extra = {"precision": precision} if engine == "rora" else {}
         backend = {"rora": RoraLM, "lm-eval": HFLM}[engine]
-        lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device), **extra)
     out = {}
     for task in tasks:
         name, kind = sources[task.name]

@@ -146,16 +146,15 @@ def default_tokens(device) -> int:
 
 @torch.inference_mode()
 def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int | None = None,
-               max_rows: int | None = None, progress: bool = False, desc: str = "loglikelihood"
-               ) -> list[list[tuple[float, bool]]]:
-    """For each row and each of its pairs: (summed log-prob of the continuation, every token the argmax)."""
+               max_rows: int | None = None, progress: bool = False, desc: str = "loglikelihood",
+               precision: str = "auto") -> list[list[tuple[float, bool]]]:
+    """For each row and each of its pairs: (summed log-prob of the continuation, every token the argmax).
+    `precision`: the matmuls' (EvalConfig.precision; see matmul_precision)."""
 
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     max_tokens = max_tokens or default_tokens(device)
-    # On a GPU the engine runs in bf16 (autocast); on a CPU in the model's dtype (fp32), which is what makes its
-    # numbers lm-eval's to ~1e-5.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = matmul_precision(device, precision)
     eager = getattr(decoder.config, "_attn_implementation", "sdpa") == "eager"
     out: list[list[tuple[float, bool]]] = [[(0.0, True)] * len(r.scored) for r in rows]
     bar = progress_bar(len(rows), progress, desc)
@@ -201,6 +200,16 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def matmul_precision(device, precision: str = "auto"):
+    """The context the engine's forward passes run in: bfloat16 autocast for 'bfloat16', and for 'auto' on a GPU;
+    otherwise the model's own dtype. On a CPU, float32 is what makes the engine's numbers lm-eval's to ~1e-5;
+    bfloat16 trades that for speed on CPUs with bfloat16 instructions (benchmarks/bench_precision.py)."""
+    device = torch.device(device)
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _ancestors(parents: list[int], start: int, width: int) -> np.ndarray:

@@ -48,12 +48,13 @@ def _plan(tokenizer, requests: Sequence[tuple[str, Sequence[str]]]):
 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]]], *, batch_size: int = 16,
-                   progress: bool = False) -> list[list[float]]:
+                   progress: bool = False, precision: str = "auto") -> list[list[float]]:
     """For each (context, candidates): the summed log-prob of each candidate's tokens after the context.
-    batch_size caps the rows (examples) per forward pass; a token budget caps their padded tokens."""
+    batch_size caps the rows (examples) per forward pass; a token budget caps their padded tokens; `precision`:
+    loglik.matmul_precision."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     found = score_rows(model, _rows(tokenizer, requests), pad_id=pad, max_rows=batch_size, progress=progress,
-                       desc="score")
+                       desc="score", precision=precision)
     return [[ll for ll, _ in r] for r in found]
 
 

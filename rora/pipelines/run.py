@@ -256,7 +256,8 @@ def describe_evaluation(cfg) -> str:
     """How the accuracies were measured, for the summary's headline."""
     subset = (f"first {cfg.limit} examples per task" if cfg.limit else
               f"a random {cfg.sample} examples per task (seed {cfg.seed})" if cfg.sample else "all examples")
-    return f"{cfg.protocol}, {subset}"
+    scoring = "" if cfg.precision == "auto" else f", {cfg.precision} scoring"
+    return f"{cfg.protocol}, {subset}{scoring}"
 
 
 def heldout_records(config: PipelineConfig, records: list[dict] | None) -> list[dict] | None:
