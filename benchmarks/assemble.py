@@ -8,9 +8,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # the claims first, then the speed figures, then the device
-ORDER = ("reconstruct", "prune_layers", "writing", "objectives", "rank_sweep", "rank_kd", "text_budget", "lr_auto",
-         "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik", "prune", "edge", "gpu",
-         "gpu_recovery")
+ORDER = ("reconstruct", "reconstruct_200", "prune_layers", "writing", "objectives", "rank_sweep", "rank_kd",
+         "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik",
+         "precision", "prune", "edge", "gpu", "gpu_recovery")
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
@@ -22,9 +22,9 @@ Not yet measured: the rank sweep's `--full` setting, everything on a GPU (issue 
 and memory, `bench_loglik.py --device cuda` for the evaluation engines, `bench_gpu_recovery.py` for a recovery at
 ~1000x the demo's budget; each written and tested on CPU at a tiny size, waiting for a session with a GPU, with
 `tools/device_carry.py` to carry the model, data and wheels there), the text-budget benchmark's larger budget
-(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark with kd
-at ratio 0.3 and at 200 examples per task (its section below has ratios 0.2 and 0.5 with and without kd and ratio
-0.3 without training, 100 per task). No GPU was lent to the sessions that made these figures; the recovery scripts
+(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark at 200
+examples per task on every ratio (its section below has ratios 0.2, 0.3 and 0.5 with and without kd at 100 per
+task). No GPU was lent to the sessions that made these figures; the recovery scripts
 train through accelerate, which picks up a GPU (and bf16) unchanged; the edge scripts and bench_eval.py are CPU-only
 as written. Where a goal is out of reach on this CPU, the section says how far any implementation could go here
 (FLOPs it must do at the measured matmul peak).

@@ -16,6 +16,8 @@ Each finished model is appended to <work>/runs.jsonl, so an interrupted benchmar
 
     python benchmarks/bench_reconstruct.py                         # ~4 h on 2 quiet CPU cores
     python benchmarks/bench_reconstruct.py --ratios 0.3 --sample 40 --work runs/recon-quick   # a quick look
+    python benchmarks/bench_reconstruct.py --ratios 0.3 --methods lstsq --sample 200 --precision bfloat16 \
+        --token-sweep '' --work runs/recon-200 --name reconstruct_200   # 200 per task at 0.3 (~40 min)
 """
 from __future__ import annotations
 
@@ -45,11 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--kd-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a recover setting changed from the preset's (YAML values, as rora run --set recover.KEY)")
     p.add_argument("--sample", type=int, default=200, help="evaluation examples per task (seeded random sample)")
+    p.add_argument("--precision", default="auto", help="the scoring's matmul precision (rora eval --precision)")
     p.add_argument("--prose-documents", type=int, default=64)
     p.add_argument("--token-sweep", default="8,16,32,64,128",
                    help="calibration sizes (sequences of 128 tokens) for the how-many-tokens sweep at ratio 0.3 "
                         "(lstsq, teacher-written text; prose and validation figures only); '' to skip")
     p.add_argument("--work", default="runs/bench-reconstruct", help="scratch directory (runs.jsonl, recoveries)")
+    p.add_argument("--name", default="reconstruct", help="results/<name>.{md,json,png}")
     return p.parse_args(argv)
 
 
@@ -84,7 +88,7 @@ class Measure:
 
         start = time.perf_counter()
         res = evaluate(model, self.tok, EvalConfig(protocol="lm-eval", sample=self.args.sample, seed=0, prose="none",
-                                                        generation=False),
+                                                        generation=False, precision=self.args.precision),
                        data_dir=self.args.data, progress=False)
         return {"outcomes": outcomes_from_records(res.records),
                 "prose": self.prose.measure(model, self.teacher, self.tok),
@@ -239,18 +243,18 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
             table.append(f"| {r['tokens']:,} | {r['prose']['perplexity']:.1f} | {r['prose']['kl']:.3f} | "
                          f"{r['val_text']['kl']:.3f} | {r['reconstruct_seconds']:.0f} | {fwd:.0f} | "
                          f"{r['reconstruct_seconds'] / fwd:.2f}x |")
-    plot(done, RESULTS / "reconstruct.png")
+    plot(done, RESULTS / f"{args.name}.png")
     setting = (f"{args.model} pruned uniformly by Taylor importance at each ratio; reconstruction on 64 x 128 "
                f"calibration tokens (+16 x 128 held out for the damping); kd recovery: the {args.kd} preset's recover "
                f"section for every variant{_changes(args.kd_set)}; accuracy: lm-eval protocol (native engine), a "
-               f"seeded {args.sample} per task, "
+               f"seeded {args.sample} per task{'' if args.precision == 'auto' else f' ({args.precision} scoring)'}, "
                "paired against the pruned model of the same ratio; prose: held-out BoolQ validation passages "
                "(measured only); val KL: held-out teacher-written text and training records (the selection figures)")
-    write_outputs("reconstruct", title="Reconstruction: closed-form refits against the unpruned model, then adapters",
+    write_outputs(args.name, title="Reconstruction: closed-form refits against the unpruned model, then adapters",
                   command="python benchmarks/bench_reconstruct.py " + " ".join(sys.argv[1:]), setting=setting,
                   table=head + "\n\n" + "\n".join(table), data={"rows": rows, "runs": done, "token_sweep": sweep,
                                                                 "environment": environment()},
-                  images=["reconstruct.png"])
+                  images=[f"{args.name}.png"])
     print("\n".join(table))
 
 
