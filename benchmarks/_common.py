@@ -28,6 +28,18 @@ def environment() -> dict:
     }
 
 
+def offline_data_dir(given: str | None) -> Path:
+    """The commonsense data directory (--data-dir, else RORA_DATA_DIR); the benchmarks never download it."""
+    import sys
+
+    from rora.evaluation.data import resolve_data_dir
+
+    found = resolve_data_dir(given)
+    if found is None:
+        sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
+    return found
+
+
 def matmul_peak(n: int = 1024, reps: int = 10, device="cpu") -> float:
     """Best fp32 FLOP/s of an n^3 torch.mm on `device` (on CPU with the current thread count): the roof the engines
     are held against."""

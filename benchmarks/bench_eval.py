@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, environment, write_outputs  # noqa: E402
+from _common import RESULTS, environment, offline_data_dir, write_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     if args.small:
         args.gen_n, args.ref_n, args.score_n = 1, 1, 1
 
-    from rora.evaluation.data import load_examples, resolve_data_dir
+    from rora.evaluation.data import load_examples
     from rora.evaluation.generate import generate_reference, generate_responses
     from rora.evaluation.score import argmax, loglikelihoods
     from rora.evaluation.tasks import ANSWER_PREFIX, TASKS, eval_prompt, extract_answer, record_labels
@@ -46,9 +46,7 @@ def main() -> None:
     from rora.registry import TASKS as TASK_NAMES
 
     ALL_TASKS = TASK_NAMES.names()
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
+    data_dir = offline_data_dir(args.data_dir)
     model, tok = load_model(args.model)
     n_max = max(args.gen_n, args.ref_n, args.score_n)
     examples = {t: load_examples(TASKS[t], data_dir, n_max) for t in ALL_TASKS}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import environment, matmul_peak, write_outputs  # noqa: E402
+from _common import environment, matmul_peak, offline_data_dir, write_outputs  # noqa: E402
 from rora.registry import TASKS as TASK_NAMES  # noqa: E402
 
 ALL_TASKS = TASK_NAMES.names()
@@ -53,14 +53,11 @@ def main() -> None:
 
     from rora.config import EvalConfig, PruneConfig
     from rora.evaluation import lmeval_backend
-    from rora.evaluation.data import resolve_data_dir
     from rora.evaluation.evaluate import evaluate
     from rora.models import load_model
     from rora.pruning.prune import prune
 
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
+    data_dir = offline_data_dir(args.data_dir)
     base, tok = load_model("smollm2-135m")
     models = {"base": base}
     if not args.small:

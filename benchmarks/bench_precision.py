@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import environment, paired_cell, write_outputs  # noqa: E402
+from _common import environment, offline_data_dir, paired_cell, write_outputs  # noqa: E402
 from rora.registry import TASKS as TASK_NAMES  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
@@ -36,14 +36,11 @@ def main(argv=None) -> None:
     import torch
 
     from rora.config import EvalConfig
-    from rora.evaluation.data import resolve_data_dir
     from rora.evaluation.evaluate import evaluate
     from rora.evaluation.stats import outcomes_from_records, paired_difference
     from rora.models import load_model
 
-    data_dir = resolve_data_dir(args.data_dir)
-    if data_dir is None:
-        sys.exit("set RORA_DATA_DIR or pass --data-dir (the benchmark runs offline)")
+    data_dir = offline_data_dir(args.data_dir)
     base, tok = load_model("smollm2-135m")
     models = {"base": base}
     if not args.small:
