@@ -250,7 +250,8 @@ def report_results(args, done: dict, sweep: list[dict]) -> None:
                f"seeded {args.sample} per task{'' if args.precision == 'auto' else f' ({args.precision} scoring)'}, "
                "paired against the pruned model of the same ratio; prose: held-out BoolQ validation passages "
                "(measured only); val KL: held-out teacher-written text and training records (the selection figures)")
-    write_outputs(args.name, title="Reconstruction: closed-form refits against the unpruned model, then adapters",
+    write_outputs(args.name, title="Reconstruction: closed-form refits against the unpruned model, then adapters "
+                                   f"({args.sample} per task)",
                   command="python benchmarks/bench_reconstruct.py " + " ".join(sys.argv[1:]), setting=setting,
                   table=head + "\n\n" + "\n".join(table), data={"rows": rows, "runs": done, "token_sweep": sweep,
                                                                 "environment": environment()},
