@@ -83,6 +83,8 @@ def main(argv=None) -> None:
 
 
 def _table(rows: dict, comparisons: dict) -> str:
+    from rora.evaluation.stats import WITHOUT_PRIOR
+
     lines = ["| model | examples | float32 s | bfloat16 s | speed-up | identical predictions | average float32 | "
              "average bfloat16 | bfloat16 - float32 (paired) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -91,7 +93,7 @@ def _table(rows: dict, comparisons: dict) -> str:
                      f"{100 * r['bfloat16_average']:.2f} | {paired_cell(r['bfloat16_minus_float32'], 'average')} |")
     if comparisons:
         lines += ["", "| paired comparison, precision | average | average w/o BoolQ |", "|---|---|---|"]
-        lines += [f"| {name} | {paired_cell(c, 'average')} | {paired_cell(c, 'average w/o boolq')} |"
+        lines += [f"| {name} | {paired_cell(c, 'average')} | {paired_cell(c, WITHOUT_PRIOR)} |"
                   for name, c in comparisons.items()]
     return "\n".join(lines)
 

@@ -117,11 +117,14 @@ def reference_nlls(reference, generations) -> list[float]:
     return [-s[0][0] for s in score_rows(reference, [pack([(g.prompt_ids, g.new_ids)]) for g in generations])]
 
 
-def reference_perplexity(reference, generations, nlls: Sequence[float] | None = None) -> dict:
+def reference_perplexity(reference, generations) -> dict:
     """exp(mean negative log-likelihood) of the written tokens given their prompt under `reference`, pooled over
-    every written token: {"perplexity", "nll", "tokens"}. `nlls`: reference_nlls(reference, generations), when
-    already computed."""
-    nlls = reference_nlls(reference, generations) if nlls is None else nlls
+    every written token: {"perplexity", "nll", "tokens"}."""
+    return _pooled_perplexity(generations, reference_nlls(reference, generations))
+
+
+def _pooled_perplexity(generations, nlls: Sequence[float]) -> dict:
+    """reference_perplexity from each continuation's summed negative log-likelihood (reference_nlls)."""
     tokens = sum(len(g.new_ids) for g in generations)
     nll = sum(nlls) / tokens
     return {"perplexity": math.exp(min(nll, 700.0)), "nll": nll, "tokens": tokens}
@@ -165,7 +168,7 @@ def generation_quality(model, tokenizer, reference=None, records: Sequence[dict]
 
 def _figures(generations, nlls) -> dict:
     texts = [g.text for g in generations]
-    rep, dis, ppl = repetition(texts), distinct(texts), reference_perplexity(None, generations, nlls)
+    rep, dis, ppl = repetition(texts), distinct(texts), _pooled_perplexity(generations, nlls)
     return {"prompts": len(generations), "repetition": rep["repetition"], "repetition_se": rep["se"],
             "distinct_2": dis["distinct"], "reference_ppl": ppl["perplexity"],
             "counts": {"repeated_4grams": rep["repeated"], "4grams": rep["ngrams"], "distinct_bigrams": dis["unique"],
