@@ -399,6 +399,10 @@ class RecoverConfig(StageConfig):
                                        "added to the KL at every position: -log(1 - p) of each token already in the "
                                        "context that is not the next one, against copying loops. 0: off.",
                                   maximum=100.0)
+    precision: str = setting("auto", "Matmul precision of training (student and teacher): auto (bfloat16 autocast on "
+                                     "GPU, float32 on CPU), float32, or bfloat16 (autocast; on a CPU with AVX512-BF16 "
+                                     "or AMX a training step takes ~1.5x less time, see BENCHMARKS.md). The adapter's "
+                                     "weights and optimizer state stay float32.", PRECISIONS)
     teacher_dtype: str = setting("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or "
                                          "float16.", TEACHER_DTYPES)
     kd_chunk_size: int = setting(256, "Positions whose [chunk x vocab] logits are live at once in the KL.", maximum=BIG)

@@ -114,7 +114,7 @@ TASKS = Registry("task", ("boolq", "piqa", "social_i_qa", "hellaswag", "winogran
 PROTOCOLS = Registry("protocol", ("generate", "score", "lm-eval"))
 ENGINES = Registry("engine", ("rora", "lm-eval"))  # the lm-eval protocol's log-likelihoods: native or lm-eval's HFLM
 # The precision of the rora engine's matmuls: auto (bfloat16 autocast on GPU, the model's own dtype elsewhere)
-PRECISIONS = Registry("scoring precision", ("auto", "float32", "bfloat16"))
+PRECISIONS = Registry("precision", ("auto", "float32", "bfloat16"))
 
 MERGE_DTYPES = Registry("merge dtype", ("float32", "float16", "bfloat16"))
 COMPUTE_DTYPES = Registry("compute dtype", ("float64", "float32"))

@@ -561,3 +561,23 @@ def test_recover_on_teacher_written_general_text_mixed_with_records(tokenizer, t
     texts = [json.loads(line)["text"] for line in cached.read_text().splitlines()]
     assert all(any(t.startswith(p) for p in GENERAL_OPENINGS) for t in texts)  # general text, not the records' prompts
     assert result.steps == 2 and result.val_metrics["val_kl"] > 0
+
+
+def test_bfloat16_training_precision_changes_the_numbers_slightly_and_keeps_the_adapter_float32(tokenizer, tmp_path):
+    """recover.precision bfloat16 runs student and teacher under bfloat16 autocast, on a CPU too: the losses move
+    by bfloat16's rounding, not more, and the trained adapter stays float32; auto on a CPU is float32 exactly. One
+    process runs all three (accelerate would refuse to change its mixed precision)."""
+    teacher = make_model(seed=4)
+    runs = {}
+    for precision in ("float32", "bfloat16", "auto"):
+        cfg = kd_config(max_steps=3, lr=1e-2, precision=precision)
+        result = recover(_pruned(teacher), tokenizer, records(30), cfg, tmp_path / precision, progress=False,
+                         teacher=teacher)
+        logged = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        weights = load_file(tmp_path / precision / "adapter" / "adapter_model.safetensors")
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+        runs[precision] = ([r["loss"] for r in logged if "loss" in r], result.best_val_loss)
+    assert runs["auto"] == runs["float32"]
+    (fp32, val32), (bf16, val16) = runs["float32"], runs["bfloat16"]
+    assert len(fp32) == len(bf16) == 3 and fp32 != bf16
+    assert bf16 == pytest.approx(fp32, rel=0.05) and val16 == pytest.approx(val32, rel=0.05)

@@ -19,15 +19,21 @@ import os
 import torch
 
 
-def accelerator():
-    """The run's accelerate.Accelerator: bf16 autocast on GPU, fp32 on CPU, data parallel or FSDP as `accelerate
-    launch` configured it."""
+def accelerator(precision: str = "auto"):
+    """The run's accelerate.Accelerator: bf16 autocast for precision 'bfloat16' and for 'auto' on a GPU, else fp32;
+    data parallel or FSDP as `accelerate launch` configured it."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     gpu = torch.cuda.is_available()
+    mixed = "bf16" if precision == "bfloat16" or (precision == "auto" and gpu) else "no"
+    # accelerate refuses to change a process's mixed precision once an Accelerator has set it; each accelerator here
+    # lives for one recovery, and one process may run recoveries of different precisions (the Python API, benchmarks)
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
     # cpu=True on CPU-only machines: accelerate then sets up gloo data parallel under torchrun/accelerate launch.
-    acc = Accelerator(mixed_precision="bf16" if gpu else "no", cpu=not gpu)
+    acc = Accelerator(mixed_precision=mixed, cpu=not gpu)
     if acc.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         _cpu_fsdp(acc)
     return acc

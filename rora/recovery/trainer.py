@@ -7,7 +7,7 @@ Why a custom loop rather than HF Trainer: the loss runs the LM head only on posi
 response tokens), which on a 49k-token vocabulary is a large share of the compute; micro-batches are
 length-grouped so little work goes to padding; and the adapters' dropout samples only the dropped positions
 (dropout.py). Everything else is standard: AdamW, warmup + linear/cosine decay, gradient accumulation, bf16
-autocast on GPU (fp32 on CPU), data parallel under `accelerate launch`.
+autocast on GPU (fp32 on CPU; config.precision), data parallel under `accelerate launch`.
 
 Output directory (only the main process writes). The run trains in the hidden sibling `.OUT.partial` and becomes
 OUT only when it is complete, so an existing OUT (--overwrite) is kept until then; a killed run leaves the
@@ -170,7 +170,7 @@ def recover(model, tokenizer, data, config: RecoverConfig | None = None, out=Non
                                                             config.text])
     lora_config = peft_config(config, model)
     tokenized = None if config.synthetic else _training_data(data, tokenizer, config)
-    accelerator = sharding.accelerator()
+    accelerator = sharding.accelerator(config.precision)
     if teacher is not None:
         teacher = prepare_teacher(teacher, accelerator.device, teacher_dtype(config.teacher_dtype))
     if tokenized is None:
