@@ -10,7 +10,7 @@ HERE = Path(__file__).parent
 # the claims first, then the speed figures, then the device
 ORDER = ("reconstruct", "reconstruct_200", "prune_layers", "writing", "objectives", "rank_sweep", "rank_kd",
          "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik",
-         "precision", "prune", "edge", "gpu", "gpu_recovery")
+         "precision", "train_precision", "prune", "edge", "gpu", "gpu_recovery")
 INTRO = """# Benchmarks
 
 Every figure below was measured by the scripts in `benchmarks/` on this repository's code; each section names the
