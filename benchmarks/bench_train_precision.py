@@ -1,7 +1,7 @@
 """The demo's recovery at float32 and at bfloat16 autocast on this CPU (`recover.precision`), side by side in one run:
 training throughput, and what the model learns (the validation figures the demo's recipe is chosen on), at the
-demo's former token budget (168 training records and 14,000 tokens of text) and at larger ones that bfloat16's speed
-buys in about the same time.
+demo's token budget (168 training records and 14,000 tokens of text) and at larger ones that bfloat16's speed buys
+in about the same time.
 
 Every variant starts from the same model (make demo's reconstructed model by default) and runs the quickstart
 preset's recover section, changed only by its precision and its token budget (a multiple of --records training
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="float32:1,bfloat16:1,bfloat16:1.5",
                    help="PRECISION:BUDGET pairs; BUDGET multiplies --records and --text-tokens")
     p.add_argument("--records", type=int, default=168,
-                   help="training records of budget 1x (the demo's before it trained in bfloat16)")
+                   help="training records of budget 1x (the demo's)")
     p.add_argument("--text-tokens", type=int, default=14000, help="tokens of training text of budget 1x (likewise)")
     p.add_argument("--start", default="runs/quickstart/reconstructed", help="the model every variant starts from")
     p.add_argument("--prose-dir", default="runs/prose", help="make prose's corpus (training text and validation)")
@@ -43,7 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--work", default="runs/bench-train-precision")
     p.add_argument("--small", action="store_true", help="a few tiny steps from the unpruned model (a smoke run)")
     p.add_argument("--out", type=Path, default=None, help="where train_precision.{json,md} go (default results/)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.variants = [(precision, float(scale)) for precision, scale in
+                         (v.split(":") for v in args.variants.split(","))]
+    except ValueError:
+        p.error(f"--variants {args.variants!r}: give PRECISION:BUDGET pairs, e.g. float32:1,bfloat16:1.5")
+    return args
 
 
 def budget(rc, scale: float, records: int, text_tokens: int) -> dict:
@@ -77,33 +83,34 @@ def main(argv=None) -> None:
     val_records = record_examples(split_train_val(load_records(str(data_dir)), rc.val_set_size, rc.seed)[1], tok,
                                   rc.cutoff_len)
     unit = (4, 320) if args.small else (args.records, args.text_tokens)  # budget 1x: records, tokens of text
-    for variant in args.variants.split(","):
-        precision, scale = variant.split(":")
+    for precision, scale in args.variants:
+        variant = f"{precision}:{scale:g}"
         if variant in runs.done:
             continue
         model, _ = load_model(start)
-        cfg = rc.replace(precision=precision, **budget(rc, float(scale), *unit))
+        cfg = rc.replace(precision=precision, **budget(rc, scale, *unit))
         t0 = time.perf_counter()
         res = recover(model, tok, str(data_dir), cfg, Path(args.work) / f"recovery-{precision}-{scale}",
                       overwrite=True, progress=False, teacher=base)
         seconds = time.perf_counter() - t0
         vp, vr = (heldout_metrics(res.model, base, tok, texts) for texts in (val_prose, val_records))
         tp = test_prose.measure(res.model, base, tok)
-        runs.keep({"name": variant, "precision": precision, "budget": float(scale), "seconds": seconds,
+        runs.keep({"name": variant, "precision": precision, "budget": scale, "seconds": seconds,
                    "train_tokens": res.train_tokens, "tokens_per_second": res.tokens_per_second, "steps": res.steps,
                    "val_prose_ppl": vp["perplexity"], "val_prose_kl": vp["kl"], "val_prose_tokens": vp["tokens"],
                    "val_records_kl": vr["kl"], "val_records_tokens": vr["tokens"],
                    "test_prose_ppl": tp["perplexity"], "test_prose_tokens": tp["tokens"]},
                   say=f"{res.train_tokens} tokens in {seconds:.0f} s, val prose KL {vp['kl']:.3f}")
-    rows = [runs.done[v] for v in args.variants.split(",")]
+    rows = [runs.done[f"{p}:{b:g}"] for p, b in args.variants]
     table = _table(rows)
+    given = sys.argv[1:] if argv is None else argv
     write_outputs("train_precision", title="Training precision on a CPU: the demo's recovery at float32 and bfloat16",
-                  command="python benchmarks/bench_train_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  command="python benchmarks/bench_train_precision.py " + " ".join(given),
                   setting=f"the quickstart preset's recover section from {start}, at each precision and token budget "
-                          f"in turn, torch threads {torch.get_num_threads()}; validation: {rows[0]['val_prose_tokens']:,} "
-                          f"tokens of never-read corpus paragraphs, {rows[0]['val_records_tokens']:,} of the run's "
-                          f"validation records; test prose: {rows[0]['test_prose_tokens']:,} tokens of "
-                          f"{test_prose.source}",
+                          f"in turn, torch threads {torch.get_num_threads()}; validation: "
+                          f"{rows[0]['val_prose_tokens']:,} tokens of never-read corpus paragraphs, "
+                          f"{rows[0]['val_records_tokens']:,} of the run's validation records; test prose: "
+                          f"{rows[0]['test_prose_tokens']:,} tokens of {test_prose.source}",
                   table=table, data={"rows": rows}, **({"out": args.out} if args.out else {}))
     print(table)
 
