@@ -38,6 +38,9 @@ from .summary import evaluation_statistics, heldout_statistics, repetition_warni
 
 SUMMARY_LABELS = {"eval_base": "base", "eval_pruned": "pruned", "eval_reconstructed": "reconstructed",
                   "eval_recovered": "recovered"}
+# Stages whose record holds the held-out figures (prose, records) of the model they made when its evaluation is
+# skipped, so the summary still shows that stage's share of the gap.
+MEASURED_LABELS = {"reconstruct": "reconstructed"}
 EVAL_RECORD = {"accuracy": dict, "average": (int, float), "outcomes": dict}  # what an evaluation's record must hold
 
 
@@ -60,9 +63,11 @@ class PipelineResult:
     tokenizer: object = None
 
     def collect(self, label: str, record: dict) -> None:
-        """An evaluation stage's record, run now or read back from its done marker."""
-        self.evals[label] = {**record["accuracy"], "average": record["average"]}
-        self.outcomes[label] = record["outcomes"]
+        """An evaluation stage's record (or a MEASURED_LABELS stage's: held-out figures only), run now or read back
+        from its done marker."""
+        if "accuracy" in record:
+            self.evals[label] = {**record["accuracy"], "average": record["average"]}
+            self.outcomes[label] = record["outcomes"]
         if record.get("heldout"):
             self.heldout[label] = record["heldout"]
         if record.get("prose"):
@@ -235,8 +240,9 @@ def _run_stage(ctx: _Context, flow: _Flow, stage: Stage) -> None:
         stage.restore(ctx, flow, record)
     if stage.changes_model:
         flow.fingerprint = fp
-    if stage.name in SUMMARY_LABELS:
-        ctx.result.collect(SUMMARY_LABELS[stage.name], record)
+    label = SUMMARY_LABELS.get(stage.name) or MEASURED_LABELS.get(stage.name)
+    if label:
+        ctx.result.collect(label, record)
     if stage.output_label:
         ctx.result.sizes[stage.output_label] = dir_size(output)
 
@@ -400,7 +406,20 @@ def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
                          progress=ctx.progress)
     save_reconstructed(flow.model, flow.tokenizer, report, ctx.out / "reconstructed", overwrite=True,
                        source=_pruned(ctx), teacher=ctx.config.model)
-    return {}  # the report is in the reconstructed directory's manifest
+    return _measured(ctx, flow)  # the report is in the reconstructed directory's manifest
+
+
+def _measured(ctx: _Context, flow: _Flow) -> dict:
+    """When the reconstructed model's evaluation is skipped: its held-out figures against the base model, prose as
+    its evaluation would measure it (eval.prose, eval.prose_documents) and the held-out records; measured again
+    whenever the stage is read back, since they depend on evaluation settings its fingerprint leaves out."""
+    from ..measure import Prose
+
+    if ctx.config.runs("eval_reconstructed"):
+        return {}
+    prose = Prose.load(ctx.config.eval.prose, ctx.config.eval.prose_documents, ctx.data_dir)
+    return {"prose": prose.measure(flow.model, flow.teacher, flow.tokenizer) if prose else None,
+            "heldout": _heldout(flow.model, flow.teacher, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
 
 
 def _train_records(ctx: _Context) -> list[dict]:
@@ -415,6 +434,7 @@ def _load_reconstructed(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_model
 
     flow.model = load_model(ctx.out / "reconstructed")[0]
+    record.update(_measured(ctx, flow))
 
 
 def _teacher(flow: _Flow):
