@@ -379,8 +379,8 @@ def format_reconstruct(r: dict, path) -> str:
 @click.option("--out", required=True, help="Output directory (adapter/, checkpoints/, metrics, manifest).")
 @config_options(RecoverConfig, "objective")
 @click.option("--teacher", help="Teacher model spec for kd (any MODEL spec, e.g. the unpruned model).")
-@config_options(RecoverConfig, "kd_temperature", "kd_weight", "unlikelihood", "precision", "teacher_dtype", "text", "text_split",
-                "text_field", "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens", "synthetic_prompts",
+@config_options(RecoverConfig, "kd_temperature", "kd_weight", "unlikelihood", "precision", "teacher_dtype", "text",
+                "text_split", "text_field", "text_config", "max_text_tokens", "text_ratio", "synthetic", "synthetic_tokens", "synthetic_prompts",
                 "on_policy", "on_policy_tokens", "on_policy_no_repeat",
                 "method", "rank", "alpha", "scaling_exponent", "target_modules", "lr", "lr_probe_steps", "epochs", "max_steps",
                 "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "max_train_examples", "warmup_steps",

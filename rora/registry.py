@@ -113,7 +113,8 @@ TASKS = Registry("task", ("boolq", "piqa", "social_i_qa", "hellaswag", "winogran
                           "openbookqa"))
 PROTOCOLS = Registry("protocol", ("generate", "score", "lm-eval"))
 ENGINES = Registry("engine", ("rora", "lm-eval"))  # the lm-eval protocol's log-likelihoods: native or lm-eval's HFLM
-# The precision of the rora engine's matmuls: auto (bfloat16 autocast on GPU, the model's own dtype elsewhere)
+# Matmul precision of the rora engine's scoring (eval.precision) and of training (recover.precision): auto (bfloat16
+# autocast on GPU, the model's own float32 elsewhere), float32, bfloat16 (autocast, a CPU too)
 PRECISIONS = Registry("precision", ("auto", "float32", "bfloat16"))
 
 MERGE_DTYPES = Registry("merge dtype", ("float32", "float16", "bfloat16"))
