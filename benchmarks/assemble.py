@@ -22,10 +22,8 @@ Not yet measured: the rank sweep's `--full` setting, everything on a GPU (issue 
 and memory, `bench_loglik.py --device cuda` for the evaluation engines, `bench_gpu_recovery.py` for a recovery at
 ~1000x the demo's budget; each written and tested on CPU at a tiny size, waiting for a session with a GPU, with
 `tools/device_carry.py` to carry the model, data and wheels there), the text-budget benchmark's larger budget
-(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next), and the reconstruction benchmark at 200
-examples per task at ratio 0.5 and with records calibration at 0.2 (its sections below: ratios 0.2, 0.3 and 0.5 with
-and without kd at 100 per task; ratio 0.3 and ratio 0.2's teacher-text rows at 200). No GPU was lent to the sessions that made these figures; the recovery scripts
-train through accelerate, which picks up a GPU (and bf16) unchanged; the edge scripts and bench_eval.py are CPU-only
+(`bench_text_budget.py` ran at 5k and 20k training tokens; 80k is next). No GPU was lent to the sessions that made
+these figures; the recovery scripts train through accelerate, which picks up a GPU (and bf16) unchanged; the edge scripts and bench_eval.py are CPU-only
 as written. Where a goal is out of reach on this CPU, the section says how far any implementation could go here
 (FLOPs it must do at the measured matmul peak).
 """
