@@ -10,6 +10,11 @@ from .errors import ModelLoadError
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def bfloat16_autocast(precision: str, gpu: bool) -> bool:
+    """Whether a PRECISIONS name means bfloat16 autocast: 'bfloat16' always, 'auto' on a GPU; float32 otherwise."""
+    return precision == "bfloat16" or (precision == "auto" and gpu)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype

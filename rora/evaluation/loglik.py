@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..numerics import bfloat16_autocast
+
 MIN_SHARED = 8  # below this a shared cache saves less than it costs to copy
 # Padded tokens per forward pass. On this CPU SmolLM2's MLP matmuls ran at the same FLOP rate from 256 to 2048 rows
 # (measured), so 1024 is large enough and keeps a batch's attention masks small; a GPU wants far more.
@@ -207,7 +209,7 @@ def matmul_precision(device, precision: str = "auto"):
     otherwise the model's own dtype. On a CPU, float32 is what makes the engine's numbers lm-eval's to ~1e-5;
     bfloat16 trades that for speed on CPUs with bfloat16 instructions (benchmarks/bench_precision.py)."""
     device = torch.device(device)
-    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+    if bfloat16_autocast(precision, device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

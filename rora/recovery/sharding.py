@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ..numerics import bfloat16_autocast
+
 
 def accelerator(precision: str = "auto"):
     """The run's accelerate.Accelerator: bf16 autocast for precision 'bfloat16' and for 'auto' on a GPU, else fp32;
@@ -27,7 +29,7 @@ def accelerator(precision: str = "auto"):
     from accelerate.utils import DistributedType
 
     gpu = torch.cuda.is_available()
-    mixed = "bf16" if precision == "bfloat16" or (precision == "auto" and gpu) else "no"
+    mixed = "bf16" if bfloat16_autocast(precision, gpu) else "no"
     # accelerate refuses to change a process's mixed precision once an Accelerator has set it; each accelerator here
     # lives for one recovery, and one process may run recoveries of different precisions (the Python API, benchmarks)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
