@@ -409,17 +409,23 @@ def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
     return _measured(ctx, flow)  # the report is in the reconstructed directory's manifest
 
 
-def _measured(ctx: _Context, flow: _Flow) -> dict:
+def _measured(ctx: _Context, flow: _Flow, record: dict | None = None) -> dict:
     """When the reconstructed model's evaluation is skipped: its held-out figures against the base model, prose as
-    its evaluation would measure it (eval.prose, eval.prose_documents) and the held-out records; measured again
-    whenever the stage is read back, since they depend on evaluation settings its fingerprint leaves out."""
+    its evaluation would measure it (eval.prose, eval.prose_documents) and the held-out records. They depend on
+    settings the stage's fingerprint leaves out, so a stage read back (`record`) is measured again only when those
+    changed."""
     from ..measure import Prose
 
-    if ctx.config.runs("eval_reconstructed"):
+    rc = ctx.config.recover
+    settings = ctx.stages.fingerprint("measured", ctx.config.eval.prose, ctx.config.eval.prose_documents,
+                                      ctx.data_dir, ctx.train_data, rc.val_set_size, rc.seed, rc.max_train_examples,
+                                      rc.cutoff_len)
+    if ctx.config.runs("eval_reconstructed") or (record or {}).get("measured_with") == settings:
         return {}
     prose = Prose.load(ctx.config.eval.prose, ctx.config.eval.prose_documents, ctx.data_dir)
     return {"prose": prose.measure(flow.model, flow.teacher, flow.tokenizer) if prose else None,
-            "heldout": _heldout(flow.model, flow.teacher, flow.tokenizer, ctx.heldout, ctx.config.recover.cutoff_len)}
+            "heldout": _heldout(flow.model, flow.teacher, flow.tokenizer, ctx.heldout, rc.cutoff_len),
+            "measured_with": settings}
 
 
 def _train_records(ctx: _Context) -> list[dict]:
@@ -434,7 +440,7 @@ def _load_reconstructed(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_model
 
     flow.model = load_model(ctx.out / "reconstructed")[0]
-    record.update(_measured(ctx, flow))
+    record.update(_measured(ctx, flow, record))
 
 
 def _teacher(flow: _Flow):
