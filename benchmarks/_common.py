@@ -96,6 +96,36 @@ def validation_prose(prose_dir: str | Path, count: int = 48) -> list[str]:
     return pq.read_table(shards[-1]).column("text").to_pylist()[-count:]
 
 
+class DemoFigures:
+    """The figures the demo's recovery recipe is chosen on, and the test prose beside them, loaded once:
+        val_prose_*    perplexity and KL to the unpruned model on `prose_count` never-read corpus paragraphs
+                       (validation_prose)
+        val_records_*  KL on the recovery's own validation records (carved before the training records are capped)
+        test_prose_*   perplexity and KL on `test_count` held-out BoolQ validation passages (measured, never chosen on)
+    """
+
+    def __init__(self, tok, recover_config, data_dir, prose_dir="runs/prose", prose_count=96, test_count=64):
+        from rora.measure import Prose
+        from rora.recovery.data import load_records, split_train_val
+        from rora.recovery.distill import record_examples
+
+        rc = recover_config
+        self.tok = tok
+        self.val_prose = validation_prose(prose_dir, prose_count)
+        self.val_records = record_examples(split_train_val(load_records(str(data_dir)), rc.val_set_size, rc.seed)[1],
+                                           tok, rc.cutoff_len)
+        self.test_prose = Prose.load("auto", test_count, str(data_dir))
+
+    def measure(self, model, base) -> dict:
+        from rora.measure import heldout_metrics
+
+        vp, vr = (heldout_metrics(model, base, self.tok, texts) for texts in (self.val_prose, self.val_records))
+        tp = self.test_prose.measure(model, base, self.tok)
+        return {"val_prose_ppl": vp["perplexity"], "val_prose_kl": vp["kl"], "val_prose_tokens": vp["tokens"],
+                "val_records_kl": vr["kl"], "val_records_tokens": vr["tokens"], "test_prose_ppl": tp["perplexity"],
+                "test_prose_kl": tp["kl"], "test_prose_tokens": tp["tokens"]}
+
+
 class Runs:
     """<work>/runs.jsonl: the rows a benchmark finished so far, by name (`done`), so an interrupted benchmark
     continues where it stopped; keep(row) appends one."""

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import validation_prose  # noqa: E402
+from _common import DemoFigures  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,30 +52,20 @@ def main(argv=None) -> None:
 
     from rora.architecture import add_output_biases
     from rora.config import ReconstructConfig, load_preset, parse_setting
-    from rora.measure import Prose, heldout_metrics
     from rora.models import load_model
     from rora.reconstruction.calibration import calibration_sequences
     from rora.reconstruction.reconstruct import reconstruct
-    from rora.recovery.data import load_records, split_train_val
-    from rora.recovery.distill import record_examples
     from rora.recovery.trainer import recover
 
     args = parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base, tok = load_model("smollm2-135m")
-    val_prose = validation_prose("runs/prose", 96)
-    prose = Prose.load("auto", 64, args.data)
     rc = load_preset("quickstart").recover
-    val_records = record_examples(split_train_val(load_records(args.data), rc.val_set_size, rc.seed,
-                                                  rc.max_train_examples)[1], tok, rc.cutoff_len)
+    figures = DemoFigures(tok, rc, args.data)
 
     def line(model, stage: str, extra: str = "") -> None:
-        vp, vr = (heldout_metrics(model, base, tok, items) for items in (val_prose, val_records))
-        tp = prose.measure(model, base, tok)
-        row = {"name": args.name, "stage": stage, "val_prose_ppl": vp["perplexity"], "val_prose_kl": vp["kl"],
-               "val_prose_tokens": vp["tokens"], "val_records_kl": vr["kl"], "test_prose_ppl": tp["perplexity"],
-               "test_prose_kl": tp["kl"], "extra": extra}
+        row = {"name": args.name, "stage": stage, **figures.measure(model, base), "extra": extra}
         print(json.dumps(row), flush=True)
         with open(work / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

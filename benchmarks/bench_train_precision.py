@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Runs, offline_data_dir, validation_prose, write_outputs  # noqa: E402
+from _common import DemoFigures, Runs, offline_data_dir, write_outputs  # noqa: E402
 
 SMALL = {"batch_size": 2, "micro_batch_size": 2, "cutoff_len": 160, "val_set_size": 2, "warmup_steps": 1}
 
@@ -65,10 +65,7 @@ def main(argv=None) -> None:
     import torch
 
     from rora.config import load_preset
-    from rora.measure import Prose, heldout_metrics
     from rora.models import load_model
-    from rora.recovery.data import load_records, split_train_val
-    from rora.recovery.distill import record_examples
     from rora.recovery.trainer import recover
 
     data_dir = offline_data_dir(args.data_dir)
@@ -77,11 +74,7 @@ def main(argv=None) -> None:
     start = "smollm2-135m" if args.small else args.start
     preset = load_preset("quickstart").recover
     rc = preset.replace(text=str(Path(args.prose_dir) / Path(preset.text).name), **(SMALL if args.small else {}))
-    val_prose = validation_prose(args.prose_dir, 4 if args.small else 96)
-    test_prose = Prose.load("auto", 2 if args.small else 64, str(data_dir))
-    # the run's own validation records (the same for every budget: carved before the training records are capped)
-    val_records = record_examples(split_train_val(load_records(str(data_dir)), rc.val_set_size, rc.seed)[1], tok,
-                                  rc.cutoff_len)
+    figures = DemoFigures(tok, rc, data_dir, args.prose_dir, *((4, 2) if args.small else (96, 64)))
     unit = (4, 320) if args.small else (args.records, args.text_tokens)  # budget 1x: records, tokens of text
     for precision, scale in args.variants:
         variant = f"{precision}:{scale:g}"
@@ -93,14 +86,10 @@ def main(argv=None) -> None:
         res = recover(model, tok, str(data_dir), cfg, Path(args.work) / f"recovery-{precision}-{scale}",
                       overwrite=True, progress=False, teacher=base)
         seconds = time.perf_counter() - t0
-        vp, vr = (heldout_metrics(res.model, base, tok, texts) for texts in (val_prose, val_records))
-        tp = test_prose.measure(res.model, base, tok)
+        row = figures.measure(res.model, base)
         runs.keep({"name": variant, "precision": precision, "budget": scale, "seconds": seconds,
                    "train_tokens": res.train_tokens, "tokens_per_second": res.tokens_per_second, "steps": res.steps,
-                   "val_prose_ppl": vp["perplexity"], "val_prose_kl": vp["kl"], "val_prose_tokens": vp["tokens"],
-                   "val_records_kl": vr["kl"], "val_records_tokens": vr["tokens"],
-                   "test_prose_ppl": tp["perplexity"], "test_prose_tokens": tp["tokens"]},
-                  say=f"{res.train_tokens} tokens in {seconds:.0f} s, val prose KL {vp['kl']:.3f}")
+                   **row}, say=f"{res.train_tokens} tokens in {seconds:.0f} s, val prose KL {row['val_prose_kl']:.3f}")
     rows = [runs.done[f"{p}:{b:g}"] for p, b in args.variants]
     table = _table(rows)
     given = sys.argv[1:] if argv is None else argv
@@ -110,7 +99,7 @@ def main(argv=None) -> None:
                           f"in turn, torch threads {torch.get_num_threads()}; validation: "
                           f"{rows[0]['val_prose_tokens']:,} tokens of never-read corpus paragraphs, "
                           f"{rows[0]['val_records_tokens']:,} of the run's validation records; test prose: "
-                          f"{rows[0]['test_prose_tokens']:,} tokens of {test_prose.source}",
+                          f"{rows[0]['test_prose_tokens']:,} tokens of {figures.test_prose.source}",
                   table=table, data={"rows": rows}, **({"out": args.out} if args.out else {}))
     print(table)
 
