@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--fit", type=int, default=160, help="calibration sequences of 128 tokens fitted on")
     p.add_argument("--hold", type=int, default=32, help="calibration sequences held out (damping choice)")
     p.add_argument("--calib", default="runs/prose/*.parquet", help="calibration text source")
+    p.add_argument("--reconstruct-precision", default="float32", choices=("float32", "bfloat16"),
+                   help="the reconstruction's forward passes (reconstruct.precision)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a recover setting changed from the quickstart preset's (YAML values, as rora run --set)")
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"))
@@ -72,8 +74,10 @@ def main(argv=None) -> None:
 
     model, _ = load_model(args.pruned)
     cfg = ReconstructConfig.coerce({"method": "lstsq", "calibration": args.calib, "num_samples": args.fit,
-                                    "holdout_samples": args.hold})
-    cache = work / (f"recon_{args.fit}_{args.hold}_" + "".join(c for c in args.calib if c.isalnum()) + ".safetensors")
+                                    "holdout_samples": args.hold, "precision": args.reconstruct_precision})
+    precision = "" if args.reconstruct_precision == "float32" else f"_{args.reconstruct_precision}"
+    cache = work / (f"recon_{args.fit}_{args.hold}{precision}_" + "".join(c for c in args.calib if c.isalnum())
+                    + ".safetensors")
     if cache.is_file():
         add_output_biases(model)
         load_weights(model, cache)

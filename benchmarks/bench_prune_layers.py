@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--settings", default="uniform@0.3,1:29@0.33,3:27@0.4,4:28@0.4",
                    help="comma-separated LAYERS@RATIO prunes")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences of 128 tokens fitted on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a prune setting changed from the quickstart preset's for every prune (YAML values, as rora "
+                        "run --set); each row's name says which")
     p.add_argument("--work", default="runs/prune-layers")
     return p.parse_args(argv)
 
@@ -38,7 +41,7 @@ def decoder_weights(model) -> int:
 
 
 def main(argv=None) -> None:
-    from rora.config import load_preset
+    from rora.config import load_preset, parse_setting
     from rora.measure import heldout_metrics
     from rora.models import load_model
     from rora.pruning.prune import prune
@@ -54,13 +57,15 @@ def main(argv=None) -> None:
     rc = preset.reconstruct.replace(calibration=os.path.join(args.prose, "train-0000[0-2].parquet"),
                                     num_samples=args.samples, holdout_samples=16)
     ids, what = calibration_sequences(rc, tok)
+    changes = dict(map(parse_setting, args.set))
+    suffix = "".join(f" {k}={v}" for k, v in changes.items())
     settings = [s.split("@") for s in args.settings.split(",")]
     for layers, ratio in settings:
-        name = f"{layers}@{ratio}"
+        name = f"{layers}@{ratio}{suffix}"
         if name in runs.done:
             continue
         model = copy.deepcopy(base)
-        prune(model, tok, preset.prune.replace(layers=layers, ratio=float(ratio)))
+        prune(model, tok, preset.prune.replace(layers=layers, ratio=float(ratio), **changes))
         pruned = heldout_metrics(model, teacher, tok, val_prose, cutoff_len=256)
         start = time.perf_counter()
         reconstruct(model, teacher, tok, rc, sequences=ids, source=what, progress=False)
@@ -70,7 +75,7 @@ def main(argv=None) -> None:
                    "weights_base": decoder_weights(base), "pruned": pruned, "reconstructed": after,
                    "reconstruct_seconds": seconds},
                   f"KL pruned {pruned['kl']:.3f} -> reconstructed {after['kl']:.3f}")
-    report(args, runs.done, [f"{layers}@{ratio}" for layers, ratio in settings], what)
+    report(args, runs.done, [f"{layers}@{ratio}{suffix}" for layers, ratio in settings], what)
 
 
 def report(args, done: dict, names: list[str], calibration: str) -> None:

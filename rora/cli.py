@@ -313,7 +313,7 @@ def format_prune(r: dict, path) -> str:
 @click.option("--data", help="Training records for --calibration records: JSON/JSONL file, directory of "
               "<task>/train.json, or hub id.")
 @config_options(ReconstructConfig, "num_samples", "holdout_samples", "seq_len", "damping", "bias", "batch_size",
-                "temperature", "seed")
+                "precision", "temperature", "seed")
 @prose_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),

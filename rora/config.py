@@ -334,6 +334,10 @@ class ReconstructConfig(StageConfig):
     bias: bool = setting(True, "Allow an output bias (Llama: attention_bias and mlp_bias, read by transformers and "
                                "llama.cpp); other architectures refit weights only.")
     batch_size: int = setting(8, "Calibration sequences per forward pass.", maximum=BIG)
+    precision: str = setting("auto", "Matmul precision of the forward passes: auto (bfloat16 autocast on GPU, float32 "
+                                     "on CPU), float32, or bfloat16 (autocast; on a CPU with AVX512-BF16 or AMX they "
+                                     "take ~1.6x less time, see BENCHMARKS.md). The statistics and solves stay float32 "
+                                     "and float64.", PRECISIONS)
     temperature: float = setting(1.0, "Sampling temperature of the teacher's calibration text.", maximum=100.0)
     seed: int = setting(0, "Seed of the teacher's sampling and of the calibration order.")
 

@@ -1,6 +1,7 @@
 """Numerics every stage's verification shares: dtype names, fixed probe inputs, float64 logits, weight casts."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -13,6 +14,18 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 def bfloat16_autocast(precision: str, gpu: bool) -> bool:
     """Whether a PRECISIONS name means bfloat16 autocast: 'bfloat16' always, 'auto' on a GPU; float32 otherwise."""
     return precision == "bfloat16" or (precision == "auto" and gpu)
+
+
+def matmul_precision(device, precision: str = "auto"):
+    """The context a stage's forward passes run in: bfloat16 autocast for 'bfloat16', and for 'auto' on a GPU;
+    otherwise the model's own dtype. On a CPU, float32 is what makes the scoring engine's numbers lm-eval's to ~1e-5;
+    bfloat16 trades that for speed on CPUs with bfloat16 instructions (benchmarks/bench_precision.py). Enter a fresh
+    one around each forward pass whose weights may have changed since the last: autocast keeps its bfloat16 copies
+    of the weights until its outermost context exits."""
+    device = torch.device(device)
+    if bfloat16_autocast(precision, device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -147,6 +147,27 @@ def test_reconstruction_lowers_each_layers_error_and_the_heldout_kl(tokenizer, o
     assert report.calibration == {"source": "given", "sequences": 40, "fit_tokens": 32 * 24, "holdout_tokens": 8 * 24}
 
 
+def test_bfloat16_forward_passes_refit_as_float32_does_and_the_stream_sees_each_refit(tokenizer, one_thread):
+    """reconstruct.precision bfloat16 runs the forward passes under bfloat16 autocast (a CPU too): the refitted
+    weights move by bfloat16's rounding only, the report's held-out figures are the refitted model's (autocast's
+    cached bfloat16 weights must not outlive a refit), and auto is float32 exactly on a CPU."""
+    calib = _ids(40, seed=1)
+    runs = {}
+    for precision in ("float32", "bfloat16", "auto"):
+        student, teacher = _pruned_pair()
+        cfg = ReconstructConfig(method="lstsq", num_samples=32, holdout_samples=8, batch_size=5, precision=precision)
+        report = reconstruct(student, teacher, tokenizer, cfg, sequences=calib, progress=False)
+        weights = torch.cat([p.detach().flatten() for n, p in student.named_parameters() if "o_proj" in n or "down" in n])
+        measured = heldout_metrics(student, teacher, tokenizer, calib[32:].tolist())
+        runs[precision] = (weights, report, measured)
+    (w32, r32, _), (w16, r16, m16), (wauto, _, _) = runs["float32"], runs["bfloat16"], runs["auto"]
+    assert torch.equal(wauto, w32)
+    assert not torch.equal(w16, w32) and (w16 - w32).norm() < 0.05 * w32.norm()
+    assert r16.heldout_after["kl"] < 0.8 * r16.heldout_before["kl"]
+    assert r16.heldout_after["kl"] == pytest.approx(m16["kl"], rel=0.05)
+    assert r16.heldout_after["kl"] == pytest.approx(r32.heldout_after["kl"], rel=0.05)
+
+
 def test_the_bias_method_zeroes_the_mean_residual_and_keeps_the_weights(tokenizer, one_thread):
     student, teacher = _pruned_pair()
     calib = _ids(40, seed=1)

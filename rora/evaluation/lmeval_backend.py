@@ -14,7 +14,7 @@ Importing this module registers the backend, so `simple_evaluate(model="rora-hf"
 
 (`lm_eval --model rora-hf` needs rora imported first, which that command does; lm-eval has no plugin entry point.)
 Extra model arguments: `batch_tokens` (padded tokens per forward pass; default 1024 on CPU, 32768 on GPU) and
-`precision` (auto, float32 or bfloat16: loglik.matmul_precision).
+`precision` (auto, float32 or bfloat16: numerics.matmul_precision).
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def run_lmeval(model, tokenizer, tasks: list[Task], *, data_dir: Path | None, li
                precision: str = "auto") -> dict[str, dict]:
     """Per task: acc, acc_norm and their standard errors, the LLM-Pruner metric's value as `accuracy`, n, seconds,
     and per-example records. `limit`: the first N examples; `sample`: a seeded random N (sample_indices);
-    `precision`: the rora engine's (loglik.matmul_precision)."""
+    `precision`: the rora engine's (numerics.matmul_precision)."""
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

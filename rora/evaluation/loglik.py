@@ -20,7 +20,6 @@ Why it is fast, and exact:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..numerics import bfloat16_autocast
+from ..numerics import matmul_precision
 
 MIN_SHARED = 8  # below this a shared cache saves less than it costs to copy
 # Padded tokens per forward pass. On this CPU SmolLM2's MLP matmuls ran at the same FLOP rate from 256 to 2048 rows
@@ -202,16 +201,6 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
         bar.update(len(chunk))
     bar.close()
     return out
-
-
-def matmul_precision(device, precision: str = "auto"):
-    """The context the engine's forward passes run in: bfloat16 autocast for 'bfloat16', and for 'auto' on a GPU;
-    otherwise the model's own dtype. On a CPU, float32 is what makes the engine's numbers lm-eval's to ~1e-5;
-    bfloat16 trades that for speed on CPUs with bfloat16 instructions (benchmarks/bench_precision.py)."""
-    device = torch.device(device)
-    if bfloat16_autocast(precision, device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _ancestors(parents: list[int], start: int, width: int) -> np.ndarray:

@@ -51,7 +51,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]
                    progress: bool = False, precision: str = "auto") -> list[list[float]]:
     """For each (context, candidates): the summed log-prob of each candidate's tokens after the context.
     batch_size caps the rows (examples) per forward pass; a token budget caps their padded tokens; `precision`:
-    loglik.matmul_precision."""
+    numerics.matmul_precision."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     found = score_rows(model, _rows(tokenizer, requests), pad_id=pad, max_rows=batch_size, progress=progress,
                        desc="score", precision=precision)

@@ -19,11 +19,15 @@ one of the pruned model over the calibration tokens (each projection's inputs ar
 projection applied to them), plus the solves; the held-out figures before and after add one pass of the pruned model
 over the held-out tokens and the heads (the walk's last hidden states serve for the rest). Memory: the statistics
 grow with the projection's input width squared; the hidden states and one projection's inputs of every calibration
-token are held in the models' dtype.
+token are held in the models' dtype (the inputs in bfloat16 under `precision` bfloat16). The forward passes run at
+`config.precision` (bfloat16 autocast: ~1.6x faster matmuls on a CPU with bfloat16 instructions); the residual
+streams, the statistics (float32 products, float64 sums), the solves and the refitted projections stay in full
+precision.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from ..config import ReconstructConfig
 from ..errors import ConfigError
 from ..measure import decoder_states, metrics_of, text_sums
 from ..models import adopt
+from ..numerics import matmul_precision
 from ..registry import RECONSTRUCT_METHODS
 from .solve import LinearStats, candidates
 
@@ -117,10 +122,12 @@ def reconstruct(model, teacher, tokenizer, config: ReconstructConfig | dict | No
                        for part, held in ((ids[:n_fit], False), (ids[n_fit:], True))
                        for s in range(0, part.shape[0], config.batch_size)]
             held = [b for b in batches if b.held]
-            pruned_states = [decoder_states(model, b.ids) for b in held]
+            cast = functools.partial(matmul_precision, model.device, config.precision)
+            with cast():
+                pruned_states = [decoder_states(model, b.ids) for b in held]
             if fit_bias:
                 report.biases_added = add_output_biases(model)
-            _walk(model, teacher, batches, config, method.rules, fit_bias, report, progress)
+            _walk(model, teacher, batches, config, method.rules, fit_bias, report, progress, cast)
             # The walk leaves both models' last hidden states in every batch: the held-out figures before and after
             # need no model to run again, only the final norms and the heads.
             states = [model.get_decoder().norm(b.x_s) for b in held]
@@ -210,15 +217,18 @@ def _heldout(model, teacher, held: list[_Batch], states) -> dict:
     return metrics_of(sums, with_kl=True)
 
 
-def _walk(model, teacher, batches, config, rules, fit_bias, report, progress) -> None:
+def _walk(model, teacher, batches, config, rules, fit_bias, report, progress, cast) -> None:
+    """`cast()`: the context of each forward pass (numerics.matmul_precision), entered afresh after every refit: under
+    autocast a projection's bfloat16 copy of its weights would outlive the refit while its context stays open."""
     from tqdm.auto import tqdm
 
     layers_s, layers_t = decoder_layers(model), decoder_layers(teacher)
     for index in tqdm(range(len(layers_s)), desc="reconstruct", unit="layer", disable=not progress):
         ls, lt = layers_s[index], layers_t[index]
-        for b in batches:  # the teacher's targets: its residual stream after attention and after the MLP
-            b.r_t = b.x_t + _attention(lt, b.x_t, b.kw_t).to(b.x_t.dtype)
-            b.x_t = b.r_t + _mlp(lt, b.r_t)
+        with cast():  # the teacher's targets: its residual stream after attention and after the MLP
+            for b in batches:
+                b.r_t = b.x_t + _attention(lt, b.x_t, b.kw_t).to(b.x_t.dtype)
+                b.x_t = b.r_t + _mlp(lt, b.r_t).to(b.x_t.dtype)
         for (branch, name), run, target in (
             (PROJECTIONS[0], lambda b: _attention(ls, b.x_s, b.kw_s), lambda b: b.r_t),
             (PROJECTIONS[1], lambda b: _mlp(ls, b.r_s), lambda b: b.x_t),
@@ -227,11 +237,12 @@ def _walk(model, teacher, batches, config, rules, fit_bias, report, progress) ->
             residual = (lambda b: b.x_s) if name == "o_proj" else (lambda b: b.r_s)
             # The branch runs once per batch: what the projection reads does not depend on its own weights, so the
             # refitted projection is applied to the inputs kept from that run (one student pass per layer, not two).
-            inputs = [_inputs_of(linear, lambda: run(b))[1] for b in batches]
+            with cast():
+                inputs = [_inputs_of(linear, lambda: run(b))[1] for b in batches]
             report.projections.append(
                 _refit(linear, batches, inputs, residual, target, rules, config.damping, fit_bias, index, name))
             for b, x in zip(batches, inputs):  # the pruned model's stream with the refitted projection
-                out = residual(b) + linear(x).to(b.x_s.dtype)
+                out = residual(b) + linear(x.to(linear.weight.dtype)).to(b.x_s.dtype)
                 if name == "o_proj":
                     b.r_s = out
                 else:
