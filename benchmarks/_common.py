@@ -144,13 +144,13 @@ class Runs:
         print(f"{row['name']}: {say}" if say else row["name"], flush=True)
 
 
-def publish(name: str, *, title: str, setting: str, table: str, data: dict) -> None:
-    """write_outputs for the running script (its command line, results/<name>.png beside it), and the table printed."""
+def publish(name: str, *, title: str, setting: str, table: str, data: dict, out: Path = RESULTS) -> None:
+    """write_outputs for the running script (its command line, <out>/<name>.png beside it), and the table printed."""
     import sys
 
     script = Path(sys.argv[0]).name
     write_outputs(name, title=title, command=f"python benchmarks/{script} " + " ".join(sys.argv[1:]), setting=setting,
-                  table=table, data={**data, "environment": environment()}, images=[f"{name}.png"])
+                  table=table, data={**data, "environment": environment()}, images=[f"{name}.png"], out=out)
     print(table)
 
 

@@ -17,6 +17,12 @@ The table's rows (2 cores, ~6 min each; the 160 x 128 reconstruction runs once):
     python $B --name fit256-r0.6 --fit 256 --calib "$C" --set text=runs/prose/train-00001.parquet \
         --set text_ratio=0.6 --set max_text_tokens=23000
 (`runs/prose/*.parquet` is read from the start, so 256 x 128 tokens of it are the first shard's.)
+The reconstruction's precision and size (BENCHMARKS.md, "The demo's reconstruction"), then the table:
+    C=runs/prose/train-00000.parquet
+    python $B --name recon-fp32 --fit 256 --calib $C
+    python $B --name recon-bf16 --fit 256 --calib $C --reconstruct-precision bfloat16
+    python $B --name recon-bf16-448 --fit 448 --calib $C --reconstruct-precision bfloat16
+    python $B --report recon-fp32,recon-bf16,recon-bf16-448
 """
 from __future__ import annotations
 
@@ -29,12 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DemoFigures  # noqa: E402
+from _common import RESULTS, DemoFigures, publish, save_figure  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="the variant's name in rows.jsonl")
+    p.add_argument("--name", help="the variant's name in rows.jsonl")
+    p.add_argument("--report", metavar="NAME,NAME,..",
+                   help="instead of a run: publish results/demo_text.{md,json,png} from these variants' rows")
     p.add_argument("--pruned", default="runs/quickstart/pruned", help="the pruned model (make demo's)")
     p.add_argument("--fit", type=int, default=160, help="calibration sequences of 128 tokens fitted on")
     p.add_argument("--hold", type=int, default=32, help="calibration sequences held out (damping choice)")
@@ -44,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a recover setting changed from the quickstart preset's (YAML values, as rora run --set)")
     p.add_argument("--data", default=os.environ.get("RORA_DATA_DIR"))
+    p.add_argument("--out", type=Path, default=RESULTS, help="where --report writes demo_text.{md,json,png}")
     p.add_argument("--work", default="runs/bench-demo-text")
     return p.parse_args(argv)
 
@@ -61,13 +70,19 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     work = Path(args.work)
+    if args.report:
+        return report(work / "rows.jsonl", args.report.split(","), args.out)
+    if not args.name:
+        raise SystemExit("give --name (a run) or --report (a table of earlier runs)")
     work.mkdir(parents=True, exist_ok=True)
     base, tok = load_model("smollm2-135m")
     rc = load_preset("quickstart").recover
     figures = DemoFigures(tok, rc, args.data)
 
     def line(model, stage: str, extra: str = "") -> None:
-        row = {"name": args.name, "stage": stage, **figures.measure(model, base), "extra": extra}
+        row = {"name": args.name, "stage": stage, **figures.measure(model, base), "extra": extra,
+               "reconstruction": {"fit": args.fit, "hold": args.hold, "calib": args.calib,
+                                  "precision": args.reconstruct_precision}, "set": args.set}
         print(json.dumps(row), flush=True)
         with open(work / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -93,6 +108,55 @@ def main(argv=None) -> None:
     res = recover(model, tok, args.data, dataclasses.replace(rc, **changes), work / f"recovery-{args.name}",
                   overwrite=True, progress=False, teacher=base)
     line(res.model, "recovered", f"{res.train_tokens} tokens {res.steps} steps {time.perf_counter() - start:.0f} s")
+
+
+def report(rows_path: Path, names: list[str], out: Path) -> None:
+    """results/demo_text: each named variant's reconstruction (its seconds and validation figures) and recovery."""
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    got = {(r["name"], r["stage"]): r for r in rows}  # a variant's latest row of each stage
+    missing = [n for n in names if (n, "recovered") not in got]
+    if missing:
+        raise SystemExit(f"{rows_path} has no recovered row for {', '.join(missing)}")
+    table = ["| variant | reconstruction | seconds | reconstructed: val prose ppl (KL) | recovered: val prose ppl (KL) "
+             "| recovered: val records KL | recovered: test prose ppl |", "|---|---|---|---|---|---|---|"]
+    variants = []
+    for n in names:
+        rec, rcv = got.get((n, "reconstructed")), got[(n, "recovered")]
+        cal = rcv["reconstruction"]
+        alone = f"{rec['val_prose_ppl']:.1f} ({rec['val_prose_kl']:.3f})" if rec else "-"
+        seconds = rec["extra"].split()[0] if rec else "-"
+        table.append(f"| {n}{''.join(' ' + s for s in rcv['set'])} | {cal['fit']} x 128, {cal['precision']} | {seconds} "
+                     f"| {alone} | {rcv['val_prose_ppl']:.1f} ({rcv['val_prose_kl']:.3f}) | {rcv['val_records_kl']:.3f} "
+                     f"| {rcv['test_prose_ppl']:.1f} |")
+        variants.append({"name": n, "reconstructed": rec, "recovered": rcv})
+    out.mkdir(parents=True, exist_ok=True)
+    plot(variants, out / "demo_text.png")
+    first = variants[-1]["recovered"]  # the newest rows carry every token count
+    setting = (f"the demo's prune, lstsq reconstruction on N + {first['reconstruction']['hold']} sequences of 128 tokens "
+               f"of {first['reconstruction']['calib']} (reconstruct.precision as given), then the quickstart preset's "
+               f"recovery (changed as the variant says); validation: {first['val_prose_tokens']:,} tokens of never-read "
+               f"corpus paragraphs, {first['val_records_tokens']:,} of the run's validation records; test prose: "
+               f"{first['test_prose_tokens']:,} tokens of BoolQ validation passages, measured, never chosen on")
+    publish("demo_text", title="The demo's reconstruction: precision and calibration size, on validation figures",
+            setting=setting, table="\n".join(table), data={"variants": variants}, out=out)
+
+
+def plot(variants: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    xs = range(len(variants))
+    for shift, key, label in ((-0.2, "val_prose_kl", "never-read prose"), (0.2, "val_records_kl", "validation records")):
+        ax.bar([x + shift for x in xs], [v["recovered"][key] for v in variants], width=0.4, label=label)
+    ax.set_xticks(list(xs), [f"{v['recovered']['reconstruction']['fit']}, {v['recovered']['reconstruction']['precision']}"
+                             for v in variants], fontsize=8)
+    ax.set_xlabel("calibration sequences, reconstruction precision")
+    ax.set_ylabel("recovered: KL to the unpruned model")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
