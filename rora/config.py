@@ -335,9 +335,10 @@ class ReconstructConfig(StageConfig):
                                "llama.cpp); other architectures refit weights only.")
     batch_size: int = setting(8, "Calibration sequences per forward pass.", maximum=BIG)
     precision: str = setting("auto", "Matmul precision of the forward passes: auto (bfloat16 autocast on GPU, float32 "
-                                     "on CPU), float32, or bfloat16 (autocast; on a CPU with AVX512-BF16 or AMX they "
-                                     "take ~1.6x less time, see BENCHMARKS.md). The statistics and solves stay float32 "
-                                     "and float64.", PRECISIONS)
+                                     "on CPU), float32, or bfloat16 (autocast; on a CPU with AVX512-BF16 the demo's "
+                                     "reconstruction took 1.28x less time with the same validation KL, see "
+                                     "BENCHMARKS.md). The residual streams, statistics and solves stay full precision.",
+                             PRECISIONS)
     temperature: float = setting(1.0, "Sampling temperature of the teacher's calibration text.", maximum=100.0)
     seed: int = setting(0, "Seed of the teacher's sampling and of the calibration order.")
 
