@@ -22,7 +22,7 @@ The reconstruction's precision and size (BENCHMARKS.md, "The demo's reconstructi
     python $B --name recon-fp32 --fit 256 --calib $C
     python $B --name recon-bf16 --fit 256 --calib $C --reconstruct-precision bfloat16
     python $B --name recon-bf16-448 --fit 448 --calib $C --reconstruct-precision bfloat16
-    python $B --report recon-fp32,recon-bf16,recon-bf16-448
+    python $B --report recon-fp32,recon-bf16,recon-bf16-448  (and 352, 640, 832 alike)
 """
 from __future__ import annotations
 
