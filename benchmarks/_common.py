@@ -160,3 +160,23 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bar_pairs(path: Path, labels: list[str], series: tuple, ylabel: str, xlabel: str | None = None,
+              fontsize: int | None = None) -> None:
+    """Two bars per label, side by side: `series` is ((legend, values), (legend, values)); saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    xs = range(len(labels))
+    for shift, (legend, values) in zip((-0.2, 0.2), series):
+        ax.bar([x + shift for x in xs], values, width=0.4, label=legend)
+    ax.set_xticks(list(xs), labels, fontsize=fontsize)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, DemoFigures, publish, save_figure  # noqa: E402
+from _common import RESULTS, DemoFigures, bar_pairs, publish  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -130,33 +130,19 @@ def report(rows_path: Path, names: list[str], out: Path) -> None:
                      f"| {rcv['test_prose_ppl']:.1f} |")
         variants.append({"name": n, "reconstructed": rec, "recovered": rcv})
     out.mkdir(parents=True, exist_ok=True)
-    plot(variants, out / "demo_text.png")
-    first = variants[-1]["recovered"]  # the newest rows carry every token count
-    setting = (f"the demo's prune, lstsq reconstruction on N + {first['reconstruction']['hold']} sequences of 128 tokens "
-               f"of {first['reconstruction']['calib']} (reconstruct.precision as given), then the quickstart preset's "
-               f"recovery (changed as the variant says); validation: {first['val_prose_tokens']:,} tokens of never-read "
-               f"corpus paragraphs, {first['val_records_tokens']:,} of the run's validation records; test prose: "
-               f"{first['test_prose_tokens']:,} tokens of BoolQ validation passages, measured, never chosen on")
+    bar_pairs(out / "demo_text.png", [f"{v['recovered']['reconstruction']['fit']}, "
+                                      f"{v['recovered']['reconstruction']['precision']}" for v in variants],
+              tuple((legend, [v["recovered"][key] for v in variants]) for key, legend in
+                    (("val_prose_kl", "never-read prose"), ("val_records_kl", "validation records"))),
+              "recovered: KL to the unpruned model", "calibration sequences, reconstruction precision", fontsize=8)
+    newest = variants[-1]["recovered"]  # the newest rows carry every token count
+    setting = (f"the demo's prune, lstsq reconstruction on N + {newest['reconstruction']['hold']} sequences of 128 tokens "
+               f"of {newest['reconstruction']['calib']} (reconstruct.precision as given), then the quickstart preset's "
+               f"recovery (changed as the variant says); validation: {newest['val_prose_tokens']:,} tokens of never-read "
+               f"corpus paragraphs, {newest['val_records_tokens']:,} of the run's validation records; test prose: "
+               f"{newest['test_prose_tokens']:,} tokens of BoolQ validation passages, measured, never chosen on")
     publish("demo_text", title="The demo's reconstruction: precision and calibration size, on validation figures",
             setting=setting, table="\n".join(table), data={"variants": variants}, out=out)
-
-
-def plot(variants: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    xs = range(len(variants))
-    for shift, key, label in ((-0.2, "val_prose_kl", "never-read prose"), (0.2, "val_records_kl", "validation records")):
-        ax.bar([x + shift for x in xs], [v["recovered"][key] for v in variants], width=0.4, label=label)
-    ax.set_xticks(list(xs), [f"{v['recovered']['reconstruction']['fit']}, {v['recovered']['reconstruction']['precision']}"
-                             for v in variants], fontsize=8)
-    ax.set_xlabel("calibration sequences, reconstruction precision")
-    ax.set_ylabel("recovered: KL to the unpruned model")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, Runs, publish, save_figure, validation_prose  # noqa: E402
+from _common import RESULTS, Runs, bar_pairs, publish, validation_prose  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,7 +88,9 @@ def report(args, done: dict, names: list[str], calibration: str) -> None:
                      f"| {r['pruned']['kl']:.3f} | {r['reconstructed']['kl']:.3f} | "
                      f"{r['reconstructed']['perplexity']:.1f} |")
     tokens = rows[0]["reconstructed"]["tokens"] if rows else 0
-    plot(rows, RESULTS / "prune_layers.png")
+    bar_pairs(RESULTS / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}" for r in rows],
+              tuple((key, [r[key]["kl"] for r in rows]) for key in ("pruned", "reconstructed")),
+              "KL to the unpruned model (nats/token)")
     setting = (f"{args.model}, Taylor importance (the quickstart's prune section) over each layer range; reconstruction "
                f"lstsq on {args.samples} + 16 sequences of 128 tokens of {calibration}; KL per token to the unpruned "
                f"model on 48 held-out corpus paragraphs ({tokens:,} tokens), validation text never read by the demo; "
@@ -96,22 +98,6 @@ def report(args, done: dict, names: list[str], calibration: str) -> None:
                "reconstruction adds (~0.13M)")
     publish("prune_layers", title="Which layers to prune: a layer range against a uniform prune of the same size",
             setting=setting, table="\n".join(table), data={"rows": rows})
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    xs = range(len(rows))
-    for shift, key, label in ((-0.2, "pruned", "pruned"), (0.2, "reconstructed", "reconstructed")):
-        ax.bar([x + shift for x in xs], [r[key]["kl"] for r in rows], width=0.4, label=label)
-    ax.set_xticks(list(xs), [f"{r['layers']} @ {r['ratio']}" for r in rows])
-    ax.set_ylabel("KL to the unpruned model (nats/token)")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":
