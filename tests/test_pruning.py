@@ -9,7 +9,8 @@ from conftest import make_model
 from rora.config import PruneConfig
 from rora.errors import DataError, PruningError, UnsupportedModelError
 from rora.models import load_model
-from rora.pruning.importance import UNIT_AXIS, projections, taylor_scores
+from rora.pruning import importance
+from rora.pruning.importance import UNIT_AXIS, _obs_order, projections, taylor_scores
 from rora.artifacts import MANIFEST
 from rora.pruning.prune import prune, save_pruned
 from rora.architecture import LayerShape, head_dim, is_uniform, layer_shapes
@@ -93,7 +94,8 @@ def _shrink(model, q_heads=(), kv_heads=(), channels=(), factor=0.01):
                 mlp.down_proj.weight[:, c] *= factor
 
 
-IMPORTANCES = [("l1", "vectorwise"), ("l2", "vectorwise"), ("taylor", "vectorwise"), ("taylor", "element1"), ("taylor", "element2")]
+IMPORTANCES = [("l1", "vectorwise"), ("l2", "vectorwise"), ("taylor", "vectorwise"), ("taylor", "element1"), ("taylor", "element2"),
+               ("obs", "vectorwise")]
 
 
 @pytest.mark.parametrize("importance,taylor", IMPORTANCES)
@@ -106,13 +108,44 @@ def test_least_important_units_are_removed(importance, taylor, tokenizer):
     assert [l["removed_channels"] for l in channels.layers] == [[5, 17, 40], [5, 17, 40]]
 
 
-@pytest.mark.parametrize("importance", ["l2", "taylor"])
+@pytest.mark.parametrize("importance", ["l2", "taylor", "obs"])
 def test_whole_group_removes_least_important_group(importance, tokenizer):
     model = make_model("llama", heads=6, kv_heads=3, hidden=96)
     _shrink(model, q_heads=[2, 3], kv_heads=[1])
     report = prune(model, tokenizer, cfg(ratio=0.3, gqa="whole-group", mlp=False, importance=importance), TEXTS)
     assert [(l["removed_kv_heads"], l["removed_q_heads"]) for l in report.layers] == [([1], [2, 3])] * 2
     assert layer_shapes(model) == [LayerShape(4, 2, 96)] * 2
+
+
+def _compensated_error(x, w, drop):
+    """Output error of removing input columns `drop` of y = x w^T, after refitting the rest and a bias by least
+    squares (float64, undamped): what OBS importance estimates."""
+    keep = [j for j in range(x.shape[1]) if j not in drop]
+    a = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    y = x @ w.T
+    return float(((a @ torch.linalg.lstsq(a, y).solution - y) ** 2).sum())
+
+
+def test_obs_order_is_greedy_compensated_error(monkeypatch):
+    """Each greedy OBS step removes the column whose removal, with the rest and a bias refitted, costs least: a
+    constant channel first (the bias makes up for it), then one of two duplicated channels, but not the other (its
+    twin is gone), although magnitude ranks all three highest. Undamped, every step is the brute-force cheapest."""
+    torch.manual_seed(0)
+    x = torch.randn(400, 8, dtype=torch.float64)
+    x[:, 0] = 3.0 + 1e-3 * x[:, 0]
+    x[:, 2] = x[:, 1] + 1e-3 * x[:, 2]
+    w = torch.randn(5, 8, dtype=torch.float64) * torch.tensor([4, 3, 3, 1, 1, 1, 1, 1.0])
+    gram = torch.cat([x, torch.ones(400, 1, dtype=x.dtype)], 1)
+    gram = gram.T @ gram
+    order = _obs_order(w, gram, 1).long()
+    assert order[0] == 0 and sorted(order[1:3].tolist())[0] == 1 and sorted(order[1:3].tolist())[1] > 2  # see above
+    monkeypatch.setattr(importance, "_OBS_DAMPING", 1e-12)
+    order, removed = _obs_order(w, gram, 1).long(), []
+    for step in range(7):
+        first = int((order == step).nonzero())
+        costs = {j: _compensated_error(x, w, removed + [j]) for j in range(8) if j not in removed}
+        assert costs[first] <= min(costs.values()) * (1 + 1e-6) + 1e-9, (step, costs)
+        removed.append(first)
 
 
 def test_taylor_scores_match_autograd_reference(tokenizer):

@@ -11,6 +11,16 @@ Biases are not scored (LLM-Pruner scores weights only); they go with their rows 
 Scorers (a registry, `SCORERS`):
   * l1 / l2: sum of |w|^p over a unit's weights (LLM-Pruner's MagnitudeImportance, no root taken).
   * random: seeded uniform scores per unit (a baseline).
+  * obs: reconstruction-aware (structured Optimal Brain Surgeon, as SlimGPT prunes): the output error a unit's removal
+    leaves in o_proj / down_proj after the best least-squares compensation of the remaining inputs and an output
+    bias, on the unpruned model's own inputs to them. For a group G of input columns of W with H the covariance of
+    the inputs (a free bias takes their mean; damped by 1% of its mean diagonal), that error is
+    tr(W_G [H^-1]_GG^-1 W_G^T).
+    Units are removed greedily, a few at a time (1/64 of them per step), each step updating W and H^-1 as the
+    compensation would (so two redundant channels are not both judged spare), and a unit's score is its place in
+    that order. It pairs with `rora reconstruct`, which then refits the compensation for real: what it ranks low is
+    what a refit can make up for. Query heads are groups of head_dim columns of o_proj, KV heads the columns of all
+    their query heads, MLP channels single columns of down_proj; the other projections' rows go with them.
   * taylor: first/second-order Taylor estimates of the loss change when a weight is zeroed, from per-sample
     gradients on the calibration texts, with g the mean gradient over samples and F = mean of g_sample**2 (the
     Fisher approximation of the Hessian diagonal, LLM-Pruner's `acc_grad`):
@@ -151,6 +161,101 @@ def taylor_scores(model, layer_ids: list[int], samples: list[torch.Tensor], vari
     return out
 
 
+def obs_scores(model, layer_ids: list[int], samples: list[torch.Tensor]) -> dict[int, UnitScores]:
+    """Greedy structured-OBS ranks of every unit (see the module docstring) from the inputs the calibration samples
+    give o_proj and down_proj. The Gram matrices are float64 and (width + 1)^2 each; layers are visited in chunks
+    whose matrices fit `_GRAM_BYTES`, one forward pass of the samples per chunk."""
+    if not samples:
+        raise PruningError("obs importance needs calibration samples; num_samples must be > 0")
+    layers, config, out = decoder_layers(model), model.config, {}
+    hd = head_dim(config)
+    group = config.num_attention_heads // config.num_key_value_heads
+    for chunk in _chunks(layer_ids, [_gram_bytes(layers[i]) for i in layer_ids]):
+        grams = _input_grams(model, [(i, name) for i in chunk for name in ("o_proj", "down_proj")], samples)
+        for i in chunk:
+            proj = projections(layers[i])
+            o, down = proj["o_proj"].weight, proj["down_proj"].weight
+            out[i] = UnitScores(q_heads=_obs_order(o, grams[(i, "o_proj")], hd),
+                                kv_heads=_obs_order(o, grams[(i, "o_proj")], hd * group),
+                                channels=_obs_order(down, grams[(i, "down_proj")], 1))
+        del grams
+    return out
+
+
+_GRAM_BYTES = 2**30  # float64 Gram matrices held at once: all of a small model's layers, one of LLaMA-7B's (~1 GB)
+_OBS_DAMPING = 0.01  # of the mean diagonal, as GPTQ / SlimGPT damp their Hessians
+
+
+def _gram_bytes(layer) -> int:
+    proj = projections(layer)
+    return 8 * sum((proj[n].in_features + 1) ** 2 for n in ("o_proj", "down_proj"))
+
+
+def _chunks(items: list, sizes: list[int]) -> list[list]:
+    """Consecutive runs of `items` whose `sizes` sum to at most _GRAM_BYTES (at least one item each)."""
+    runs, total = [], _GRAM_BYTES
+    for item, size in zip(items, sizes):
+        if total + size > _GRAM_BYTES:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
+
+
+def _input_grams(model, keys: list[tuple[int, str]], samples: list[torch.Tensor]) -> dict:
+    """For each (layer, projection) key: the float64 Gram matrix of [x, 1] over every token the projection reads
+    while the model runs the samples."""
+    layers = decoder_layers(model)
+    grams, hooks = {}, []
+
+    def add(key, module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        grams[key] = grams.get(key, 0) + (x.T @ x).double()
+
+    try:
+        for key in keys:
+            linear = projections(layers[key[0]])[key[1]]
+            hooks.append(linear.register_forward_pre_hook(lambda m, args, key=key: add(key, m, args)))
+        with torch.no_grad():
+            for ids in samples:
+                model(input_ids=ids.to(model.device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Tensor:
+    """The place of each group of `size` input columns of `weight` [d_out, d_in] in a greedy structured-OBS removal
+    (0: removed first): each step removes the groups whose removal, after compensation by the remaining columns and
+    an output bias, adds the least output error, then applies that compensation to W and H^-1. `gram`: the Gram
+    matrix of [x, 1]; a free bias makes H the inputs' covariance (sums about their mean), damped by _OBS_DAMPING of
+    its mean diagonal."""
+    d_in = weight.shape[1]
+    n = d_in // size
+    h = gram[:d_in, :d_in] - torch.outer(gram[:d_in, -1], gram[:d_in, -1]) / gram[-1, -1]
+    h.diagonal().add_(_OBS_DAMPING * h.diagonal().mean())
+    hinv = torch.linalg.inv(h)
+    w = weight.detach().to(h)
+    order, alive, step, done = torch.empty(n), torch.ones(n, dtype=torch.bool), -(-n // 64), 0
+    cols = torch.arange(d_in).view(n, size)
+    while done < n:
+        live = alive.nonzero().flatten()
+        c = cols[live]  # [groups alive, size]
+        wg = w[:, c]  # [d_out, groups alive, size]
+        errors = torch.einsum("omi,mij,omj->m", wg, torch.linalg.inv(hinv[c[:, :, None], c[:, None, :]]), wg)
+        take = live[errors.topk(min(step, n - done), largest=False).indices.cpu()]
+        order[take] = torch.arange(done, done + len(take), dtype=order.dtype)
+        alive[take], done = False, done + len(take)
+        c = cols[take].flatten()
+        block = torch.linalg.inv(hinv[c][:, c]) @ hinv[c]  # [H^-1]_cc^-1 [H^-1]_c,: : the compensation's direction
+        w -= w[:, c] @ block
+        hinv -= hinv[:, c] @ block
+    return order
+
+
 def _accumulators(weights: dict, per_channel: bool) -> dict:
     """fp32 zeros per weight (or per unit channel), as views of ONE allocation: many weight-sized buffers allocated
     between the transient gradients fragment the C heap and cost ~0.3x the weight bytes on top (measured)."""
@@ -167,9 +272,10 @@ SCORERS: dict[str, Scorer] = {
     "l2": lambda model, layer_ids, samples, config: magnitude_scores(model, layer_ids, 2),
     "random": lambda model, layer_ids, samples, config: random_scores(model, layer_ids, config.seed),
     "taylor": lambda model, layer_ids, samples, config: taylor_scores(model, layer_ids, samples, config.taylor),
+    "obs": lambda model, layer_ids, samples, config: obs_scores(model, layer_ids, samples),
 }
 
 
 def needs_samples(importance: str) -> bool:
     """Whether a scorer reads calibration samples (the others only read weights)."""
-    return importance == "taylor"
+    return importance in ("taylor", "obs")
