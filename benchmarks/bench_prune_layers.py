@@ -1,12 +1,17 @@
-"""Which layers to prune (the quickstart's prune section), on validation figures only: SmolLM2-135M pruned with
-Taylor importance over a layer range at the ratio that removes about the same share of the decoder's weights as a
-uniform 30% prune, then reconstructed as the quickstart reconstructs (lstsq on prose, here 32 + 16 sequences of 128
-tokens from the first three corpus shards). Each model gets the KL per token to the unpruned model (and the
-perplexity) on 48 paragraphs of the prose corpus the demo never reads (the end of its last shard), before and after
-reconstruction. One line per setting on stdout; each finished setting is appended to <work>/runs.jsonl.
+"""Which units to prune (the quickstart's prune section), on validation figures only: SmolLM2-135M pruned over a
+layer range at the ratio that removes about the same share of the decoder's weights as a uniform 30% prune, with the
+preset's importance (obs on 64 sequences of prose) or another (--set importance=taylor ...), then reconstructed as
+the quickstart reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model gets the KL per
+token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never reads (the end
+of its last shard), before and after reconstruction. One line per setting on stdout; each finished setting is
+appended to <work>/runs.jsonl.
 
     make prose
-    python benchmarks/bench_prune_layers.py        # ~4 min per setting on 1 thread
+    python benchmarks/bench_prune_layers.py        # ~4 min per setting on 2 cores
+    T="--set importance=taylor --set calibration=builtin --set num_samples=8"   # the preset's before obs
+    python benchmarks/bench_prune_layers.py --settings uniform@0.3,1:29@0.33,3:27@0.4 $T
+    python benchmarks/bench_prune_layers.py --settings 3:27@0.4 --set num_samples=256
+    python benchmarks/bench_prune_layers.py --report "uniform@0.3,...": one table of any rows of <work>
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a prune setting changed from the quickstart preset's for every prune (YAML values, as rora "
                         "run --set); each row's name says which")
+    p.add_argument("--report", metavar="NAME,NAME,..",
+                   help="instead of a run: publish results/prune_layers.{md,json,png} from these rows of <work>")
     p.add_argument("--work", default="runs/prune-layers")
     return p.parse_args(argv)
 
@@ -50,6 +57,12 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     runs = Runs(args.work)
+    if args.report:
+        names = args.report.split(",")
+        missing = [n for n in names if n not in runs.done]
+        if missing:
+            raise SystemExit(f"{runs.path} has no row named {', '.join(missing)}")
+        return report(args, runs.done, names)
     val_prose = validation_prose(args.prose)
     preset = load_preset("quickstart")
     base, tok = load_model(args.model)
@@ -65,38 +78,53 @@ def main(argv=None) -> None:
         if name in runs.done:
             continue
         model = copy.deepcopy(base)
-        prune(model, tok, preset.prune.replace(layers=layers, ratio=float(ratio), **changes))
+        pc = preset.prune.replace(layers=layers, ratio=float(ratio), **changes)
+        prune(model, tok, pc)
         pruned = heldout_metrics(model, teacher, tok, val_prose, cutoff_len=256)
         start = time.perf_counter()
         reconstruct(model, teacher, tok, rc, sequences=ids, source=what, progress=False)
         seconds = time.perf_counter() - start
         after = heldout_metrics(model, teacher, tok, val_prose, cutoff_len=256)
-        runs.keep({"name": name, "layers": layers, "ratio": float(ratio), "weights": decoder_weights(model),
+        runs.keep({"name": name, "layers": layers, "ratio": float(ratio), "changes": changes,
+                   "prune": {k: getattr(pc, k) for k in ("importance", "num_samples", "calibration")},
+                   "calibration": what, "weights": decoder_weights(model),
                    "weights_base": decoder_weights(base), "pruned": pruned, "reconstructed": after,
                    "reconstruct_seconds": seconds},
                   f"KL pruned {pruned['kl']:.3f} -> reconstructed {after['kl']:.3f}")
-    report(args, runs.done, [f"{layers}@{ratio}{suffix}" for layers, ratio in settings], what)
+    report(args, runs.done, [f"{layers}@{ratio}{suffix}" for layers, ratio in settings])
 
 
-def report(args, done: dict, names: list[str], calibration: str) -> None:
+def importance(row: dict) -> str:
+    """The row's importance and what it was computed from (rows from before the preset's obs: Taylor on the 8 built-in
+    paragraphs unless changed)."""
+    prune = row.get("prune") or {"importance": "taylor", "num_samples": 8, "calibration": "builtin",
+                                 **row.get("changes", {})}
+    source = "built-in paragraphs" if prune["calibration"] == "builtin" else "prose sequences of 128 tokens"
+    return f"{prune['importance']}, {prune['num_samples']} {source}"
+
+
+def report(args, done: dict, names: list[str]) -> None:
     rows = [done[n] for n in names if n in done]
-    table = ["| layers | ratio | parameters removed | KL pruned | KL reconstructed | perplexity reconstructed |",
-             "|---|---|---|---|---|---|"]
+    table = ["| layers | ratio | importance | parameters removed | KL pruned | KL reconstructed | perplexity reconstructed |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         removed = r["weights_base"] - r["weights"]
-        table.append(f"| {r['layers']} | {r['ratio']} | {removed / 1e6:.2f}M ({100 * removed / r['weights_base']:.1f}%) "
+        table.append(f"| {r['layers']} | {r['ratio']} | {importance(r)} "
+                     f"| {removed / 1e6:.2f}M ({100 * removed / r['weights_base']:.1f}%) "
                      f"| {r['pruned']['kl']:.3f} | {r['reconstructed']['kl']:.3f} | "
                      f"{r['reconstructed']['perplexity']:.1f} |")
     tokens = rows[0]["reconstructed"]["tokens"] if rows else 0
-    bar_pairs(RESULTS / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}" for r in rows],
+    bar_pairs(RESULTS / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}\n{importance(r).split(',')[0]}" for r in rows],
               tuple((key, [r[key]["kl"] for r in rows]) for key in ("pruned", "reconstructed")),
               "KL to the unpruned model (nats/token)")
-    setting = (f"{args.model}, Taylor importance (the quickstart's prune section) over each layer range; reconstruction "
+    calibration = rows[-1].get("calibration", "runs/prose/train-0000[0-2].parquet") if rows else ""
+    setting = (f"{args.model}, the quickstart's prune section with each row's layer range, ratio and importance (the "
+               f"prose sequences: of runs/prose/train-00002.parquet); reconstruction "
                f"lstsq on {args.samples} + 16 sequences of 128 tokens of {calibration}; KL per token to the unpruned "
                f"model on 48 held-out corpus paragraphs ({tokens:,} tokens), validation text never read by the demo; "
                "parameters removed: of the decoder's (the embedding aside), net of the zero-initialised output biases "
                "reconstruction adds (~0.13M)")
-    publish("prune_layers", title="Which layers to prune: a layer range against a uniform prune of the same size",
+    publish("prune_layers", title="Which units to prune: layer ranges and importance scores at the same size",
             setting=setting, table="\n".join(table), data={"rows": rows})
 
 

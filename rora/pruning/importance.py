@@ -205,26 +205,42 @@ def _chunks(items: list, sizes: list[int]) -> list[list]:
 
 def _input_grams(model, keys: list[tuple[int, str]], samples: list[torch.Tensor]) -> dict:
     """For each (layer, projection) key: the float64 Gram matrix of [x, 1] over every token the projection reads
-    while the model runs the samples."""
+    while the model runs the samples (consecutive samples of one length batched together)."""
     layers = decoder_layers(model)
-    grams, hooks = {}, []
+    grams, part, hooks = {}, {}, []
 
-    def add(key, module, args):
+    def add(key, module, args):  # float32 products summed in place within a batch, then into the float64 total
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-        grams[key] = grams.get(key, 0) + (x.T @ x).double()
+        if key not in part:
+            part[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        part[key].addmm_(x.T, x)
 
     try:
         for key in keys:
             linear = projections(layers[key[0]])[key[1]]
             hooks.append(linear.register_forward_pre_hook(lambda m, args, key=key: add(key, m, args)))
         with torch.no_grad():
-            for ids in samples:
-                model(input_ids=ids.to(model.device), use_cache=False)
+            for ids in _batches(samples):
+                model.get_decoder()(input_ids=ids.to(model.device), use_cache=False)  # the head reads nothing
+                for key, p in part.items():
+                    grams[key] = grams.get(key, 0) + p.double()
+                    p.zero_()
     finally:
         for h in hooks:
             h.remove()
     return grams
+
+
+def _batches(samples: list[torch.Tensor], size: int = 16) -> list[torch.Tensor]:
+    """The [1, length] samples in order, runs of equal length concatenated into batches of at most `size`."""
+    out = []
+    for ids in samples:
+        if out and out[-1][-1].shape == ids.shape and len(out[-1]) < size:
+            out[-1].append(ids)
+        else:
+            out.append([ids])
+    return [torch.cat(b) for b in out]
 
 
 def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Tensor:
@@ -244,15 +260,15 @@ def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Ten
     while done < n:
         live = alive.nonzero().flatten()
         c = cols[live]  # [groups alive, size]
-        wg = w[:, c]  # [d_out, groups alive, size]
-        errors = torch.einsum("omi,mij,omj->m", wg, torch.linalg.inv(hinv[c[:, :, None], c[:, None, :]]), wg)
+        wg = w[:, c].transpose(0, 1)  # [groups alive, d_out, size]
+        errors = (wg @ torch.linalg.inv(hinv[c[:, :, None], c[:, None, :]]) * wg).sum((1, 2))
         take = live[errors.topk(min(step, n - done), largest=False).indices.cpu()]
         order[take] = torch.arange(done, done + len(take), dtype=order.dtype)
         alive[take], done = False, done + len(take)
         c = cols[take].flatten()
         block = torch.linalg.inv(hinv[c][:, c]) @ hinv[c]  # [H^-1]_cc^-1 [H^-1]_c,: : the compensation's direction
-        w -= w[:, c] @ block
-        hinv -= hinv[:, c] @ block
+        w.addmm_(w[:, c], block, alpha=-1)  # (indexing copies: the updates may write in place)
+        hinv.addmm_(hinv[:, c], block, alpha=-1)
     return order
 
 
