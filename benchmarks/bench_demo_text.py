@@ -130,11 +130,10 @@ def report(rows_path: Path, names: list[str], out: Path) -> None:
                      f"| {rcv['test_prose_ppl']:.1f} |")
         variants.append({"name": n, "reconstructed": rec, "recovered": rcv})
     out.mkdir(parents=True, exist_ok=True)
-    bar_pairs(out / "demo_text.png", [f"{v['recovered']['reconstruction']['fit']}, "
-                                      f"{v['recovered']['reconstruction']['precision']}" for v in variants],
+    bar_pairs(out / "demo_text.png", [v["name"] for v in variants],
               tuple((legend, [v["recovered"][key] for v in variants]) for key, legend in
                     (("val_prose_kl", "never-read prose"), ("val_records_kl", "validation records"))),
-              "recovered: KL to the unpruned model", "calibration sequences, reconstruction precision", fontsize=8)
+              "recovered: KL to the unpruned model", "variant", fontsize=8)
     newest = variants[-1]["recovered"]  # the newest rows carry every token count
     setting = (f"the demo's prune, lstsq reconstruction on N + {newest['reconstruction']['hold']} sequences of 128 tokens "
                f"of {newest['reconstruction']['calib']} (reconstruct.precision as given), then the quickstart preset's "

@@ -1,16 +1,16 @@
 """Which units to prune (the quickstart's prune section), on validation figures only: SmolLM2-135M pruned over a
 layer range at the ratio that removes about the same share of the decoder's weights as a uniform 30% prune, with the
-preset's importance (obs on 64 sequences of prose) or another (--set importance=taylor ...), then reconstructed as
-the quickstart reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model gets the KL per
-token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never reads (the end
-of its last shard), before and after reconstruction. One line per setting on stdout; each finished setting is
+preset's importance (Taylor) or another (--set importance=obs ...), then reconstructed as the quickstart
+reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model
+gets the KL per token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never
+reads (the end of its last shard), before and after reconstruction. One line per setting on stdout; each finished setting is
 appended to <work>/runs.jsonl.
 
     make prose
     python benchmarks/bench_prune_layers.py        # ~4 min per setting on 2 cores
-    T="--set importance=taylor --set calibration=builtin --set num_samples=8"   # the preset's before obs
-    python benchmarks/bench_prune_layers.py --settings uniform@0.3,1:29@0.33,3:27@0.4 $T
-    python benchmarks/bench_prune_layers.py --settings 3:27@0.4 --set num_samples=256
+    O="--set importance=obs --set calibration=runs/prose/train-00002.parquet"
+    python benchmarks/bench_prune_layers.py --settings uniform@0.3,1:29@0.33,2:28@0.37,3:27@0.4 $O --set num_samples=64
+    python benchmarks/bench_prune_layers.py --settings 3:27@0.4 $O --set num_samples=256
     python benchmarks/bench_prune_layers.py --report "uniform@0.3,...": one table of any rows of <work>
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ def parse_args(argv=None):
                         "run --set); each row's name says which")
     p.add_argument("--report", metavar="NAME,NAME,..",
                    help="instead of a run: publish results/prune_layers.{md,json,png} from these rows of <work>")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the report goes (prune_layers.{md,json,png})")
     p.add_argument("--work", default="runs/prune-layers")
     return p.parse_args(argv)
 
@@ -95,8 +96,8 @@ def main(argv=None) -> None:
 
 
 def importance(row: dict) -> str:
-    """The row's importance and what it was computed from (rows from before the preset's obs: Taylor on the 8 built-in
-    paragraphs unless changed)."""
+    """The row's importance and what it was computed from (older rows record only their changes to the preset's:
+    Taylor on its 8 built-in paragraphs)."""
     prune = row.get("prune") or {"importance": "taylor", "num_samples": 8, "calibration": "builtin",
                                  **row.get("changes", {})}
     source = "built-in paragraphs" if prune["calibration"] == "builtin" else "prose sequences of 128 tokens"
@@ -114,7 +115,8 @@ def report(args, done: dict, names: list[str]) -> None:
                      f"| {r['pruned']['kl']:.3f} | {r['reconstructed']['kl']:.3f} | "
                      f"{r['reconstructed']['perplexity']:.1f} |")
     tokens = rows[0]["reconstructed"]["tokens"] if rows else 0
-    bar_pairs(RESULTS / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}\n{importance(r).split(',')[0]}" for r in rows],
+    args.out.mkdir(parents=True, exist_ok=True)
+    bar_pairs(args.out / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}\n{importance(r).split(',')[0]}" for r in rows],
               tuple((key, [r[key]["kl"] for r in rows]) for key in ("pruned", "reconstructed")),
               "KL to the unpruned model (nats/token)")
     calibration = rows[-1].get("calibration", "runs/prose/train-0000[0-2].parquet") if rows else ""
@@ -125,7 +127,7 @@ def report(args, done: dict, names: list[str]) -> None:
                "parameters removed: of the decoder's (the embedding aside), net of the zero-initialised output biases "
                "reconstruction adds (~0.13M)")
     publish("prune_layers", title="Which units to prune: layer ranges and importance scores at the same size",
-            setting=setting, table="\n".join(table), data={"rows": rows})
+            setting=setting, table="\n".join(table), data={"rows": rows}, out=args.out)
 
 
 if __name__ == "__main__":

@@ -193,10 +193,9 @@ def test_quickstart_preset_is_the_documented_demo():
     # and trains in bfloat16: 1.5x faster on this CPU, the same validation figures (the preset says so)
     assert cfg.recover.precision == "bfloat16"
     # general text for both the closed-form refit and half the distillation: the Wikipedia corpus `make prose` writes
-    # (three shards of it: obs importance, the refit and the distillation each read text the others never did)
-    shards = (cfg.prune.calibration, cfg.reconstruct.calibration, cfg.recover.text)
-    assert cfg.runs("reconstruct") and all(s.startswith("runs/prose/train-") for s in shards) and len(set(shards)) == 3
-    assert cfg.prune.importance == "obs"  # what the reconstruction can compensate (the preset says why)
+    # (two shards of it: the distillation reads paragraphs the refit never fitted on)
+    shards = (cfg.reconstruct.calibration, cfg.recover.text)
+    assert cfg.runs("reconstruct") and all(s.startswith("runs/prose/train-") for s in shards) and len(set(shards)) == 2
     assert 0 < cfg.recover.text_ratio < 1 and cfg.recover.max_train_examples  # the task records are the other part
     # the unpruned model is the teacher, and the answers' cross-entropy teaches the model to end them (the preset
     # says why)
