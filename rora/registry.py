@@ -104,7 +104,7 @@ RECONSTRUCT_METHODS = Registry("reconstruction method", {m.name: m for m in (
 CALIBRATION_TEXTS = Registry("calibration text", ("teacher", "records"))  # or records or a text source
 BUILTIN_CALIBRATION = ("builtin",)  # pruning's own paragraphs; else records or a text source
 
-IMPORTANCE = Registry("importance scorer", ("l1", "l2", "random", "taylor", "obs"))
+IMPORTANCE = Registry("importance scorer", ("l1", "l2", "random", "taylor", "obs", "obs-mlp"))
 TAYLOR_VARIANTS = Registry("Taylor variant", ("vectorwise", "element1", "element2"))
 GQA_MODES = Registry("GQA mode", ("within-group", "whole-group"))
 

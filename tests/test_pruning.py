@@ -10,7 +10,7 @@ from rora.config import PruneConfig
 from rora.errors import DataError, PruningError, UnsupportedModelError
 from rora.models import load_model
 from rora.pruning import importance
-from rora.pruning.importance import UNIT_AXIS, _obs_order, projections, taylor_scores
+from rora.pruning.importance import UNIT_AXIS, _obs_order, obs_mlp_scores, obs_scores, projections, taylor_scores
 from rora.artifacts import MANIFEST
 from rora.pruning.prune import prune, save_pruned
 from rora.architecture import LayerShape, head_dim, is_uniform, layer_shapes
@@ -95,7 +95,7 @@ def _shrink(model, q_heads=(), kv_heads=(), channels=(), factor=0.01):
 
 
 IMPORTANCES = [("l1", "vectorwise"), ("l2", "vectorwise"), ("taylor", "vectorwise"), ("taylor", "element1"), ("taylor", "element2"),
-               ("obs", "vectorwise")]
+               ("obs", "vectorwise"), ("obs-mlp", "element1")]
 
 
 @pytest.mark.parametrize("importance,taylor", IMPORTANCES)
@@ -108,7 +108,7 @@ def test_least_important_units_are_removed(importance, taylor, tokenizer):
     assert [l["removed_channels"] for l in channels.layers] == [[5, 17, 40], [5, 17, 40]]
 
 
-@pytest.mark.parametrize("importance", ["l2", "taylor", "obs"])
+@pytest.mark.parametrize("importance", ["l2", "taylor", "obs", "obs-mlp"])
 def test_whole_group_removes_least_important_group(importance, tokenizer):
     model = make_model("llama", heads=6, kv_heads=3, hidden=96)
     _shrink(model, q_heads=[2, 3], kv_heads=[1])
@@ -146,6 +146,17 @@ def test_obs_order_is_greedy_compensated_error(monkeypatch):
         costs = {j: _compensated_error(x, w, removed + [j]) for j in range(8) if j not in removed}
         assert costs[first] <= min(costs.values()) * (1 + 1e-6) + 1e-9, (step, costs)
         removed.append(first)
+
+
+def test_obs_mlp_takes_heads_from_taylor_and_channels_from_obs(tokenizer):
+    model = make_model("llama", layers=2, heads=4, kv_heads=2)
+    samples = [tokenizer(t, return_tensors="pt").input_ids for t in TEXTS[:4]]
+    mixed = obs_mlp_scores(model, [0, 1], samples, "element1")
+    taylor, obs = taylor_scores(model, [0, 1], samples, "element1"), obs_scores(model, [0, 1], samples)
+    for i in (0, 1):
+        assert torch.equal(mixed[i].q_heads, taylor[i].q_heads) and torch.equal(mixed[i].kv_heads, taylor[i].kv_heads)
+        assert torch.equal(mixed[i].channels, obs[i].channels)
+        assert not torch.equal(obs[i].channels, taylor[i].channels.argsort().argsort().float())  # two real rankings
 
 
 def test_taylor_scores_match_autograd_reference(tokenizer):

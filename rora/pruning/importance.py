@@ -21,6 +21,9 @@ Scorers (a registry, `SCORERS`):
     that order. It pairs with `rora reconstruct`, which then refits the compensation for real: what it ranks low is
     what a refit can make up for. Query heads are groups of head_dim columns of o_proj, KV heads the columns of all
     their query heads, MLP channels single columns of down_proj; the other projections' rows go with them.
+  * obs-mlp: MLP channels by obs, attention heads by Taylor (the `taylor` variant). On SmolLM2 obs's choice of heads
+    makes the pruned model loop when it writes greedily; this mix keeps most of obs's gain and writes as well as
+    the unpruned model after the demo's recovery (README, Prune).
   * taylor: first/second-order Taylor estimates of the loss change when a weight is zeroed, from per-sample
     gradients on the calibration texts, with g the mean gradient over samples and F = mean of g_sample**2 (the
     Fisher approximation of the Hessian diagonal, LLM-Pruner's `acc_grad`):
@@ -272,6 +275,13 @@ def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Ten
     return order
 
 
+def obs_mlp_scores(model, layer_ids: list[int], samples: list[torch.Tensor], variant: str) -> dict[int, UnitScores]:
+    """Taylor's head scores (`variant`) with obs's MLP channel ranks, from the same calibration samples."""
+    heads, mlp = taylor_scores(model, layer_ids, samples, variant), obs_scores(model, layer_ids, samples)
+    return {i: UnitScores(q_heads=heads[i].q_heads, kv_heads=heads[i].kv_heads, channels=mlp[i].channels)
+            for i in layer_ids}
+
+
 def _accumulators(weights: dict, per_channel: bool) -> dict:
     """fp32 zeros per weight (or per unit channel), as views of ONE allocation: many weight-sized buffers allocated
     between the transient gradients fragment the C heap and cost ~0.3x the weight bytes on top (measured)."""
@@ -289,9 +299,11 @@ SCORERS: dict[str, Scorer] = {
     "random": lambda model, layer_ids, samples, config: random_scores(model, layer_ids, config.seed),
     "taylor": lambda model, layer_ids, samples, config: taylor_scores(model, layer_ids, samples, config.taylor),
     "obs": lambda model, layer_ids, samples, config: obs_scores(model, layer_ids, samples),
+    "obs-mlp": lambda model, layer_ids, samples, config: obs_mlp_scores(model, layer_ids, samples, config.taylor),
 }
+TAYLOR_BASED = ("taylor", "obs-mlp")  # the scorers that read config.taylor
 
 
 def needs_samples(importance: str) -> bool:
     """Whether a scorer reads calibration samples (the others only read weights)."""
-    return importance in ("taylor", "obs")
+    return importance in ("obs", *TAYLOR_BASED)

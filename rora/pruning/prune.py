@@ -34,7 +34,7 @@ from ..config import PruneConfig
 from ..models import check_loaded
 from ..errors import PruningError
 from .calibration import calibration_samples
-from .importance import SCORERS, UnitScores, needs_samples
+from .importance import SCORERS, TAYLOR_BASED, UnitScores, needs_samples
 from ..architecture import (
     LayerShape, check_supported, decoder_layers, is_standard_config, keep_units, layer_shapes, sync_config,
 )
@@ -109,7 +109,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     params_after = count_parameters(model)
     report = PruneReport(
         config=config.to_dict(),
-        importance=config.importance + (f"/{config.taylor}" if config.importance == "taylor" else ""),
+        importance=config.importance + (f"/{config.taylor}" if config.importance in TAYLOR_BASED else ""),
         seed=config.seed,
         pruned_layers=layer_ids,
         requested_ratio=config.ratio,
