@@ -3,8 +3,8 @@ layer range at the ratio that removes about the same share of the decoder's weig
 preset's importance (Taylor) or another (--set importance=obs ...), then reconstructed as the quickstart
 reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model
 gets the KL per token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never
-reads (the end of its last shard), before and after reconstruction. One line per setting on stdout; each finished setting is
-appended to <work>/runs.jsonl.
+reads (the end of its last shard), before and after reconstruction. One line per setting on stdout; each finished
+setting is appended to <work>/runs.jsonl.
 
     make prose
     python benchmarks/bench_prune_layers.py        # ~4 min per setting on 2 cores
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         reconstruct(model, teacher, tok, rc, sequences=ids, source=what, progress=False)
         seconds = time.perf_counter() - start
         after = heldout_metrics(model, teacher, tok, val_prose, cutoff_len=256)
-        runs.keep({"name": name, "layers": layers, "ratio": float(ratio), "changes": changes,
+        runs.keep({"name": name, "layers": layers, "ratio": float(ratio),
                    "prune": {k: getattr(pc, k) for k in ("importance", "num_samples", "calibration")},
                    "calibration": what, "weights": decoder_weights(model),
                    "weights_base": decoder_weights(base), "pruned": pruned, "reconstructed": after,
@@ -95,11 +95,15 @@ def main(argv=None) -> None:
     report(args, runs.done, [f"{layers}@{ratio}{suffix}" for layers, ratio in settings])
 
 
+def prune_settings(row: dict) -> dict:
+    """The importance, num_samples and calibration the row was pruned with (older rows record only their changes to
+    the preset's of the time: Taylor on its 8 built-in paragraphs)."""
+    return row.get("prune") or {"importance": "taylor", "num_samples": 8, "calibration": "builtin",
+                                **row.get("changes", {})}
+
+
 def importance(row: dict) -> str:
-    """The row's importance and what it was computed from (older rows record only their changes to the preset's:
-    Taylor on its 8 built-in paragraphs)."""
-    prune = row.get("prune") or {"importance": "taylor", "num_samples": 8, "calibration": "builtin",
-                                 **row.get("changes", {})}
+    prune = prune_settings(row)
     source = "built-in paragraphs" if prune["calibration"] == "builtin" else "prose sequences of 128 tokens"
     return f"{prune['importance']}, {prune['num_samples']} {source}"
 
@@ -120,8 +124,9 @@ def report(args, done: dict, names: list[str]) -> None:
               tuple((key, [r[key]["kl"] for r in rows]) for key in ("pruned", "reconstructed")),
               "KL to the unpruned model (nats/token)")
     calibration = rows[-1].get("calibration", "runs/prose/train-0000[0-2].parquet") if rows else ""
-    setting = (f"{args.model}, the quickstart's prune section with each row's layer range, ratio and importance (the "
-               f"prose sequences: of runs/prose/train-00002.parquet); reconstruction "
+    texts = sorted({prune_settings(r)["calibration"] for r in rows} - {"builtin"})
+    setting = (f"{args.model}, the quickstart's prune section with each row's layer range, ratio and importance"
+               + (f" (the prose sequences: of {', '.join(texts)})" if texts else "") + "; reconstruction "
                f"lstsq on {args.samples} + 16 sequences of 128 tokens of {calibration}; KL per token to the unpruned "
                f"model on 48 held-out corpus paragraphs ({tokens:,} tokens), validation text never read by the demo; "
                "parameters removed: of the decoder's (the embedding aside), net of the zero-initialised output biases "

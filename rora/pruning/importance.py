@@ -165,22 +165,28 @@ def taylor_scores(model, layer_ids: list[int], samples: list[torch.Tensor], vari
 
 
 def obs_scores(model, layer_ids: list[int], samples: list[torch.Tensor]) -> dict[int, UnitScores]:
-    """Greedy structured-OBS ranks of every unit (see the module docstring) from the inputs the calibration samples
-    give o_proj and down_proj. The Gram matrices are float64 and (width + 1)^2 each; layers are visited in chunks
-    whose matrices fit `_GRAM_BYTES`, one forward pass of the samples per chunk."""
+    """Greedy structured-OBS ranks of every unit (see the module docstring)."""
+    hd = head_dim(model.config)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    orders = _obs_orders(model, layer_ids, samples,
+                         {"q_heads": ("o_proj", hd), "kv_heads": ("o_proj", hd * group), "channels": ("down_proj", 1)})
+    return {i: UnitScores(**orders[i]) for i in layer_ids}
+
+
+def _obs_orders(model, layer_ids: list[int], samples: list[torch.Tensor], units: dict[str, tuple[str, int]]) -> dict:
+    """{layer: {kind: greedy OBS order}} for each kind of unit in `units` (kind -> (projection, input columns per
+    unit)), from the inputs the calibration samples give those projections. The Gram matrices are float64 and
+    (width + 1)^2 each; layers are visited in chunks whose matrices fit `_GRAM_BYTES`, one forward pass of the samples
+    per chunk."""
     if not samples:
         raise PruningError("obs importance needs calibration samples; num_samples must be > 0")
-    layers, config, out = decoder_layers(model), model.config, {}
-    hd = head_dim(config)
-    group = config.num_attention_heads // config.num_key_value_heads
-    for chunk in _chunks(layer_ids, [_gram_bytes(layers[i]) for i in layer_ids]):
-        grams = _input_grams(model, [(i, name) for i in chunk for name in ("o_proj", "down_proj")], samples)
+    layers, out = decoder_layers(model), {}
+    names = sorted({name for name, _ in units.values()})
+    for chunk in _chunks(layer_ids, [_gram_bytes(layers[i], names) for i in layer_ids]):
+        grams = _input_grams(model, [(i, name) for i in chunk for name in names], samples)
         for i in chunk:
             proj = projections(layers[i])
-            o, down = proj["o_proj"].weight, proj["down_proj"].weight
-            out[i] = UnitScores(q_heads=_obs_order(o, grams[(i, "o_proj")], hd),
-                                kv_heads=_obs_order(o, grams[(i, "o_proj")], hd * group),
-                                channels=_obs_order(down, grams[(i, "down_proj")], 1))
+            out[i] = {kind: _obs_order(proj[name].weight, grams[(i, name)], size) for kind, (name, size) in units.items()}
         del grams
     return out
 
@@ -189,9 +195,9 @@ _GRAM_BYTES = 2**30  # float64 Gram matrices held at once: all of a small model'
 _OBS_DAMPING = 0.01  # of the mean diagonal, as GPTQ / SlimGPT damp their Hessians
 
 
-def _gram_bytes(layer) -> int:
+def _gram_bytes(layer, names: list[str]) -> int:
     proj = projections(layer)
-    return 8 * sum((proj[n].in_features + 1) ** 2 for n in ("o_proj", "down_proj"))
+    return 8 * sum((proj[n].in_features + 1) ** 2 for n in names)
 
 
 def _chunks(items: list, sizes: list[int]) -> list[list]:
@@ -276,9 +282,11 @@ def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Ten
 
 
 def obs_mlp_scores(model, layer_ids: list[int], samples: list[torch.Tensor], variant: str) -> dict[int, UnitScores]:
-    """Taylor's head scores (`variant`) with obs's MLP channel ranks, from the same calibration samples."""
-    heads, mlp = taylor_scores(model, layer_ids, samples, variant), obs_scores(model, layer_ids, samples)
-    return {i: UnitScores(q_heads=heads[i].q_heads, kv_heads=heads[i].kv_heads, channels=mlp[i].channels)
+    """Taylor's head scores (`variant`) with obs's MLP channel ranks, from the same calibration samples (obs gathers
+    only down_proj's inputs)."""
+    heads = taylor_scores(model, layer_ids, samples, variant)
+    mlp = _obs_orders(model, layer_ids, samples, {"channels": ("down_proj", 1)})
+    return {i: UnitScores(q_heads=heads[i].q_heads, kv_heads=heads[i].kv_heads, channels=mlp[i]["channels"])
             for i in layer_ids}
 
 
