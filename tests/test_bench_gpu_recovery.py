@@ -22,7 +22,8 @@ def test_bench_gpu_recovery_tiny_trains_each_budget_and_pairs_every_model(tmp_pa
     for i in range(2):
         docs = [f"{PARAGRAPH * (1 + (i + j) % 3)} Paragraph {i}-{j}." for j in range(60)]
         pq.write_table(pa.table({"text": docs}), tmp_path / f"train-{i:05d}.parquet")
-    settings = ["prune.layers=0:2", "reconstruct.num_samples=4", "reconstruct.holdout_samples=2",
+    settings = ["prune.layers=0:2", f"prune.calibration={tmp_path / 'train-00001.parquet'}", "prune.num_samples=4",
+                "prune.holdout_samples=2", "reconstruct.num_samples=4", "reconstruct.holdout_samples=2",
                 f"reconstruct.calibration={tmp_path / 'train-00000.parquet'}",
                 f"recover.text={tmp_path / 'train-*.parquet'}", "recover.val_set_size=2", "recover.batch_size=4",
                 "recover.micro_batch_size=4", "eval.sample=3", "eval.tasks=[winogrande, openbookqa]",

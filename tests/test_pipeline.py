@@ -192,10 +192,10 @@ def test_quickstart_preset_is_the_documented_demo():
     assert cfg.eval.precision == "bfloat16" and cfg.eval.engine == "rora"
     # and trains in bfloat16: 1.5x faster on this CPU, the same validation figures (the preset says so)
     assert cfg.recover.precision == "bfloat16"
-    # general text for both the closed-form refit and half the distillation: the Wikipedia corpus `make prose` writes
-    # (two shards of it: the distillation reads paragraphs the refit never fitted on)
-    shards = (cfg.reconstruct.calibration, cfg.recover.text)
-    assert cfg.runs("reconstruct") and all(s.startswith("runs/prose/train-") for s in shards) and len(set(shards)) == 2
+    # general text for the prune's scores, the closed-form refit and half the distillation: the Wikipedia corpus
+    # `make prose` writes (three shards of it: no stage fits on paragraphs another stage already read)
+    shards = (cfg.prune.calibration, cfg.reconstruct.calibration, cfg.recover.text)
+    assert cfg.runs("reconstruct") and all(s.startswith("runs/prose/train-") for s in shards) and len(set(shards)) == 3
     assert 0 < cfg.recover.text_ratio < 1 and cfg.recover.max_train_examples  # the task records are the other part
     # the unpruned model is the teacher, and the answers' cross-entropy teaches the model to end them (the preset
     # says why)
@@ -203,6 +203,8 @@ def test_quickstart_preset_is_the_documented_demo():
     # the first and last three layers kept whole, the rest pruned harder: ~29% of the decoder either way (the preset
     # says why)
     assert cfg.prune.layers == "3:27" and 0 < cfg.prune.ratio < 0.5
+    # MLP channels by what the reconstruction can make up for, heads by Taylor (obs's heads loop; the preset says why)
+    assert cfg.prune.importance == "obs-mlp" and cfg.prune.num_samples == 64
 
 
 def test_run_cli_rejects_unknown_key(tmp_path):

@@ -148,11 +148,14 @@ def test_obs_order_is_greedy_compensated_error(monkeypatch):
         removed.append(first)
 
 
-def test_obs_mlp_takes_heads_from_taylor_and_channels_from_obs(tokenizer):
+def test_obs_mlp_takes_heads_from_taylor_and_channels_from_obs(tokenizer, monkeypatch):
+    """Heads: Taylor on the first _HEAD_SAMPLES samples only; channels: obs on all of them."""
+    monkeypatch.setattr(importance, "_HEAD_SAMPLES", 2)
     model = make_model("llama", layers=2, heads=4, kv_heads=2)
     samples = [tokenizer(t, return_tensors="pt").input_ids for t in TEXTS[:4]]
     mixed = obs_mlp_scores(model, [0, 1], samples, "element1")
-    taylor, obs = taylor_scores(model, [0, 1], samples, "element1"), obs_scores(model, [0, 1], samples)
+    taylor, obs = taylor_scores(model, [0, 1], samples[:2], "element1"), obs_scores(model, [0, 1], samples)
+    assert not torch.equal(taylor[0].q_heads, taylor_scores(model, [0], samples, "element1")[0].q_heads)  # 2 != 4
     for i in (0, 1):
         assert torch.equal(mixed[i].q_heads, taylor[i].q_heads) and torch.equal(mixed[i].kv_heads, taylor[i].kv_heads)
         assert torch.equal(mixed[i].channels, obs[i].channels)

@@ -21,9 +21,10 @@ Scorers (a registry, `SCORERS`):
     that order. It pairs with `rora reconstruct`, which then refits the compensation for real: what it ranks low is
     what a refit can make up for. Query heads are groups of head_dim columns of o_proj, KV heads the columns of all
     their query heads, MLP channels single columns of down_proj; the other projections' rows go with them.
-  * obs-mlp: MLP channels by obs, attention heads by Taylor (the `taylor` variant). On SmolLM2 obs's choice of heads
-    makes the pruned model loop when it writes greedily; this mix keeps most of obs's gain and writes as well as
-    the unpruned model after the demo's recovery (README, Prune).
+  * obs-mlp: MLP channels by obs, attention heads by Taylor (the `taylor` variant) on the first 8 calibration samples
+    (LLM-Pruner's scale: each costs a backward pass). On SmolLM2 obs's choice of heads makes the pruned model loop
+    when it writes greedily; this mix keeps most of obs's gain and writes as well as the unpruned model after the
+    demo's recovery (README, Prune).
   * taylor: first/second-order Taylor estimates of the loss change when a weight is zeroed, from per-sample
     gradients on the calibration texts, with g the mean gradient over samples and F = mean of g_sample**2 (the
     Fisher approximation of the Hessian diagonal, LLM-Pruner's `acc_grad`):
@@ -281,10 +282,14 @@ def _obs_order(weight: torch.Tensor, gram: torch.Tensor, size: int) -> torch.Ten
     return order
 
 
+_HEAD_SAMPLES = 8  # obs-mlp's Taylor head scores read the first 8 samples: a backward pass each, where obs needs
+                   # one forward pass for all of them (64 samples: 58 s of the demo's prune; 8: 7 s)
+
+
 def obs_mlp_scores(model, layer_ids: list[int], samples: list[torch.Tensor], variant: str) -> dict[int, UnitScores]:
-    """Taylor's head scores (`variant`) with obs's MLP channel ranks, from the same calibration samples (obs gathers
-    only down_proj's inputs)."""
-    heads = taylor_scores(model, layer_ids, samples, variant)
+    """Taylor's head scores (`variant`) from the first _HEAD_SAMPLES calibration samples, with obs's MLP channel
+    ranks from all of them (obs gathers only down_proj's inputs)."""
+    heads = taylor_scores(model, layer_ids, samples[:_HEAD_SAMPLES], variant)
     mlp = _obs_orders(model, layer_ids, samples, {"channels": ("down_proj", 1)})
     return {i: UnitScores(q_heads=heads[i].q_heads, kv_heads=heads[i].kv_heads, channels=mlp[i]["channels"])
             for i in layer_ids}
