@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rora.pipelines.run import PipelineResult
 from rora.pipelines.summary import REPETITION_LIMIT, generation_lines, repetition_warning, summary_table
 
@@ -48,7 +50,7 @@ def test_warning_when_the_recovered_model_repeats_far_more():
     assert repetition_warning(_result(0.12, REPETITION_LIMIT * 0.12).generation) is None
     warning = repetition_warning(_result(0.12, 0.72).generation)
     assert warning.startswith("Warning: the recovered model repeats itself: 72.0% of its 4-grams are repeats, "
-                              "6.0x the unpruned model's 12.0%")
+                              "6.00x the unpruned model's 12.0%")
     assert warning in summary_table(_result(0.12, 0.72)).splitlines()
     assert "repeats none" in repetition_warning(_result(0.0, 0.1).generation)
     assert repetition_warning({"recovered": {"repetition": 0.9}}) is None  # nothing to compare with
@@ -68,14 +70,14 @@ def test_each_prompt_set_is_held_to_the_limit():
     _by_set(result.generation["recovered"], 0.30, 0.0, 101)
     warning = repetition_warning(result.generation)
     assert warning.startswith("Warning: the recovered model repeats itself on the text openings: 30.0% of its 4-grams "
-                              "are repeats, 2.6x the unpruned model's 11.6% (the limit is 1.5x).")
+                              "are repeats, 2.59x the unpruned model's 11.6% (the limit is 1.5x).")
     table = summary_table(result)
     assert "| base | 22.0 | 11.6 / 33.7 | 0.500 | 3.25 | 46.5 |" in table  # 186 tokens over 4 continuations
     assert "| recovered | 15.0 | 30.0 / 0.0 | 0.500 | 3.25 | 25.2 |" in table
     _by_set(result.generation["recovered"], 0.17, 0.0, 101)  # within 1.5x on both sets and overall
     assert repetition_warning(result.generation) is None
     _by_set(result.generation["recovered"], 0.17, 0.6, 101)  # the worst offence is the one named
-    assert " on the task prompts: 60.0% of its 4-grams are repeats, 1.8x the unpruned model's 33.7%" in \
+    assert " on the task prompts: 60.0% of its 4-grams are repeats, 1.78x the unpruned model's 33.7%" in \
         repetition_warning(result.generation)
 
 
@@ -96,5 +98,29 @@ def test_standard_errors_show_in_the_table_and_the_warning():
     recovered = result.generation["recovered"]
     recovered["repetition_se"], recovered["by_set"]["text"]["repetition_se"] = 0.021, 0.052
     assert "| recovered | 15.0 ± 2.1 | 30.0 ± 5.2 / 0.0 | 0.500 | 3.25 | 25.2 |" in summary_table(result)
-    assert "on the text openings: 30.0 ± 5.2% of its 4-grams are repeats, 2.6x" in \
+    assert "on the text openings: 30.0 ± 5.2% of its 4-grams are repeats, 2.59x" in \
         repetition_warning(result.generation)
+
+
+def test_a_share_of_an_accuracy_gap_inside_the_noise_is_not_reported():
+    """The pruned model 10 points below the unpruned one on 200 examples of a task is a real gap, and the share
+    closed is reported; 1 point on a second task's average is noise, and its share is '-', with the reason."""
+    from rora.pipelines.summary import evaluation_statistics
+
+    def outcomes(right: int, n: int = 200) -> list[int]:
+        return [1] * right + [0] * (n - right)
+
+    real = {"base": {"piqa": outcomes(120)}, "pruned": {"piqa": outcomes(100)}, "recovered": {"piqa": outcomes(110)}}
+    shares = evaluation_statistics(real)["gap_closed"]["recovered"]
+    assert shares == {"average": pytest.approx(0.5)}  # (no BoolQ, no second average)
+    noise = {label: {"boolq": outcomes(60), "piqa": outcomes(c)} for label, c in
+             (("base", 101), ("pruned", 100), ("recovered", 120))}
+    noise["pruned"]["boolq"] = outcomes(160)  # BoolQ's gap is large (the other way), the average's too
+    stats = evaluation_statistics(noise)
+    assert stats["comparisons"]["pruned - base"]["average w/o boolq"]["significant"] is False
+    assert stats["gap_closed"]["recovered"]["average w/o boolq"] is None
+    assert stats["gap_closed"]["recovered"]["average"] is not None
+    result = PipelineResult(out=Path("."))
+    result.outcomes = noise
+    table = summary_table(result)
+    assert "| recovered | " in table and "(accuracy w/o BoolQ: '-', the pruned model's gap" in table

@@ -15,6 +15,7 @@ from ..evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired
 COMPARISONS = (("reconstructed", "pruned"), ("recovered", "pruned"), ("recovered", "base"), ("pruned", "base"))
 AFTER_PRUNING = ("reconstructed", "recovered")  # the models whose share of the pruning gap is reported
 AVERAGES = ("average", WITHOUT_PRIOR)
+NAMES = {"average": "average accuracy", WITHOUT_PRIOR: "accuracy w/o BoolQ"}  # their columns in the gap table
 # A recovered model that repeats itself this many times as much as the unpruned model gets a warning: its accuracy
 # can look recovered while its own text degenerates.
 REPETITION_LIMIT = 1.5
@@ -24,7 +25,8 @@ _SETS = {"text": "text openings", "task": "task prompts"}  # the generation figu
 
 def evaluation_statistics(outcomes: dict) -> dict:
     """Standard errors per model, paired differences between models scored on the same examples, and the share
-    of the pruning gap in average accuracy (with and without BoolQ) that each later model closed."""
+    of the pruning gap in average accuracy (with and without BoolQ) that each later model closed: None where the
+    gap itself (pruned - base, paired) is inside two standard errors, since a share of noise means nothing."""
     if not outcomes:
         return {}
     stats = {"accuracy": {label: accuracy_table(o) for label, o in outcomes.items()}, "comparisons": {}}
@@ -32,10 +34,11 @@ def evaluation_statistics(outcomes: dict) -> dict:
         if a in outcomes and b in outcomes and list(outcomes[a]) == list(outcomes[b]):
             stats["comparisons"][f"{b} - {a}"] = paired_difference(outcomes[a], outcomes[b])
     acc = stats["accuracy"]
-    if {"base", "pruned"} <= set(acc):
+    gap = stats["comparisons"].get("pruned - base", {})
+    if gap:
         stats["gap_closed"] = {
             label: {avg: gap_closed(*(acc[k][avg]["accuracy"] for k in ("base", "pruned", label)))
-                    for avg in AVERAGES if avg in acc[label]}
+                    if gap[avg]["significant"] else None for avg in AVERAGES if avg in acc[label]}
             for label in AFTER_PRUNING if label in acc}
     return stats
 
@@ -85,13 +88,17 @@ def summary_table(result) -> str:
     closed = stats.get("gap_closed", {})
     if closed or held:
         lines += ["Share of the pruning gap closed (0% = pruned, 100% = back at the unpruned model):", "",
-                  "| model | average accuracy | accuracy w/o BoolQ | prose log-perplexity | held-out records loss |",
+                  f"| model | {' | '.join(NAMES.values())} | prose log-perplexity | held-out records loss |",
                   "|---|---|---|---|---|"]
         for label in AFTER_PRUNING:
             cells = [closed.get(label, {}).get("average"), closed.get(label, {}).get(WITHOUT_PRIOR),
                      held.get("prose_gap_closed", {}).get(label), held.get("heldout_gap_closed", {}).get(label)]
             if any(c is not None for c in cells):
                 lines.append(f"| {label} | " + " | ".join(_share(c) for c in cells) + " |")
+        noise = [NAMES[avg] for avg in AVERAGES if closed and all(c.get(avg, 0) is None for c in closed.values())]
+        if noise:
+            lines += ["", f"({' and '.join(noise)}: '-', the pruned model's gap to the unpruned one is inside two "
+                      "standard errors, and a share of noise means nothing.)"]
         lines.append("")
     if result.prose:
         first = next(iter(result.prose.values()))
@@ -158,7 +165,7 @@ def repetition_warning(generation: dict) -> str | None:
     if not over:
         return None
     _, where, base, recovered = max(over, key=lambda o: o[0])
-    versus = f"{recovered['repetition'] / base:.1f}x the unpruned model's {100 * base:.1f}%" if base else \
+    versus = f"{recovered['repetition'] / base:.2f}x the unpruned model's {100 * base:.1f}%" if base else \
         "where the unpruned model repeats none"
     return (f"Warning: the recovered model repeats itself{where}: {_repetition(recovered)}% of its 4-grams are "
             f"repeats, {versus} (the limit is {REPETITION_LIMIT:g}x). Its accuracy can look recovered while its own text "
