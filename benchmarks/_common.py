@@ -170,7 +170,7 @@ def bar_pairs(path: Path, labels: list[str], series: tuple, ylabel: str, xlabel:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(labels)), 3.4))  # room for every label
     xs = range(len(labels))
     for shift, (legend, values) in zip((-0.2, 0.2), series):
         ax.bar([x + shift for x in xs], values, width=0.4, label=legend)

@@ -1,6 +1,6 @@
 """Which units to prune (the quickstart's prune section), on validation figures only: SmolLM2-135M pruned over a
 layer range at the ratio that removes about the same share of the decoder's weights as a uniform 30% prune, with the
-preset's importance (Taylor) or another (--set importance=obs ...), then reconstructed as the quickstart
+preset's importance (obs-mlp; Taylor before commit 288fa2e) or another (--set importance=obs ...), then reconstructed as the quickstart
 reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model
 gets the KL per token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never
 reads (the end of its last shard), before and after reconstruction. One line per setting on stdout; each finished
@@ -108,6 +108,13 @@ def importance(row: dict) -> str:
     return f"{prune['importance']}, {prune['num_samples']} {source}"
 
 
+def _short(row: dict) -> str:
+    """A bar's label: the range, the scorer and its text, one per line."""
+    prune = prune_settings(row)
+    text = "built-in" if prune["calibration"] == "builtin" else "prose"
+    return f"{row['layers']} @ {row['ratio']}\n{prune['importance']}\n{prune['num_samples']} {text}"
+
+
 def report(args, done: dict, names: list[str]) -> None:
     rows = [done[n] for n in names if n in done]
     table = ["| layers | ratio | importance | parameters removed | KL pruned | KL reconstructed | perplexity reconstructed |",
@@ -120,7 +127,7 @@ def report(args, done: dict, names: list[str]) -> None:
                      f"{r['reconstructed']['perplexity']:.1f} |")
     tokens = rows[0]["reconstructed"]["tokens"] if rows else 0
     args.out.mkdir(parents=True, exist_ok=True)
-    bar_pairs(args.out / "prune_layers.png", [f"{r['layers']} @ {r['ratio']}\n{importance(r).split(',')[0]}" for r in rows],
+    bar_pairs(args.out / "prune_layers.png", [_short(r) for r in rows],
               tuple((key, [r[key]["kl"] for r in rows]) for key in ("pruned", "reconstructed")),
               "KL to the unpruned model (nats/token)")
     calibration = rows[-1].get("calibration", "runs/prose/train-0000[0-2].parquet") if rows else ""
