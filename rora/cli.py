@@ -283,6 +283,8 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
         report.prose = {"before": held_out.measure(unpruned, None, tok), "after": held_out.measure(m, unpruned, tok)}
     path = save_pruned(m, tok, report, out, overwrite=overwrite, source=model)
     click.echo(format_prune(report.to_dict(), path))
+    if report.warning:
+        click.echo(f"rora: warning: {report.warning}", err=True)
 
 
 def format_prune(r: dict, path) -> str:

@@ -304,3 +304,31 @@ def test_channel_multiple_keeps_a_multiple_nearest_the_ratio(tokenizer):
     assert [s.intermediate for s in layer_shapes(model)] == [64, 64]  # 96 - 29 = 67 kept -> 64
     with pytest.raises(Exception, match="prune.channel_multiple must be > 0"):
         cfg(channel_multiple=0)
+
+
+def test_obs_on_fewer_tokens_than_down_proj_inputs_warns_in_the_report_and_the_cli(tmp_path, tokenizer):
+    """obs's covariance from fewer tokens than down_proj has inputs is mostly damping: the report, `rora prune`
+    (stderr) say so (`rora run`: test_reliability); Taylor, and obs on enough text, say nothing."""
+    from click.testing import CliRunner
+
+    from rora.artifacts import save_model_dir
+    from rora.cli import main
+    from rora.pruning.importance import thin_calibration
+
+    model = make_model(layers=2, intermediate=96)
+    few, enough = [torch.randint(3, 384, (1, 20))] * 2, [torch.randint(3, 384, (1, 48))] * 2
+    warning = thin_calibration(model, [0, 1], few, "obs-mlp")
+    assert warning.startswith("obs-mlp importance read 40 calibration tokens, fewer than down_proj's 96 inputs")
+    assert thin_calibration(model, [0, 1], enough, "obs") is None and thin_calibration(model, [0, 1], few, "taylor") is None
+    assert thin_calibration(model, [], few, "obs") is None  # nothing pruned, nothing ranked
+    save_model_dir(make_model(layers=2, intermediate=512), tokenizer, tmp_path / "model")  # 2 paragraphs < 512
+    args = ["prune", str(tmp_path / "model"), "--ratio", "0.25", "--importance", "obs", "--num-samples", "2",
+            "--prose", "none", "--out"]
+    done = CliRunner().invoke(main, [*args, str(tmp_path / "obs")])
+    assert done.exit_code == 0, done.output
+    said = [line for line in done.stderr.splitlines() if line.startswith("rora: warning: ")]
+    assert len(said) == 1 and said[0].startswith("rora: warning: obs importance read ") and "corpus" in said[0]
+    manifest = json.loads((tmp_path / "obs" / MANIFEST).read_text())
+    assert manifest["report"]["warning"] == said[0].removeprefix("rora: warning: ")
+    quiet = CliRunner().invoke(main, [*args[:5], "taylor", *args[6:], str(tmp_path / "taylor")])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output

@@ -294,6 +294,22 @@ def _tiny_run(root, out, **changes):
         "eval": {"tasks": ["boolq"], "limit": 2, "batch_size": 2}, **changes})
 
 
+def test_run_says_when_obs_importance_read_too_little_text(saved):
+    """The prune stage passes the report's calibration warning on (2 x 16 tokens against down_proj's 96 inputs)."""
+    from rora.pipelines.run import run_pipeline
+
+    said = []
+    only_prune = ["eval_base", "eval_pruned", "reconstruct", "eval_reconstructed", "recover", "merge", "eval_recovered",
+                  "export"]
+    cfg = _tiny_run(saved, saved / "obs-run", skip=only_prune)
+    cfg = cfg.replace(prune=cfg.prune.replace(importance="obs"))
+    run_pipeline(cfg, say=said.append, progress=False)
+    assert [m for m in said if "warning" in m] == [
+        "[prune] warning: obs importance read 32 calibration tokens, fewer than down_proj's 96 inputs, so its order is "
+        "little better than Taylor's; give it thousands of tokens of a corpus (--calibration corpus.parquet "
+        "--num-samples 64)"]
+
+
 def test_run_rebuilds_a_deleted_or_changed_stage_output_and_ignores_a_malformed_record(saved):
     import shutil
 

@@ -383,6 +383,8 @@ def _prune(ctx: _Context, flow: _Flow, fp: str) -> dict:
     if any(ctx.config.runs(n) for n in ("reconstruct", "recover", "eval_pruned", "eval_reconstructed")):
         flow.teacher = copy.deepcopy(flow.model)
     report = prune(flow.model, flow.tokenizer, ctx.config.prune)
+    if report.warning:
+        ctx.stages.say(f"[prune] warning: {report.warning}")
     save_pruned(flow.model, flow.tokenizer, report, ctx.out / "pruned", overwrite=True, source=ctx.config.model)
     return {}  # the report is in the pruned directory's manifest
 

@@ -34,7 +34,7 @@ from ..config import PruneConfig
 from ..models import check_loaded
 from ..errors import PruningError
 from .calibration import calibration_samples
-from .importance import SCORERS, TAYLOR_BASED, UnitScores, needs_samples
+from .importance import SCORERS, TAYLOR_BASED, UnitScores, needs_samples, thin_calibration
 from ..architecture import (
     LayerShape, check_supported, decoder_layers, is_standard_config, keep_units, layer_shapes, sync_config,
 )
@@ -61,6 +61,7 @@ class PruneReport:
     standard_config: bool = True  # plain transformers from_pretrained loads it (else only rora.load_model)
     seconds: float = 0.0
     prose: dict = field(default_factory=dict)  # {"before", "after"}: figures on held-out prose, when measured
+    warning: str | None = None  # what the user should know about the calibration (importance.thin_calibration)
     perplexity_before: float | None = field(init=False, default=None)
     perplexity_after: float | None = field(init=False, default=None)
 
@@ -92,6 +93,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
     params_before = count_parameters(model)
     loss_before = heldout_loss(model, holdout)
     removing = [i for i in layer_ids if any(counts[i])]
+    warning = thin_calibration(model, removing, calib, config.importance)
     scores = SCORERS[config.importance](model, removing, calib, config) if removing else {}
     layers = decoder_layers(model)
     removed = {}
@@ -127,6 +129,7 @@ def prune(model, tokenizer, config: PruneConfig, calibration: list[str] | None =
         loss_after=loss_after,
         standard_config=is_standard_config(model.config),
         seconds=round(time.perf_counter() - start, 3),
+        warning=warning,
     )
     log.info("pruned %s -> %s parameters in %.1f s", params_before, params_after, report.seconds)
     return report
