@@ -1,10 +1,10 @@
 """Which units to prune (the quickstart's prune section), on validation figures only: SmolLM2-135M pruned over a
 layer range at the ratio that removes about the same share of the decoder's weights as a uniform 30% prune, with the
-preset's importance (obs-mlp; Taylor before commit 288fa2e) or another (--set importance=obs ...), then reconstructed as the quickstart
-reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first three corpus shards). Each model
-gets the KL per token to the unpruned model (and the perplexity) on 48 paragraphs of the prose corpus the demo never
-reads (the end of its last shard), before and after reconstruction. One line per setting on stdout; each finished
-setting is appended to <work>/runs.jsonl.
+preset's importance (obs-mlp; Taylor before commit 288fa2e) or another (--set importance=obs ...), then
+reconstructed as the quickstart reconstructs (lstsq on prose, here 32 + 16 sequences of 128 tokens from the first
+three corpus shards). Each model gets the KL per token to the unpruned model (and the perplexity) on 48 paragraphs of
+the prose corpus the demo never reads (the end of its last shard), before and after reconstruction. One line per
+setting on stdout; each finished setting is appended to <work>/runs.jsonl.
 
     make prose
     python benchmarks/bench_prune_layers.py        # ~4 min per setting on 2 cores

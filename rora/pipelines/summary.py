@@ -91,11 +91,12 @@ def summary_table(result) -> str:
                   f"| model | {' | '.join(NAMES.values())} | prose log-perplexity | held-out records loss |",
                   "|---|---|---|---|---|"]
         for label in AFTER_PRUNING:
-            cells = [closed.get(label, {}).get("average"), closed.get(label, {}).get(WITHOUT_PRIOR),
+            cells = [*(closed.get(label, {}).get(avg) for avg in AVERAGES),
                      held.get("prose_gap_closed", {}).get(label), held.get("heldout_gap_closed", {}).get(label)]
             if any(c is not None for c in cells):
                 lines.append(f"| {label} | " + " | ".join(_share(c) for c in cells) + " |")
-        noise = [NAMES[avg] for avg in AVERAGES if closed and all(c.get(avg, 0) is None for c in closed.values())]
+        gap = stats["comparisons"].get("pruned - base", {}) if closed else {}
+        noise = [NAMES[avg] for avg in AVERAGES if avg in gap and not gap[avg]["significant"]]
         if noise:
             lines += ["", f"({' and '.join(noise)}: '-', the pruned model's gap to the unpruned one is inside two "
                       "standard errors, and a share of noise means nothing.)"]
