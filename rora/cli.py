@@ -254,8 +254,8 @@ def format_info(s: dict) -> str:
 @model_argument
 @config_options(PruneConfig, "ratio")
 @click.option("--out", required=True, help="Output directory for the pruned model.")
-@config_options(PruneConfig, "layers", "importance", "taylor", "gqa", "num_samples", "calibration", "channel_multiple",
-                "seed")
+@config_options(PruneConfig, "mlp_ratio", "layers", "importance", "taylor", "gqa", "num_samples", "calibration",
+                "channel_multiple", "seed")
 @prose_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")
@@ -287,10 +287,16 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
         click.echo(f"rora: warning: {report.warning}", err=True)
 
 
+def _mlp_ratio(r: dict) -> str:
+    """', MLP channels 0.3' where the prune's mlp_ratio differs from its ratio (older manifests have none)."""
+    mlp = r["config"].get("mlp_ratio")
+    return "" if mlp is None or mlp == r["requested_ratio"] else f" (MLP channels {mlp})"
+
+
 def format_prune(r: dict, path) -> str:
     a = r["actual"]
     lines = [
-        f"pruned         {r['importance']} importance, ratio {r['requested_ratio']}, layers "
+        f"pruned         {r['importance']} importance, ratio {r['requested_ratio']}{_mlp_ratio(r)}, layers "
         f"{r['pruned_layers'][0]}-{r['pruned_layers'][-1]}" if r["pruned_layers"] else "pruned         nothing",
         f"parameters     {r['params_before']:,} -> {r['params_after']:,} ({a['parameters']:.1%} removed)",
         f"removed        {a['q_heads']:.1%} query heads, {a['kv_heads']:.1%} KV heads, {a['channels']:.1%} MLP channels"

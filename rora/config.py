@@ -276,6 +276,8 @@ class PruneConfig(StageConfig):
 
     SECTION = "prune"
     ratio: float = setting(0.2, "Fraction of heads/channels to remove in each pruned layer, in [0, 1).")
+    mlp_ratio: float | None = setting(None, "Fraction of MLP channels to remove in each pruned layer, in [0, 1), "
+                                            "when it differs from the heads' (ratio); unset: ratio.")
     importance: str = setting("taylor", f"Importance scorer: {_listing(IMPORTANCE)}. obs ranks units by what a "
                                         "least-squares refit can make up for, obs-mlp does so for MLP channels and "
                                         "leaves heads to Taylor (the demo's); both need thousands of tokens of a "
@@ -300,10 +302,17 @@ class PruneConfig(StageConfig):
                                        "(32 suits llama.cpp's quantized GGUF).")
     seed: int = setting(42, "Seed for sample order and random importance.")
 
+    @property
+    def channel_ratio(self) -> float:
+        """The fraction of MLP channels to remove: mlp_ratio, or ratio when unset."""
+        return self.ratio if self.mlp_ratio is None else self.mlp_ratio
+
     def problems(self) -> list[str]:
         out = self.out_of_bounds(positive=("channel_multiple", "num_samples", "seq_len"), non_negative=("holdout_samples",))
-        if not 0.0 <= self.ratio < 1.0:
-            out.append(f"prune.ratio must be in [0, 1), got {self.ratio}")
+        for key in ("ratio", "mlp_ratio"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                out.append(f"prune.{key} must be in [0, 1), got {value}")
         out += calibration_typo(self.section, self.calibration, BUILTIN_CALIBRATION)
         if self.layers != "uniform":
             start, sep, end = self.layers.partition(":")

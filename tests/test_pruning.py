@@ -201,6 +201,32 @@ def test_ratios_round_half_up_and_are_reported(tokenizer):
     assert report.perplexity_after == pytest.approx(torch.tensor(report.loss_after).exp().item(), rel=1e-6)
 
 
+def test_mlp_ratio_prunes_channels_at_their_own_fraction(tmp_path, tokenizer):
+    """Heads at ratio, channels at mlp_ratio; the report, the manifest and `rora prune`'s first line say so."""
+    from click.testing import CliRunner
+
+    from rora.artifacts import save_model_dir
+    from rora.cli import main
+
+    model = make_model("llama", heads=6, kv_heads=2, hidden=96)
+    report = prune(model, tokenizer, cfg(ratio=0.7, mlp_ratio=0.1, importance="l2"), TEXTS)
+    # round(0.7 * 3) = 2 heads per group -> 4 of 6; round(0.1 * 96) = 10 channels.
+    assert layer_shapes(model) == [LayerShape(2, 2, 86)] * 2
+    assert report.actual["q_heads"] == pytest.approx(4 / 6, abs=1e-6)
+    assert report.actual["channels"] == pytest.approx(10 / 96, abs=1e-6)
+    heads_only = make_model("llama", heads=6, kv_heads=2, hidden=96)
+    prune(heads_only, tokenizer, cfg(ratio=0.7, mlp_ratio=0.0, importance="l2"), TEXTS)
+    assert layer_shapes(heads_only) == [LayerShape(2, 2, 96)] * 2
+
+    save_model_dir(make_model("llama", heads=6, kv_heads=2, hidden=96), tokenizer, tmp_path / "m")
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "m"), "--out", str(tmp_path / "p"), "--ratio", "0.4",
+                                       "--mlp-ratio", "0.25", "--importance", "l2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("pruned         l2 importance, ratio 0.4 (MLP channels 0.25), layers 0-1")
+    manifest = json.loads((tmp_path / "p" / "rora.json").read_text())
+    assert manifest["config"]["mlp_ratio"] == 0.25 and manifest["report"]["layers"][0]["intermediate"] == 72
+
+
 def test_random_importance_is_seeded(tokenizer):
     runs = [prune(make_model("llama"), tokenizer, cfg(ratio=0.5, importance="random", seed=s), TEXTS) for s in (1, 1, 2)]
     assert runs[0].layers == runs[1].layers

@@ -52,6 +52,8 @@ def test_prune_cli_reads_yaml_and_flags_win(model_dir, tmp_path):
         (["--ratio", "1.0"], "prune.ratio must be in [0, 1)"),
         (["--ratio", "-0.1"], "prune.ratio must be in [0, 1)"),
         (["--ratio", "0.9"], "would remove all 2 query heads"),
+        (["--ratio", "0.2", "--mlp-ratio", "1.2"], "prune.mlp_ratio must be in [0, 1)"),
+        (["--ratio", "0.2", "--mlp-ratio", "0.999"], "would remove all"),
         (["--ratio", "0.5", "--layers", "1:9"], "outside the model's 2 layers"),
         (["--ratio", "0.5", "--layers", "2:1"], "START < END"),
         (["--ratio", "0.5", "--importance", "magnitude"], "prune.importance must be one of"),

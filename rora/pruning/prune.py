@@ -1,7 +1,8 @@
 """prune(): LLM-Pruner-style structured pruning of whole attention heads and MLP channels, in place.
 
 Units and ratio (R = `PruneConfig.ratio`, applied to every pruned layer; rounding is half up):
-  * MLP: remove round(R * intermediate) channels (gate/up rows and down columns together).
+  * MLP: remove round(R * intermediate) channels (gate/up rows and down columns together); `mlp_ratio`, when set,
+    takes R's place here, so heads and channels can be pruned at different fractions.
   * attention, `gqa="within-group"` (default): remove round(R * group_size) query heads from EVERY KV group, the
     least important inside each group; all KV heads stay. Total heads removed = num_kv_heads * round(R * group_size),
     the multiple of the group count nearest to R * num_heads. For SmolLM2 (9 heads, 3 groups), R=0.3 removes 3 heads.
@@ -168,13 +169,14 @@ def removal_counts(shape: LayerShape, config: PruneConfig, index: int) -> tuple[
                     f"lower --ratio (below {(shape.kv_heads - 0.5) / shape.kv_heads:.3f})"
                 )
     if config.mlp:
-        channels = _round(config.ratio * shape.intermediate)
+        channels = _round(config.channel_ratio * shape.intermediate)
         if config.channel_multiple > 1 and channels:  # round what is kept, not what is removed
             m = config.channel_multiple
             kept = min(max(m, m * _round((shape.intermediate - channels) / m)), shape.intermediate)
             channels = shape.intermediate - kept
         if channels >= shape.intermediate:
-            raise PruningError(f"ratio {config.ratio} would remove all {shape.intermediate} MLP channels of layer {index}")
+            raise PruningError(f"ratio {config.channel_ratio} would remove all {shape.intermediate} MLP channels of layer "
+                               f"{index}")
     return per_group, groups, channels
 
 
