@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -94,6 +95,36 @@ def validation_prose(prose_dir: str | Path, count: int = 48) -> list[str]:
     if not shards:
         raise SystemExit(f"no prose corpus in {prose_dir}: run `make prose` first")
     return pq.read_table(shards[-1]).column("text").to_pylist()[-count:]
+
+
+# Tasks whose training split the offline data holds in a form log-likelihood scoring can read back (BoolQ's
+# train.json lacks the passage its lm-eval task scores with), and the key their lm-eval records name the question by.
+VALIDATION_TASKS = {"ARC-Easy": "question", "ARC-Challenge": "question", "openbookqa": "question_stem"}
+_CHOICE = re.compile(r"Answer(\d): (.*?)(?= Answer\d: |$)")
+
+
+def validation_tasks(data_dir: str | Path, out: str | Path, count: int = 300) -> Path:
+    """Validation multiple-choice sets for the lm-eval protocol, carved from training data: the last `count` records
+    of each VALIDATION_TASKS task's train.json, written as `<out>/<task>/lmeval_test.jsonl` in the original schema
+    (question, choices, answerKey), parsed out of the LLM-Adapters instruction as the offline test files were. The
+    demo's recovery reads a seeded ~1% of these training records, so a recovered model may have seen a few; a pruned
+    or reconstructed one has seen none. Returns `out`, a data directory for evaluate() with these three tasks."""
+    for task, key in VALIDATION_TASKS.items():
+        records = json.loads((Path(data_dir) / task / "train.json").read_text())[-count:]
+        lines = []
+        for r in records:
+            question, _, rest = r["instruction"].removeprefix("Please choose the correct answer to the question: ") \
+                .partition("\n\n")
+            choices = _CHOICE.findall(rest.split("\n\nAnswer format")[0])
+            labels = [chr(ord("A") + int(n) - 1) for n, _ in choices]
+            answer = chr(ord("A") + int(r["answer"].removeprefix("answer")) - 1)
+            if not choices or answer not in labels:
+                raise ValueError(f"{task}: cannot read the choices of {r['instruction'][:80]!r}")
+            lines.append(json.dumps({key: question, "choices": {"text": [t for _, t in choices], "label": labels},
+                                     "answerKey": answer}))
+        (Path(out) / task).mkdir(parents=True, exist_ok=True)
+        (Path(out) / task / "lmeval_test.jsonl").write_text("\n".join(lines) + "\n")
+    return Path(out)
 
 
 class DemoFigures:
