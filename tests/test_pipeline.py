@@ -203,8 +203,8 @@ def test_quickstart_preset_is_the_documented_demo():
     # the first and last three layers kept whole, the rest pruned harder: ~29% of the decoder either way (the preset
     # says why)
     assert cfg.prune.layers == "3:27" and 0 < cfg.prune.ratio < 0.5
-    # MLP channels by what the reconstruction can make up for, heads by Taylor (obs's heads loop; the preset says why)
-    assert cfg.prune.importance == "obs-mlp" and cfg.prune.num_samples == 64
+    # MLP channels only, by what the reconstruction can make up for; SmolLM2's heads all kept (the preset says why)
+    assert cfg.prune.importance == "obs" and not cfg.prune.attention and cfg.prune.mlp and cfg.prune.num_samples == 64
 
 
 def test_run_cli_rejects_unknown_key(tmp_path):
