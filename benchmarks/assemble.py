@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # the claims first, then the speed figures, then the device
-ORDER = ("reconstruct", "reconstruct_200", "prune_layers", "demo_text", "writing", "writing_obs", "writing_obs_mlp", "objectives", "rank_sweep", "rank_kd",
+ORDER = ("reconstruct", "reconstruct_200", "prune_layers", "demo_text", "writing", "writing_obs", "writing_obs_mlp", "writing_mlp_only", "objectives", "rank_sweep", "rank_kd",
          "text_budget", "lr_auto", "recover", "distill", "distill_checkpointing", "distill_data", "eval", "loglik",
          "precision", "train_precision", "prune", "edge", "gpu", "gpu_recovery")
 INTRO = """# Benchmarks
