@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="the recovery's seed (validation split, order, prompts; "
                                                           "default: the preset's)")
     p.add_argument("--work", default="runs/writing", help="scratch directory (runs.jsonl, recoveries)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the report goes (writing.{md,json,png}): another "
+                                                             "directory keeps a run on another prune from replacing "
+                                                             "the published section")
     p.add_argument("--report-only", action="store_true", help="write the report from the rows done so far")
     return p.parse_args(argv)
 
@@ -172,7 +175,8 @@ def report(args, done: dict) -> None:
                      f"{_paired(r, ref)} | {r['distinct_2']:.3f} | {r['reference_ppl']:.2f} | "
                      f"{_num(r.get('val_kl'))} | {r['val_prose_kl']:.3f} | {r['test_prose_ppl']:.1f} | "
                      f"{_num(r.get('seconds'), '.0f')} |")
-    plot(done, RESULTS / "writing.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(done, args.out / "writing.png")
     wide = len(next(iter(done.values())).get("wide_each", [])) or 48
     publish("writing", title="Writing after recovery: the recovery's objective (kd weight, share of prose, "
                              "token-level unlikelihood)",
@@ -189,7 +193,7 @@ def report(args, done: dict) -> None:
                     "paragraphs, whole; test prose: 32 held-out BoolQ "
                     "passages (measured only, never chosen on); one run each (deterministic on the same setup and "
                     "thread count, not across them)",
-            table="\n".join(table), data={"runs": done})
+            table="\n".join(table), data={"runs": done}, out=args.out)
 
 
 def _paired(row: dict, ref: dict | None) -> str:
