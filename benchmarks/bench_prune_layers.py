@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (RESULTS, VALIDATION_TASKS, Runs, bar_pairs, offline_data_dir, publish,  # noqa: E402
-                     validation_prose, validation_tasks)
+from _common import (RESULTS, VALIDATION_TASKS, Runs, bar_pairs, offline_data_dir, paired_cell,  # noqa: E402
+                     publish, validation_prose, validation_tasks)
 
 
 def parse_args(argv=None):
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
         after = heldout_metrics(model, teacher, tok, val_prose, cutoff_len=256)
         accuracy = {"pruned": pruned_accuracy, "reconstructed": score(model)} if args.accuracy else None
         runs.keep({"name": name, "layers": layers, "ratio": float(ratio), "accuracy": accuracy,
-                   "prune": {k: getattr(pc, k) for k in ("importance", "num_samples", "calibration", "mlp_ratio", "attention")},
+                   "prune": {k: getattr(pc, k) for k in PRUNE_KEYS},
                    "calibration": what, "weights": decoder_weights(model),
                    "weights_base": decoder_weights(base), "pruned": pruned, "reconstructed": after,
                    "reconstruct_seconds": seconds},
@@ -124,8 +124,8 @@ def accuracy_columns(table: list[str], rows: list[dict], first: dict, base: dict
         if not acc:
             out.append(line + " - | - | - |")
             continue
-        d = paired_difference(first["accuracy"]["reconstructed"], acc["reconstructed"])["average"]
-        diff = "" if r is first else f"{100 * d['difference']:+.1f} ± {100 * d['se']:.1f}{' *' if d['significant'] else ''}"
+        diff = "" if r is first else paired_cell(
+            paired_difference(first["accuracy"]["reconstructed"], acc["reconstructed"]), "average")
         out.append(line + f" {cell(acc['pruned'])} | {cell(acc['reconstructed'])} | {diff} |")
     if base:
         out.append(f"\nThe unpruned model's validation accuracy: {cell(base['accuracy']['base'])}.")
@@ -133,6 +133,7 @@ def accuracy_columns(table: list[str], rows: list[dict], first: dict, base: dict
 
 
 BASE_ROW = "unpruned"  # the row holding the unpruned model's validation accuracy
+PRUNE_KEYS = ("importance", "num_samples", "calibration", "mlp_ratio", "attention")  # what a row records of its prune
 
 
 def scored_with(row: dict | None, model: str) -> int:

@@ -288,7 +288,7 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
 
 
 def _mlp_ratio(r: dict) -> str:
-    """', MLP channels 0.3' where the prune's mlp_ratio differs from its ratio (older manifests have none)."""
+    """' (MLP channels 0.3)' where the prune's mlp_ratio differs from its ratio (older manifests have none)."""
     mlp = r["config"].get("mlp_ratio")
     return "" if mlp is None or mlp == r["requested_ratio"] else f" (MLP channels {mlp})"
 
