@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from rora import registry
 from rora.cli import RUN_FLAGS, main
-from rora.config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, RecoverConfig
+from rora.config import EvalConfig, ExportConfig, MergeConfig, PipelineConfig, PruneConfig, RecoverConfig, load_preset
 from rora.errors import ConfigError
 
 STAGES = (PruneConfig, RecoverConfig, EvalConfig, MergeConfig, ExportConfig, PipelineConfig)
@@ -102,7 +102,7 @@ def test_run_set_any_key_between_yaml_and_flags():
     assert result.exit_code == 0, result.output
     cfg = PipelineConfig.from_dict(yaml.safe_load(result.output))
     assert (cfg.recover.rank, cfg.prune.channel_multiple, cfg.skip, cfg.recover.lr) == (4, 32, ["eval_base"], 3e-4)
-    assert cfg.prune.ratio == 0.4  # the preset's, untouched
+    assert cfg.prune.ratio == load_preset("quickstart").prune.ratio  # the preset's, untouched
     flagged = CliRunner().invoke(main, args[:-1] + ["--rank", "8", "--print-config"])
     assert yaml.safe_load(flagged.output)["recover"]["rank"] == 8  # a flag wins over --set
 
