@@ -162,6 +162,17 @@ def test_obs_mlp_takes_heads_from_taylor_and_channels_from_obs(tokenizer, monkey
         assert not torch.equal(obs[i].channels, taylor[i].channels.argsort().argsort().float())  # two real rankings
 
 
+def test_obs_on_a_prune_that_keeps_every_head_ranks_the_channels_alone(tokenizer):
+    """attention: false: obs gathers no o_proj statistics; the channel order is the one obs gives with the heads."""
+    model = make_model("llama", layers=2, heads=4, kv_heads=2)
+    samples = [tokenizer(t, return_tensors="pt").input_ids for t in TEXTS[:4]]
+    full, mlp_only = obs_scores(model, [0, 1], samples), importance.SCORERS["obs"](
+        model, [0, 1], samples, cfg(importance="obs", attention=False))
+    for i in (0, 1):
+        assert torch.equal(mlp_only[i].channels, full[i].channels) and not torch.equal(full[i].q_heads, torch.zeros(4))
+        assert torch.equal(mlp_only[i].q_heads, torch.zeros(4)) and torch.equal(mlp_only[i].kv_heads, torch.zeros(2))
+
+
 def test_taylor_scores_match_autograd_reference(tokenizer):
     """Per-unit Taylor scores equal a direct computation from per-sample gradients (all three variants)."""
     model = make_model("llama", layers=1, heads=4, kv_heads=2)

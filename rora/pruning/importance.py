@@ -165,13 +165,16 @@ def taylor_scores(model, layer_ids: list[int], samples: list[torch.Tensor], vari
     return out
 
 
-def obs_scores(model, layer_ids: list[int], samples: list[torch.Tensor]) -> dict[int, UnitScores]:
-    """Greedy structured-OBS ranks of every unit (see the module docstring)."""
+def obs_scores(model, layer_ids: list[int], samples: list[torch.Tensor], heads: bool = True) -> dict[int, UnitScores]:
+    """Greedy structured-OBS ranks of every unit (see the module docstring). `heads=False` (a prune that keeps every
+    head) ranks the MLP channels alone: o_proj's statistics are not gathered, the heads all score 0."""
     hd = head_dim(model.config)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
-    orders = _obs_orders(model, layer_ids, samples,
-                         {"q_heads": ("o_proj", hd), "kv_heads": ("o_proj", hd * group), "channels": ("down_proj", 1)})
-    return {i: UnitScores(**orders[i]) for i in layer_ids}
+    units = {"q_heads": ("o_proj", hd), "kv_heads": ("o_proj", hd * group)} if heads else {}
+    orders = _obs_orders(model, layer_ids, samples, {**units, "channels": ("down_proj", 1)})
+    width = {i: projections(decoder_layers(model)[i])["o_proj"].in_features for i in layer_ids}
+    return {i: UnitScores(**{"q_heads": torch.zeros(width[i] // hd), "kv_heads": torch.zeros(width[i] // (hd * group)),
+                             **orders[i]}) for i in layer_ids}
 
 
 def _obs_orders(model, layer_ids: list[int], samples: list[torch.Tensor], units: dict[str, tuple[str, int]]) -> dict:
@@ -311,7 +314,7 @@ SCORERS: dict[str, Scorer] = {
     "l2": lambda model, layer_ids, samples, config: magnitude_scores(model, layer_ids, 2),
     "random": lambda model, layer_ids, samples, config: random_scores(model, layer_ids, config.seed),
     "taylor": lambda model, layer_ids, samples, config: taylor_scores(model, layer_ids, samples, config.taylor),
-    "obs": lambda model, layer_ids, samples, config: obs_scores(model, layer_ids, samples),
+    "obs": lambda model, layer_ids, samples, config: obs_scores(model, layer_ids, samples, config.attention),
     "obs-mlp": lambda model, layer_ids, samples, config: obs_mlp_scores(model, layer_ids, samples, config.taylor),
 }
 TAYLOR_BASED = ("taylor", "obs-mlp")  # the scorers that read config.taylor
