@@ -137,10 +137,8 @@ PRUNE_KEYS = ("importance", "num_samples", "calibration", "mlp_ratio", "attentio
 
 
 def scored_with(row: dict | None, model: str) -> int:
-    """How many validation questions per task `row` scored `model` on (0: none; a row not run: -1)."""
-    if row is None:
-        return -1
-    outcomes = (row.get("accuracy") or {}).get(model)
+    """How many validation questions per task `row` scored `model` on (0: none, or no such row)."""
+    outcomes = ((row or {}).get("accuracy") or {}).get(model)
     return len(next(iter(outcomes.values()))) if outcomes else 0
 
 

@@ -279,9 +279,10 @@ class PruneConfig(StageConfig):
     mlp_ratio: float | None = setting(None, "Fraction of MLP channels to remove in each pruned layer, in [0, 1), "
                                             "when it differs from the heads' (ratio); unset: ratio.")
     importance: str = setting("taylor", f"Importance scorer: {_listing(IMPORTANCE)}. obs ranks units by what a "
-                                        "least-squares refit can make up for, obs-mlp does so for MLP channels and "
-                                        "leaves heads to Taylor (the demo's); both need thousands of tokens of a "
-                                        "corpus (--calibration, --num-samples 64).", IMPORTANCE)
+                                        "least-squares refit can make up for (the demo's, which keeps every head), "
+                                        "obs-mlp does so for MLP channels and leaves heads to Taylor; both need "
+                                        "thousands of tokens of a corpus (--calibration, --num-samples 64).",
+                              IMPORTANCE)
     taylor: str = setting("vectorwise", f"Taylor variant (LLM-Pruner's): {_listing(TAYLOR_VARIANTS)}.", TAYLOR_VARIANTS)
     layers: str = setting("uniform", "'uniform' (every layer alike) or START:END (e.g. 4:30, LLM-Pruner's default).")
     attention: bool = setting(True, "Prune attention heads.")
