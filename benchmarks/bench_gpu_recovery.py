@@ -9,7 +9,12 @@ test sets of the eight tasks (lm-eval protocol, native engine; 22,419 examples; 
 paired against the base and the pruned model, and on held-out prose (BoolQ validation passages: measured only).
 Nothing is chosen on a test set: the recipe is the quickstart's, the budgets are fixed in advance.
 
-    . tools/device_setup.sh && python3 benchmarks/bench_gpu_recovery.py --out $OUT       # the GPU run
+Device time is short (one call runs 10 minutes at most), so with --budget-s the smallest budget runs first and
+measures the training speed, the others then run largest first, and each is skipped (and recorded so) when its
+training at that speed plus one evaluation would not end in time. The outputs are rewritten after every model, so
+a call stopped at its limit still brings back every model measured before.
+
+    . tools/device_setup.sh && python3 benchmarks/bench_gpu_recovery.py --budget-s 400 --out $OUT   # the GPU run
     python benchmarks/bench_gpu_recovery.py --model DIR --budgets 2000,4000 --set eval.sample=3 \\
         --set prune.layers=0:2 --set reconstruct.num_samples=4 ... --out /tmp/rec         # tiny, on CPU (the test)
 --set SECTION.KEY=VALUE changes the preset as `rora run --set` does, after the scale-up below (SCALE). The GPU run
@@ -38,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a setting of the quickstart preset changed (YAML values, as rora run --set)")
     p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip a recovery that would not end within this many seconds of the start; unset: no limit")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -64,6 +71,7 @@ def main(argv=None) -> None:
     from rora.recovery.trainer import _training_data, recover
 
     args = parse_args(argv)
+    start_time = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = load_preset("quickstart").with_settings({**SCALE, **dict(map(parse_setting, args.set))})
     base, tok = load_model(args.model, device=device)
@@ -80,21 +88,30 @@ def main(argv=None) -> None:
         print(f"{name}: {summary_line(row)}", flush=True)
         return row
 
+    recipe = preset.recover
+    epoch = _training_data(args.data, tok, recipe).train  # what one epoch of the recipe trains on
+    epoch_tokens = sum(len(e) for e in epoch)
+    skipped, speed = [], None  # training tokens/s, once a recovery has measured it
+    deadline = None if args.budget_s is None else start_time + args.budget_s
     rows = [measure("base", base)]
     pruned = copy.deepcopy(base)
     start = time.perf_counter()
     prune(pruned, tok, preset.prune)
     rows.append(measure("pruned", pruned, seconds=time.perf_counter() - start))
+    report(args, rows, epoch_tokens, preset, skipped)
     rc = preset.reconstruct
     ids, what = calibration_sequences(rc, tok, teacher=teacher)
     rec = reconstruct(pruned, teacher, tok, rc, sequences=ids, source=what, progress=False)
     rows.append(measure("reconstructed", pruned, seconds=rec.seconds, calibration_tokens=rec.calibration["fit_tokens"]))
+    report(args, rows, epoch_tokens, preset, skipped)
 
-    recipe = preset.recover
-    epoch = _training_data(args.data, tok, recipe).train  # what one epoch of the recipe trains on
-    epoch_tokens = sum(len(e) for e in epoch)
     with tempfile.TemporaryDirectory() as work:
-        for budget in map(int, args.budgets.split(",")):
+        for budget in run_order(map(int, args.budgets.split(","))):
+            need = overrun(budget, speed, rows[0]["eval_seconds"], deadline)
+            if need is not None:
+                skipped.append({"budget": budget, "needs_seconds": round(need)})
+                print(f"recovered {budget:,}: skipped, it needs ~{need:.0f} s", flush=True)
+                continue
             steps = max(1, round(budget / epoch_tokens * len(epoch) / recipe.batch_size))  # epochs cycle
             cfg = recipe.replace(max_steps=steps, warmup_steps=max(1, steps // 30), save_steps=steps)
             model = copy.deepcopy(pruned)  # the adapter wraps the copy; pruned stays the reconstructed model
@@ -102,10 +119,27 @@ def main(argv=None) -> None:
             res = recover(model, tok, args.data, cfg, Path(work) / str(budget), overwrite=True, progress=False,
                           teacher=teacher)
             seconds = time.perf_counter() - start
+            speed = res.train_tokens / seconds
             rows.append(measure(f"recovered {budget:,}", res.model, budget=budget, steps=res.steps,
-                                train_tokens=res.train_tokens, seconds=seconds,
-                                tokens_per_second=res.train_tokens / seconds))
-    report(args, rows, epoch_tokens, preset)
+                                train_tokens=res.train_tokens, seconds=seconds, tokens_per_second=speed))
+            report(args, rows, epoch_tokens, preset, skipped)
+    report(args, rows, epoch_tokens, preset, skipped, final=True)
+
+
+def overrun(budget: int, speed: float | None, eval_seconds: float, deadline: float | None) -> float | None:
+    """The seconds a recovery of `budget` tokens and its evaluation need, when they would end after the deadline
+    (time.time() scale) at `speed` training tokens/s; None when it fits, or no deadline or speed is known yet."""
+    if deadline is None or speed is None:
+        return None
+    need = budget / speed + eval_seconds
+    return need if time.time() + need > deadline else None
+
+
+def run_order(budgets) -> list[int]:
+    """The smallest budget first (it measures the training speed), then the others largest first: the goal's
+    budget before the curve's middle points."""
+    first, *rest = sorted(budgets)
+    return [first, *sorted(rest, reverse=True)]
 
 
 def summary_line(row: dict) -> str:
@@ -116,9 +150,12 @@ def summary_line(row: dict) -> str:
             f" examples), prose ppl {row['prose']['perplexity']:.1f} (KL {row['prose']['kl']:.3f})")
 
 
-def report(args, rows: list[dict], epoch_tokens: int, preset) -> None:
+def report(args, rows: list[dict], epoch_tokens: int, preset, skipped: list[dict], final: bool = False) -> None:
+    """The outputs from the models measured so far (rewritten after each), the recovered ones in budget order; the
+    table is printed at the end."""
     from rora.evaluation.stats import WITHOUT_PRIOR, accuracy_table, gap_closed, paired_difference
 
+    rows = rows[:3] + sorted(rows[3:], key=lambda r: r["budget"])
     base, pruned = rows[0], rows[1]
     acc = {r["name"]: accuracy_table(r["outcomes"]) for r in rows}
     table = ["| model | training tokens | avg acc (%) | vs base (paired) | vs pruned (paired) | w/o BoolQ vs pruned | "
@@ -141,6 +178,11 @@ def report(args, rows: list[dict], epoch_tokens: int, preset) -> None:
     head = (f"{n:,} examples per model ({'the full test sets' if sample is None else f'{sample} per task'}),"
             f" the same for every model; prose: {base['prose']['tokens']:,} tokens of {base['prose']['source']}. "
             "Differences without * are inside two standard errors (noise).")
+    if not final:
+        head += " Incomplete: written before the run's end."
+    if skipped:
+        head += " Not trained, for lack of device time: " + ", ".join(
+            f"{s['budget']:,} tokens (~{s['needs_seconds']} s)" for s in skipped) + "."
     args.out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.out / "gpu_recovery.png")
     rc = preset.recover
@@ -152,9 +194,10 @@ def report(args, rows: list[dict], epoch_tokens: int, preset) -> None:
     write_outputs("gpu_recovery", title="A recovery at ~1000x the demo's budget (one GPU)",
                   command="python benchmarks/bench_gpu_recovery.py " + " ".join(sys.argv[1:]), setting=setting,
                   table=head + "\n\n" + "\n".join(table), out=args.out, images=["gpu_recovery.png"],
-                  data={"rows": rows, "epoch_tokens": epoch_tokens, "preset": preset.to_dict(),
-                        "environment": environment()})
-    print("\n".join(table))
+                  data={"rows": rows, "skipped": skipped, "complete": final, "epoch_tokens": epoch_tokens,
+                        "preset": preset.to_dict(), "environment": environment()})
+    if final:
+        print("\n".join(table))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import REPO, make_model, make_tokenizer, subprocess_env
 
@@ -48,5 +50,18 @@ def test_bench_gpu_recovery_tiny_trains_each_budget_and_pairs_every_model(tmp_pa
     assert rows[4]["steps"] > rows[3]["steps"]
     assert rows[2]["calibration_tokens"] == 4 * 128
     md = (out / "gpu_recovery.md").read_text()
-    assert "| recovered 4,000 |" in md and "6 examples per model (3 per task)" in md
+    assert "| recovered 4,000 |" in md and "6 examples per model (3 per task)" in md and "Incomplete" not in md
+    assert data["complete"] and data["skipped"] == []
     assert (out / "gpu_recovery.png").stat().st_size > 0
+
+
+def test_bench_gpu_recovery_measures_speed_first_then_skips_what_the_deadline_leaves_no_room_for():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu_recovery as bench
+
+    assert bench.run_order([3_000_000, 1_000_000, 10_000_000]) == [1_000_000, 10_000_000, 3_000_000]
+    now = time.time()
+    assert bench.overrun(10_000_000, None, 30.0, now + 1) is None  # the speed is not measured yet: it runs
+    assert bench.overrun(10_000_000, 1e5, 30.0, None) is None  # no deadline
+    assert bench.overrun(10_000_000, 1e5, 30.0, now + 100) == pytest.approx(130.0)  # 100 s training + 30 s eval
+    assert bench.overrun(10_000_000, 1e5, 30.0, now + 200) is None

@@ -8,13 +8,22 @@ versions installed here.
 
 Then one call per part, back to back (the machine keeps /tmp between calls while it is warm, 30 s), each command
 starting with `. tools/device_setup.sh`, which runs `unpack` below and exports PYTHONPATH and RORA_DATA_DIR (there,
-python3 is the interpreter that holds torch):
+python3 is the interpreter that holds torch). A session has 15 minutes of device time in all, a start included
+(one to two minutes), so the four parts of issue 22 take two sessions, each two calls with no pause between them:
 
-    run(carry=[".carry/1"], command=". tools/device_setup.sh && python3 benchmarks/bench_gpu.py --out $OUT")
-    run(carry=[".carry/2"], command=". tools/device_setup.sh && python3 benchmarks/bench_loglik.py --device cuda ...")
-    run(command=". tools/device_setup.sh && python3 benchmarks/bench_gpu_recovery.py --out $OUT")  # warm: all there
+    # session A: part 1 (random weights: it needs nothing carried, so it works while part 1 of the model lands),
+    # then part 4, the recovery at ~1000x the demo's budget (it skips a budget it has no time for);
+    # the timeouts, with a start, sum to ~14 of the 15 minutes
+    run(carry=[".carry/1"], timeout_s=280, command=". tools/device_setup.sh && python3 benchmarks/bench_gpu.py "
+        "--parts speed --budget-s 210 --out $OUT")
+    run(carry=[".carry/2"], timeout_s=480, command=". tools/device_setup.sh && python3 "
+        "benchmarks/bench_gpu_recovery.py --budget-s 400 --out $OUT")
+    # session B: part 2 (the LLaMA-7B shape), then part 3 (the evaluation engines)
+    run(carry=[".carry/1"], timeout_s=390, command=". tools/device_setup.sh && python3 benchmarks/bench_gpu.py "
+        "--parts 7b --budget-s 300 --out $OUT")
+    run(carry=[".carry/2"], timeout_s=360, command=". tools/device_setup.sh && python3 benchmarks/bench_loglik.py "
+        "--device cuda --n 200 --batch-size 64 --out $OUT")
 
-bench_gpu.py needs nothing carried (random weights), so the first call does useful work while its part lands.
 `unpack` copies the call's part under /tmp/rora-carry, installs the wheels there, unpacks the data (and the corpus
 into runs/prose, where the presets read it), and once every part of the model is there joins it (checked against
 its sha256) where rora.load_model("smollm2-135m") finds it. Standard library only: it runs before anything is
