@@ -587,7 +587,10 @@ def _owner(pointer) -> Path | None:
 
 
 def provenance() -> dict:
-    """Who made an output: package versions, git commit, machine, time (lm-eval EvalResults style)."""
+    """Who made an output: package versions, git commit, machine and GPU (when it has one), time (lm-eval
+    EvalResults style)."""
+    import torch
+
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -600,6 +603,7 @@ def provenance() -> dict:
         "git_commit": _git_commit(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

@@ -17,8 +17,8 @@ import typing
 import click
 from click.core import ParameterSource
 
-from .config import (EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PipelineConfig, PruneConfig, ReconstructConfig,
-                     RecoverConfig)
+from .config import (AUTO, DEVICE_HELP, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PipelineConfig, PruneConfig,
+                     ReconstructConfig, RecoverConfig, device_problem)
 
 
 def _fail(message: str) -> None:
@@ -207,6 +207,15 @@ def prose_lines(figures: dict) -> list[str]:
     return lines
 
 
+def device_option(fn):
+    def check(ctx, param, value):
+        for problem in device_problem("--device", value):
+            raise click.BadParameter(problem.removeprefix("--device "), ctx, param)
+        return value
+
+    return click.option("--device", default=AUTO, show_default=True, callback=check, help=DEVICE_HELP)(fn)
+
+
 def model_argument(fn):
     fn = click.argument("model")(fn)
     fn = click.option("--allow-pickle", is_flag=True, help="Allow loading pickled weights (an LLM-Pruner checkpoint, pytorch_model.bin, adapter_model.bin). Only for files you trust.")(fn)
@@ -257,10 +266,11 @@ def format_info(s: dict) -> str:
 @config_options(PruneConfig, "mlp_ratio", "layers", "importance", "taylor", "gqa", "num_samples", "calibration",
                 "channel_multiple", "seed")
 @prose_option
+@device_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with PruneConfig keys (flags win).")
 @handles_errors
-def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
+def prune(model, allow_pickle, out, prose, device, overwrite, config_file, **flags):
     """Prune whole attention heads and MLP channels of MODEL and save it to --out."""
     from .artifacts import check_output
 
@@ -276,7 +286,7 @@ def prune(model, allow_pickle, out, prose, overwrite, config_file, **flags):
     check_calibration(cfg.calibration, BUILTIN_CALIBRATION)  # a missing file or glob fails before the model loads
 
     held_out = Prose.load(prose)  # a bad --prose fails before the model loads
-    m, tok = load_model(model, allow_pickle=allow_pickle)
+    m, tok = load_model(model, allow_pickle=allow_pickle, device=device)
     unpruned = copy.deepcopy(m) if held_out else None  # the KL's reference (pruning works in place)
     report = prune_model(m, tok, cfg)
     if held_out:
@@ -323,11 +333,12 @@ def format_prune(r: dict, path) -> str:
 @config_options(ReconstructConfig, "num_samples", "holdout_samples", "seq_len", "damping", "bias", "batch_size",
                 "precision", "temperature", "seed")
 @prose_option
+@device_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML with ReconstructConfig keys (flags win).")
 @handles_errors
-def reconstruct(model, allow_pickle, teacher, out, data, prose, overwrite, config_file, **flags):
+def reconstruct(model, allow_pickle, teacher, out, data, prose, device, overwrite, config_file, **flags):
     """Refit MODEL's remaining weights (each layer's o_proj and down_proj) in closed form so that every layer's
     output follows the unpruned --teacher's on calibration text; no training. Saves the model to --out."""
     from .artifacts import check_output
@@ -352,8 +363,8 @@ def reconstruct(model, allow_pickle, teacher, out, data, prose, overwrite, confi
         from .recovery.data import load_records
 
         records = load_records(data)
-    m, tok = load_model(model, allow_pickle=allow_pickle)
-    t_model, _ = load_model(teacher, allow_pickle=allow_pickle)
+    m, tok = load_model(model, allow_pickle=allow_pickle, device=device)
+    t_model, _ = load_model(teacher, allow_pickle=allow_pickle, device=device)
     ids, what = calibration_sequences(cfg, tok, teacher=t_model, records=records, progress=True)
     before = held_out.measure(m, t_model, tok) if held_out else None
     report = reconstruct_model(m, t_model, tok, cfg, sequences=ids, source=what)
@@ -456,13 +467,13 @@ def adapter_option(fn):
                         "directory) to load onto MODEL; not needed when MODEL is a recovery directory.")(fn)
 
 
-def load_with_adapter(model, adapter, allow_pickle: bool):
+def load_with_adapter(model, adapter, allow_pickle: bool, device: str | None = None):
     """(StageInput, model, tokenizer): MODEL with its adapter on, a recovery directory standing for both."""
     from .artifacts import resolve_input
     from .models import load_adapter, load_model
 
     source = resolve_input(model, adapter)
-    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle))
+    m, tok = load_model(source.model, allow_pickle=source.trusts(allow_pickle), device=device)
     if source.adapter:
         m = load_adapter(m, source.adapter, allow_pickle=allow_pickle)
     return source, m, tok
@@ -478,10 +489,11 @@ def load_with_adapter(model, adapter, allow_pickle: bool):
 @click.option("--data-dir", type=click.Path(), help="Directory of <task>/test.json (default: $RORA_DATA_DIR, else download).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; a .md table and <stem>.examples.jsonl are written beside it.")
+@device_option
 @click.option("--overwrite", is_flag=True, help="Replace existing result files.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with EvalConfig keys (flags win).")
 @handles_errors
-def eval_(model, allow_pickle, adapter, reference, tasks, data_dir, out, overwrite, config_file, **flags):
+def eval_(model, allow_pickle, adapter, reference, tasks, data_dir, out, device, overwrite, config_file, **flags):
     """Evaluate MODEL (optionally with --adapter; a recovery directory brings both) on the commonsense suite, on
     held-out prose, and the quality of its own writing; prints a Markdown table."""
     from .evaluation.evaluate import check_data, check_outputs
@@ -499,14 +511,14 @@ def eval_(model, allow_pickle, adapter, reference, tasks, data_dir, out, overwri
     from .evaluation.evaluate import evaluate
 
     check_data(cfg, data_dir)  # a missing --data-dir or task file fails before the model loads
-    source, m, tok = load_with_adapter(model, adapter, allow_pickle)
-    ref, ref_name = _reference(cfg, source, m, reference, allow_pickle)
+    source, m, tok = load_with_adapter(model, adapter, allow_pickle, device)
+    ref, ref_name = _reference(cfg, source, m, reference, allow_pickle, device)
     results = evaluate(m, tok, cfg, data_dir=data_dir, out=out, model_name=source.model, adapter=source.adapter,
                        reference=ref, reference_name=ref_name)
     click.echo(results.to_markdown())
 
 
-def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: bool):
+def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: bool, device: str):
     """(reference model, its name) for the prose KL and the generation figures: --reference, else the model MODEL
     was made from; the evaluated model itself when that is what it names (and it carries no adapter)."""
     if not cfg.generation and cfg.prose == "none":
@@ -517,7 +529,7 @@ def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: b
     spec = spec or root_model(source.model)
     if str(spec) == str(source.model) and source.adapter is None:
         return model, str(spec)
-    return load_model(spec, allow_pickle=allow_pickle)[0], str(spec)
+    return load_model(spec, allow_pickle=allow_pickle, device=device)[0], str(spec)
 
 
 @main.command()
@@ -531,9 +543,10 @@ def _reference(cfg: EvalConfig, source, model, spec: str | None, allow_pickle: b
               help="Print the text as it is written (one prompt at a time).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (settings, and per prompt its text, new tokens and "
               "whether it stopped on an end-of-text token) once everything is written.")
+@device_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML with GenerateConfig keys (flags win).")
 @handles_errors
-def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_json, config_file, **flags):
+def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_json, device, config_file, **flags):
     """Let MODEL (any MODEL spec or stage output; a recovery directory, or --adapter, brings its adapter) write a
     continuation of each prompt: greedy by default, sampled with --temperature. With several prompts, each text
     follows a [i/n] line naming its prompt."""
@@ -543,7 +556,7 @@ def generate(model, allow_pickle, adapter, prompts, prompts_file, stream, as_jso
     texts = gather_prompts(prompts, prompts_file)  # before loading the model: bad input costs nothing
     from .evaluation.text import chat_enabled, generate_text
 
-    source, m, tok = load_with_adapter(model, adapter, allow_pickle)
+    source, m, tok = load_with_adapter(model, adapter, allow_pickle, device)
     chat = chat_enabled(tok, cfg.chat)  # --chat on a model without a template fails before any writing
     if stream and not as_json:  # each prompt alone, its text printed as it comes
         for i, prompt in enumerate(texts):
@@ -579,7 +592,7 @@ def _note_if_empty(i: int, g) -> None:
 
 
 # rora run's short flags: fields of the pipeline (a top-level key or section.key); every other key takes --set.
-RUN_FLAGS = ("model", "out", "data", "data_dir", "prune.ratio", "recover.method", "recover.rank", "recover.alpha",
+RUN_FLAGS = ("model", "out", "data", "data_dir", "device", "prune.ratio", "recover.method", "recover.rank", "recover.alpha",
              "recover.lr", "recover.max_steps", "recover.objective", "recover.text", "recover.max_text_tokens",
              "recover.text_ratio", "eval.protocol", "eval.tasks", "eval.limit",
              "export.format", "skip", "allow_pickle")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,12 @@ def _check_type(value: Any, hint: Any) -> bool:
 
 
 AUTO = "auto"  # the value of a setting that rora chooses itself (recover.lr)
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # where the models of a command or run are put (models.resolve_device)
+DEVICE_HELP = "Where the models run: auto (the GPU when this machine has one, else the CPU), cpu, cuda or cuda:N."
+
+
+def device_problem(key: str, value: str) -> list[str]:
+    return [] if DEVICE.fullmatch(value) else [f"{key} must be auto, cpu, cuda or cuda:N, got {value!r}"]
 
 # Counts bounded before anything is allocated: a step plan holds one entry per optimizer step.
 MAX_STEPS = 10**7
@@ -652,6 +659,8 @@ class PipelineConfig(StageConfig):
                                      "the offline train sets in $RORA_DATA_DIR.", input=True)
     data_dir: str | None = setting(None, "Evaluation data directory; unset: $RORA_DATA_DIR, else the hub.", input=True)
     allow_pickle: bool = setting(False, "Allow a pickled (LLM-Pruner) checkpoint as the model.")
+    device: str = setting(AUTO, DEVICE_HELP + " The recovery trains where accelerate puts it (the GPU when there is "
+                                        "one); its model comes back here for the stages after it.")
     skip: list[str] = setting([], f"Stages not to run (comma-separated on the command line): "
                                   f"{', '.join(PIPELINE_STAGES)}.", PIPELINE_STAGES)
     prune: PruneConfig = setting(PruneConfig, "The prune stage's settings.")
@@ -661,6 +670,9 @@ class PipelineConfig(StageConfig):
     eval: EvalConfig = setting(EvalConfig, "The three evaluations' settings.")
     merge: MergeConfig = setting(MergeConfig, "The merge stage's settings.")
     export: ExportConfig = setting(ExportConfig, "The export stage's settings.")
+
+    def problems(self) -> list[str]:
+        return device_problem("device", self.device)
 
     def runs(self, stage: str) -> bool:
         return stage not in self.skip

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir, is_recovery, provenance, read_json, save_model_dir, write_json
+from .config import AUTO
 from .errors import ConfigError, MergeError, ModelLoadError, RoraError, UnsupportedModelError, detail
 from .architecture import LAYER_SHAPES_KEY, build_from_state_dict, check_supported, sync_to_weights, weights_problems
 from .numerics import cast_parameters, resolve_dtype
@@ -42,7 +43,8 @@ def cache_dir() -> Path:
 
 def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=None, device: str | None = None,
                trust_remote_code: bool = False):
-    """Load `(model, tokenizer)` from any supported spec (see the module docstring). fp32 unless `dtype`."""
+    """Load `(model, tokenizer)` from any supported spec (see the module docstring). fp32 unless `dtype`; on the
+    CPU unless `device` (cpu, cuda, cuda:N, or auto: the GPU when this machine has one)."""
     if not isinstance(spec, (str, os.PathLike)):
         raise ConfigError(f"a model spec is a path, hub id or alias (a string), got {type(spec).__name__}")
     check_device(device)
@@ -74,7 +76,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
             f"not an alias ({', '.join(ALIASES)})"
         )
     if device:
-        model.to(device)
+        model.to(resolve_device(device))
     model.eval()
     _ensure_pad_token(tokenizer)
     return model, tokenizer
@@ -108,8 +110,16 @@ def adopt(model, tokenizer=None):
     return model
 
 
+def resolve_device(device: str | None) -> str | None:
+    """`auto`: cuda when this machine has a GPU torch can use, else cpu; any other value unchanged."""
+    if device == AUTO:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def check_device(device: str | None) -> None:
     """ConfigError for a device torch does not know, ModelLoadError for one this machine lacks (before loading)."""
+    device = resolve_device(device)
     if device is None:
         return
     try:

@@ -198,3 +198,20 @@ def test_embedded_model_in_bf16_keeps_rope_in_fp32(tmp_path, monkeypatch):
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         inv_freq = model.model.rotary_emb.inv_freq
         assert inv_freq.dtype == torch.float32 and torch.equal(inv_freq, reference)
+
+
+def test_device_auto_is_the_gpu_when_there_is_one_and_the_run_config_checks_its_spelling(tmp_path, tiny_gqa,
+                                                                                           tokenizer):
+    from rora.config import PipelineConfig
+    from rora.errors import ConfigError
+    from rora.models import resolve_device
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == here and resolve_device("cpu") == "cpu" and resolve_device(None) is None
+    save_model_dir(tiny_gqa, tokenizer, tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", device="auto")
+    assert {p.device.type for p in model.parameters()} == {here}
+    assert PipelineConfig().device == "auto" and PipelineConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("gpu", "cuda:", "CPU", "cuda:0 "):
+        with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+            PipelineConfig(device=bad)

@@ -11,11 +11,12 @@ starting with `. tools/device_setup.sh`, which runs `unpack` below and exports P
 python3 is the interpreter that holds torch). A session has 15 minutes of device time in all, a start included
 (one to two minutes), so the four parts of issue 22 take two sessions, each two calls with no pause between them:
 
-    # session A: part 1 (random weights: it needs nothing carried, so it works while part 1 of the model lands),
-    # then part 4, the recovery at ~1000x the demo's budget (it skips a budget it has no time for);
-    # the timeouts, with a start, sum to ~14 of the 15 minutes
-    run(carry=[".carry/1"], timeout_s=280, command=". tools/device_setup.sh && python3 benchmarks/bench_gpu.py "
-        "--parts speed --budget-s 210 --out $OUT")
+    # session A: the GPU tests (every stage of rora run on cuda against the CPU), part 1 (random weights: they
+    # need nothing carried, so they work while part 1 of the model lands), then part 4, the recovery at ~1000x the
+    # demo's budget (it skips a budget it has no time for); the timeouts, with a start, sum to ~14 of the 15 minutes
+    run(carry=[".carry/1"], timeout_s=280, command=". tools/device_setup.sh && (python3 -m pytest -q -rA "
+        "tests/test_gpu.py > $OUT/test_gpu.txt 2>&1; tail -3 $OUT/test_gpu.txt); python3 benchmarks/bench_gpu.py "
+        "--parts speed --budget-s 180 --out $OUT")
     run(carry=[".carry/2"], timeout_s=480, command=". tools/device_setup.sh && python3 "
         "benchmarks/bench_gpu_recovery.py --budget-s 400 --out $OUT")
     # session B: part 2 (the LLaMA-7B shape), then part 3 (the evaluation engines)

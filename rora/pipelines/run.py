@@ -215,7 +215,7 @@ def run_pipeline(config: PipelineConfig, *, say: Callable[[str], None] = lambda 
     records = check_inputs(config, data_dir, train_data)
     result = PipelineResult(out=out, evaluation=describe_evaluation(config.eval))
 
-    model, tok = load_model(config.model, allow_pickle=config.allow_pickle)
+    model, tok = load_model(config.model, allow_pickle=config.allow_pickle, device=config.device)
     st = _Stages(out, say, fresh=overwrite)  # only now, with every input known good, is anything created
     ctx = _Context(config, st, data_dir, train_data, records, heldout_records(config, records), progress, result)
     flow = _Flow(model, tok, st.fingerprint("model", config.model))
@@ -393,7 +393,7 @@ def _load_pruned(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_model
 
     flow.teacher = flow.model  # the pruned model comes from disk: the base model in memory needs no copy
-    flow.model, flow.tokenizer = load_model(ctx.out / "pruned")
+    flow.model, flow.tokenizer = load_model(ctx.out / "pruned", device=ctx.config.device)
 
 
 def _reconstruct(ctx: _Context, flow: _Flow, fp: str) -> dict:
@@ -441,7 +441,7 @@ def _train_records(ctx: _Context) -> list[dict]:
 def _load_reconstructed(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_model
 
-    flow.model = load_model(ctx.out / "reconstructed")[0]
+    flow.model = load_model(ctx.out / "reconstructed", device=ctx.config.device)[0]
     record.update(_measured(ctx, flow, record))
 
 
@@ -453,6 +453,7 @@ def _teacher(flow: _Flow):
 
 
 def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
+    from ..models import resolve_device
     from ..recovery.trainer import recover
 
     config = ctx.config
@@ -463,7 +464,8 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     res = recover(flow.model, flow.tokenizer, records, rc, ctx.out / "recovery",
                   resume=ctx.stages.interrupted("recover", fp), overwrite=True, progress=ctx.progress,
                   source=_recovery_base(ctx), teacher=_teacher(flow))
-    flow.model = res.model
+    device = resolve_device(config.device)  # training went where accelerate chose: back where the run's models are
+    flow.model, flow.teacher = res.model.to(device), flow.teacher.to(device)
     ctx.result.recovery = {"objective": rc.describe_objective(res.objective), "lr": res.lr, "lr_auto": res.lr_auto,
                            "text": res.text, "on_policy": res.on_policy}
     return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
@@ -489,7 +491,7 @@ def _merge(ctx: _Context, flow: _Flow, fp: str) -> dict:
 def _load_merged(ctx: _Context, flow: _Flow, record: dict) -> None:
     from ..models import load_model
 
-    flow.model = load_model(ctx.out / "merged")[0]
+    flow.model = load_model(ctx.out / "merged", device=ctx.config.device)[0]
 
 
 def _export_path(ctx: _Context) -> Path:
