@@ -9,32 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rora.artifacts import save_model_dir
 from rora.cli import main
 from rora.config import PipelineConfig
 from rora.numerics import logits_on
+from test_pipeline import tiny_setup as world  # noqa: F401 - the fixture: a tiny model and boolq records
 
 GPU = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-
-QUESTIONS = ["is the sky blue", "is fire cold", "do cats bark", "is water wet", "can fish swim", "is ice hot"]
-
-
-def _records(n):
-    return [{"instruction": f"Please answer the following question with true or false, question: {QUESTIONS[i % 6]}?"
-                            "\n\nAnswer format: true/false", "input": "",
-             "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}",
-             "answer": "true" if i % 2 == 0 else "false"} for i in range(n)]
-
-
-@pytest.fixture
-def world(tmp_path, tiny_gqa, tokenizer):
-    save_model_dir(tiny_gqa, tokenizer, tmp_path / "base")
-    data = tmp_path / "data" / "boolq"
-    data.mkdir(parents=True)
-    (data / "train.json").write_text(json.dumps(_records(24)))
-    (data / "test.json").write_text(json.dumps(_records(12)))
-    return tmp_path
 
 
 def _run(root, device: str, name: str):
