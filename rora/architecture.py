@@ -12,6 +12,8 @@ refuses such a config, so no standard config can describe it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +38,20 @@ class LayerShape:
     @property
     def group_size(self) -> int:
         return self.q_heads // self.kv_heads
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_argument(cache) -> dict:
+    """The keyword argument that hands a KV cache to a decoder's forward or to generate: `cache` in the transformers
+    rora is developed on, `past_key_values` in earlier 5.x releases (5.17, the GPU machines' image), which would
+    otherwise take `cache` as an unknown keyword and run without it."""
+    return {_cache_keyword(): cache}
 
 
 def check_supported(config) -> None:

@@ -172,7 +172,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, source_keys: dict) -> Non
 
 def pre_tokenizer_name(backend: dict) -> str:
     """llama.cpp's name for how the text is split before BPE; refuse splits no GGUF reader would reproduce."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:  # transformers before 5.2x reads no split-regex pre-tokenizer back: refuse those exports
+        GGUF_PRE_TOKENIZER_SPLITS = {}
 
     model, pre = backend.get("model") or {}, backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]

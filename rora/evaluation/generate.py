@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..architecture import cache_argument
 from ..writing import layout_rows, quiet_generate
 from .loglik import progress_bar, shared_prefix_length
 from .tasks import response_of
@@ -45,7 +46,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, num_beams: i
         input_ids, mask, cache = _prefill(model, [encoded[i] for i in chunk], config.pad_token_id, num_beams,
                                           max_new_tokens)
         with quiet_generate():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
+            out = model.generate(input_ids=input_ids, attention_mask=mask, **cache_argument(cache),
                                  generation_config=config)
         # Decode the whole row like the reference (pads are special tokens and vanish), then split.
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
@@ -96,7 +97,7 @@ def _prefill(model, rows: list[list[int]], pad_id: int, num_beams: int, max_new_
         cache = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(prefix):
             cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), i)
-        model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+        model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, **cache_argument(cache),
               use_cache=True, logits_to_keep=1)
         return [(layer.keys, layer.values) for layer in cache.layers]
 

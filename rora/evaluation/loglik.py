@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..architecture import cache_argument
 from ..numerics import matmul_precision
 
 MIN_SHARED = 8  # below this a shared cache saves less than it costs to copy
@@ -117,7 +118,7 @@ def _shared_prefix(decoder, rows: list[list[int]], first_scored: int, device):
     if not shared:
         return 0, None
     cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=cache, use_cache=True)
+    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), **cache_argument(cache), use_cache=True)
     return shared, cache
 
 
@@ -182,7 +183,7 @@ def score_rows(model, rows: Sequence[Row], *, pad_id: int = 0, max_tokens: int |
         if prefix is not None:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(len(group))
-            kwargs = {"cache": cache, "use_cache": True}
+            kwargs = {**cache_argument(cache), "use_cache": True}
         with autocast:
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                              **kwargs).last_hidden_state
