@@ -253,9 +253,26 @@ def load_gguf(path: Path, dtype=None):
         add_output_biases(model)
         model = read_gguf_model(path, model)
     _record_gguf_tokenizer(model.config, path)
+    file_special_tokens(tokenizer, getattr(model.config, GGUF_TOKENIZER_KEY))
     model.hf_quantizer = None
     model.is_quantized = False
     return model, tokenizer
+
+
+GGUF_SPECIAL_TOKENS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                      "pad": "padding_token_id"}
+
+
+def file_special_tokens(tokenizer, keys: dict) -> None:
+    """The GGUF file's own special tokens (its `tokenizer.ggml.*_token_id` keys) on the tokenizer transformers built
+    from it: transformers 5.17 takes a gpt2-style file's BOS for its EOS and padding (SmolLM2's <|im_start|> for
+    <|im_end|>), which would end and pad every packed training sequence with the wrong token."""
+    for role, key in GGUF_SPECIAL_TOKENS.items():
+        index = keys.get(f"tokenizer.ggml.{key}")
+        if isinstance(index, int) and 0 <= index < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(index)
+            if getattr(tokenizer, f"{role}_token") != token:
+                setattr(tokenizer, f"{role}_token", token)
 
 
 def _has_biases(path: Path) -> bool:

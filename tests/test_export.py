@@ -1,4 +1,5 @@
 """Export: uniform hf reloads in plain transformers, padded == compact, GGUF round trips, bad input writes nothing."""
+import copy
 import json
 
 import pytest
@@ -78,7 +79,21 @@ def test_gguf_f32_round_trip(tmp_path, tokenizer):
     reread = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     text = "The capital of France is Paris. answer1 true 2024</s>"
     assert reread(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert reread.eos_token == "</s>"
+    assert reread.eos_token == "</s>"  # transformers 5.17's reader says <s> (rora's loader corrects it: below)
+    _, through_rora = load_model(tmp_path / "tiny.gguf")
+    assert [through_rora.bos_token, through_rora.eos_token] == [tokenizer.bos_token, tokenizer.eos_token]
+
+
+def test_a_gguf_files_own_special_tokens_win_over_what_transformers_built(tokenizer):
+    from rora.models import file_special_tokens
+
+    built = copy.deepcopy(tokenizer)
+    built.eos_token = built.bos_token  # what transformers 5.17 builds from a gpt2-style file
+    eos, unk = tokenizer.convert_tokens_to_ids(tokenizer.eos_token), tokenizer.convert_tokens_to_ids(tokenizer.unk_token)
+    file_special_tokens(built, {"tokenizer.ggml.eos_token_id": eos, "tokenizer.ggml.padding_token_id": unk,
+                                "tokenizer.ggml.bos_token_id": 10**9})  # an id outside the vocabulary is ignored
+    assert (built.eos_token, built.pad_token, built.bos_token) == (tokenizer.eos_token, tokenizer.unk_token,
+                                                                   tokenizer.bos_token)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("f16", 0.02), ("q8_0", 0.3)])
