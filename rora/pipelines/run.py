@@ -453,7 +453,7 @@ def _teacher(flow: _Flow):
 
 
 def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
-    from ..models import resolve_device
+    from ..models import load_model, resolve_device
     from ..recovery.trainer import recover
 
     config = ctx.config
@@ -461,11 +461,17 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
     # of starting over. Either way the new run replaces an older recovery only once it is complete.
     rc = config.recover
     records = ctx.train_data if rc.text is None or rc.text_ratio is not None else None  # --text alone replaces them
+    teacher = _teacher(flow)
+    dtype = next(teacher.parameters()).dtype
     res = recover(flow.model, flow.tokenizer, records, rc, ctx.out / "recovery",
                   resume=ctx.stages.interrupted("recover", fp), overwrite=True, progress=ctx.progress,
-                  source=_recovery_base(ctx), teacher=_teacher(flow))
+                  source=_recovery_base(ctx), teacher=teacher)
     device = resolve_device(config.device)  # training went where accelerate chose: back where the run's models are
-    flow.model, flow.teacher = res.model.to(device), flow.teacher.to(device)
+    flow.model = res.model.to(device)
+    if next(teacher.parameters()).dtype == dtype:
+        flow.teacher = teacher.to(device)
+    else:  # the trainer cast it in place (teacher_dtype; bf16 on a GPU): the figures after it measure against the
+        flow.teacher = load_model(config.model, allow_pickle=config.allow_pickle, device=device)[0]  # base, again
     ctx.result.recovery = {"objective": rc.describe_objective(res.objective), "lr": res.lr, "lr_auto": res.lr_auto,
                            "text": res.text, "on_policy": res.on_policy}
     return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
