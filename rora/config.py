@@ -74,11 +74,11 @@ def _check_type(value: Any, hint: Any) -> bool:
 
 AUTO = "auto"  # the value of a setting that rora chooses itself (recover.lr)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # where the models of a command or run are put (models.resolve_device)
-DEVICE_HELP = "Where the models run: auto (the GPU when this machine has one, else the CPU), cpu, cuda or cuda:N."
+DEVICE_HELP = "Where the models run: auto (the GPU when this machine has one, else the CPU), cpu, cuda, cuda:N or mps."
 
 
 def device_problem(key: str, value: str) -> list[str]:
-    return [] if DEVICE.fullmatch(value) else [f"{key} must be auto, cpu, cuda or cuda:N, got {value!r}"]
+    return [] if DEVICE.fullmatch(value) else [f"{key} must be auto, cpu, cuda, cuda:N or mps, got {value!r}"]
 
 # Counts bounded before anything is allocated: a step plan holds one entry per optimizer step.
 MAX_STEPS = 10**7

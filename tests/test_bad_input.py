@@ -402,8 +402,10 @@ CLI_CASES += [
     ("run-preset-is-a-path", "run --preset {p}/evil --print-config", "unknown preset"),  # {p}: the world from presets/
     ("recover-kd-temperature-huge", "recover {w}/model " + RECOVER_DATA + " --teacher {w}/model --kd-temperature 1e30 "
      "--out {w}/r", "recover.kd_temperature must be <= 100"),
-    ("prune-device-unknown", "prune {w}/model --device tpu --out {w}/p", "must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    ("run-device-unknown", "run --preset quickstart --device gpu0 --print-config", "device must be auto, cpu, cuda"),
+    ("prune-device-unknown", "prune {w}/model --device tpu --out {w}/p",
+     "must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("run-device-unknown", "run --preset quickstart --device gpu0 --print-config",
+     "device must be auto, cpu, cuda, cuda:N or mps"),
     *([("eval-device-cuda-without-one", "eval {w}/model " + EVAL + " --device cuda --out {w}/e.json",
         "device 'cuda' is not available on this machine"),
        ("run-device-cuda-without-one", "run --model {w}/model --out {w}/r --device cuda " + RECOVER_DATA +

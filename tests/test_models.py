@@ -213,5 +213,5 @@ def test_device_auto_is_the_gpu_when_there_is_one_and_the_run_config_checks_its_
     assert {p.device.type for p in model.parameters()} == {here}
     assert PipelineConfig().device == "auto" and PipelineConfig(device="cuda:1").device == "cuda:1"
     for bad in ("gpu", "cuda:", "CPU", "cuda:0 "):
-        with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        with pytest.raises(ConfigError, match="device must be auto, cpu, cuda, cuda:N or mps"):
             PipelineConfig(device=bad)

@@ -468,10 +468,11 @@ def _recover(ctx: _Context, flow: _Flow, fp: str) -> dict:
                   source=_recovery_base(ctx), teacher=teacher)
     device = resolve_device(config.device)  # training went where accelerate chose: back where the run's models are
     flow.model = res.model.to(device)
-    if next(teacher.parameters()).dtype == dtype:
-        flow.teacher = teacher.to(device)
-    else:  # the trainer cast it in place (teacher_dtype; bf16 on a GPU): the figures after it measure against the
-        flow.teacher = load_model(config.model, allow_pickle=config.allow_pickle, device=device)[0]  # base, again
+    # The trainer casts the teacher in place to teacher_dtype (bf16 on a GPU); the figures after it are measured
+    # against the base model as loaded, as the figures before it were.
+    same = next(teacher.parameters()).dtype == dtype
+    flow.teacher = teacher.to(device) if same else load_model(config.model, allow_pickle=config.allow_pickle,
+                                                               device=device)[0]
     ctx.result.recovery = {"objective": rc.describe_objective(res.objective), "lr": res.lr, "lr_auto": res.lr_auto,
                            "text": res.text, "on_policy": res.on_policy}
     return {"recovery": ctx.result.recovery}  # the other figures are in the recovery directory's manifest
