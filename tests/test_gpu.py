@@ -18,19 +18,21 @@ GPU = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _run(root, device: str, name: str):
-    """The whole pipeline in float32 on `device` (no autocast, an fp32 teacher): the GPU must match the CPU."""
+def _run(root, device: str, name: str, precision: str = "float32"):
+    """The whole pipeline on `device`; in float32 (no autocast, an fp32 teacher) the GPU must match the CPU, with
+    precision auto it runs as a user's run does (bf16 autocast and a bf16 teacher on a GPU)."""
     from rora.pipelines.run import run_pipeline
 
+    teacher = "float32" if precision == "float32" else "auto"
     cfg = PipelineConfig.from_dict({
         "model": str(root / "base"), "out": str(root / name), "data": str(root / "data"),
         "data_dir": str(root / "data"), "device": device, "skip": [],
         "prune": {"ratio": 0.5, "importance": "taylor", "num_samples": 2, "seq_len": 16, "holdout_samples": 2},
-        "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32, "precision": "float32"},
+        "reconstruct": {"num_samples": 8, "holdout_samples": 4, "seq_len": 32, "precision": precision},
         "recover": {"rank": 4, "max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "val_set_size": 4,
-                    "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "lr": 2e-4, "precision": "float32",
-                    "teacher_dtype": "float32", "dropout": 0.0},
-        "eval": {"tasks": ["boolq"], "precision": "float32", "generation": False},
+                    "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "lr": 2e-4, "precision": precision,
+                    "teacher_dtype": teacher, "dropout": 0.0},
+        "eval": {"tasks": ["boolq"], "precision": precision, "generation": False},
     })
     return run_pipeline(cfg, progress=False)
 
@@ -50,6 +52,14 @@ def test_pipeline_on_the_gpu_computes_what_it_computes_on_the_cpu(world):
         assert gpu.heldout[label]["loss"] == pytest.approx(cpu.heldout[label]["loss"], rel=1e-3, abs=1e-4)
         agree = sum(a == b for a, b in zip(gpu.outcomes[label]["boolq"], cpu.outcomes[label]["boolq"]))
         assert agree >= len(cpu.outcomes[label]["boolq"]) - 1, label  # a near-tie may flip, no more
+
+
+def test_pipeline_at_its_default_precision_on_the_gpu_stays_near_float32(world):
+    fast, exact = _run(world, GPU, "auto-gpu", precision="auto"), _run(world, "cpu", "fp32-cpu")
+    assert next(fast.model.parameters()).dtype == torch.float32  # autocast: the weights stay fp32
+    for label in ("base", "pruned", "reconstructed", "recovered"):
+        assert fast.heldout[label]["loss"] == pytest.approx(exact.heldout[label]["loss"], rel=0.05), label
+    assert fast.heldout["recovered"]["kl"] == pytest.approx(exact.heldout["recovered"]["kl"], rel=0.2, abs=0.02)
 
 
 def test_commands_put_their_models_on_the_gpu_by_themselves(world, monkeypatch):
