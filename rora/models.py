@@ -47,6 +47,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
     CPU unless `device` (cpu, cuda, cuda:N, or auto: the GPU when this machine has one)."""
     if not isinstance(spec, (str, os.PathLike)):
         raise ConfigError(f"a model spec is a path, hub id or alias (a string), got {type(spec).__name__}")
+    device = resolve_device(device)
     check_device(device)
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
@@ -76,7 +77,7 @@ def load_model(spec: str | os.PathLike, *, allow_pickle: bool = False, dtype=Non
             f"not an alias ({', '.join(ALIASES)})"
         )
     if device:
-        model.to(resolve_device(device))
+        model.to(device)
     model.eval()
     _ensure_pad_token(tokenizer)
     return model, tokenizer
@@ -119,7 +120,6 @@ def resolve_device(device: str | None) -> str | None:
 
 def check_device(device: str | None) -> None:
     """ConfigError for a device torch does not know, ModelLoadError for one this machine lacks (before loading)."""
-    device = resolve_device(device)
     if device is None:
         return
     try:
